@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Create .venv and install securefpt with its test extras, offline-safe: only PyPI is used.
+# torch: the CPU build from this machine's wheel folder when present (a plain `torch`
+# requirement would pull a multi-GB CUDA build).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+. .venv/bin/activate
+python -m pip install -q --upgrade pip
+if ! python -c "import torch" 2>/dev/null; then
+  if [ -d /opt/wheels ] && ls /opt/wheels/torch-2.13.0* >/dev/null 2>&1; then
+    python -m pip install -q "torch==2.13.0" --find-links /opt/wheels
+  else
+    python -m pip install -q "torch>=2.4,<2.15"
+  fi
+fi
+python -m pip install -q -e ".[test]"
+echo "securefpt installed in .venv ($(python -c 'import securefpt; print(securefpt.__version__)'))"

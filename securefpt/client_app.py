@@ -1,0 +1,85 @@
+"""The Flower ClientApp: one institution's side of a round.
+
+Handlers:
+- `query` (setup): receive the experiment and label space, answer with the language
+  this node serves (nothing about its data);
+- `train`: load the global encoder, train locally with the PLM frozen, reply with the
+  updated trainable parameters and |D_k|;
+- `evaluate`: accuracy of the global encoder on the node's held-out data.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from securefpt.client_runtime import ClientRuntime, get_runtime
+from securefpt.config import ExperimentConfig
+
+SETUP_KEY = "securefpt-setup"
+GLOBAL_KEY = "global"
+UPDATE_KEY = "update"
+
+
+def arrays_to_record(arrays: "dict[str, np.ndarray]") -> ArrayRecord:
+    return ArrayRecord(array_dict=OrderedDict((k, Array(np.ascontiguousarray(v))) for k, v in arrays.items()))
+
+
+def record_to_arrays(record: ArrayRecord) -> "OrderedDict[str, np.ndarray]":
+    return OrderedDict((k, v.numpy()) for k, v in record.items())
+
+
+def node_language(context: Context, cfg: ExperimentConfig) -> str:
+    """The language this node serves: its node config, or its simulation partition."""
+    if "language" in context.node_config:
+        return str(context.node_config["language"])
+    pid = int(context.node_config["partition-id"])
+    return cfg.data.languages[pid]
+
+
+def _runtime(context: Context) -> ClientRuntime:
+    setup = context.state.config_records[SETUP_KEY]
+    cfg = ExperimentConfig.from_json(str(setup["experiment"]))
+    return get_runtime(cfg, str(setup["language"]), [str(x) for x in setup["labels"]])
+
+
+app = ClientApp()
+
+
+@app.query()
+def setup(msg: Message, context: Context) -> Message:
+    incoming = msg.content.config_records[SETUP_KEY]
+    cfg = ExperimentConfig.from_json(str(incoming["experiment"]))
+    language = node_language(context, cfg)
+    context.state.config_records[SETUP_KEY] = ConfigRecord(
+        {"experiment": incoming["experiment"], "labels": list(incoming["labels"]), "language": language}
+    )
+    _runtime(context)  # load data and model now: errors surface before round 1
+    return Message(RecordDict({"identity": ConfigRecord({"language": language})}), reply_to=msg)
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    runtime = _runtime(context)
+    server_round = int(msg.content.config_records["round"]["server-round"])
+    global_arrays = record_to_arrays(msg.content.array_records[GLOBAL_KEY])
+    pid = runtime.cfg.data.languages.index(runtime.language)
+    updated, result = runtime.fit(global_arrays, server_round, seed_offset=pid)
+    metrics = MetricRecord({"num-examples": result.num_examples, "loss": result.loss, "steps": result.steps})
+    return Message(RecordDict({UPDATE_KEY: arrays_to_record(updated), "train": metrics}), reply_to=msg)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    runtime = _runtime(context)
+    result = runtime.evaluate(record_to_arrays(msg.content.array_records[GLOBAL_KEY]))
+    metrics = MetricRecord(
+        {"accuracy": result.accuracy, "loss": result.loss, "num-examples": result.num_examples}
+    )
+    return Message(
+        RecordDict({"eval": metrics, "identity": ConfigRecord({"language": runtime.language})}),
+        reply_to=msg,
+    )

@@ -1,0 +1,94 @@
+"""Communication accounting: a Grid that measures every message it carries, serialized.
+
+Sizes are the protobuf wire size of each Message (what the deployment engine sends),
+not an estimate from parameter counts.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Callable, Iterable, Optional
+
+from flwr.app import Message
+from flwr.common.serde import message_to_proto
+from flwr.serverapp import Grid
+
+
+def message_bytes(msg: Message) -> int:
+    return message_to_proto(msg).ByteSize()
+
+
+class MeteredGrid(Grid):
+    """Delegates to the engine's Grid; counts bytes down (pushed) and up (pulled)."""
+
+    def __init__(self, inner: Grid, on_receive: Optional[Callable[[Message], None]] = None) -> None:
+        self._inner = inner
+        self.on_receive = on_receive
+        self.bytes_down = 0
+        self.bytes_up = 0
+        self.per_node_up: dict[int, int] = defaultdict(int)
+        self.per_node_down: dict[int, int] = defaultdict(int)
+
+    # --- Grid interface, delegated
+    def set_run(self, run) -> None:  # type: ignore[override]
+        self._inner.set_run(run)
+
+    @property
+    def run(self):  # type: ignore[override]
+        return self._inner.run
+
+    def create_message(self, *args, **kwargs) -> Message:  # type: ignore[override]
+        return self._inner.create_message(*args, **kwargs)
+
+    def get_node_ids(self) -> Iterable[int]:
+        return self._inner.get_node_ids()
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        messages = list(messages)
+        for msg in messages:
+            size = message_bytes(msg)
+            self.bytes_down += size
+            self.per_node_down[msg.metadata.dst_node_id] += size
+        return self._inner.push_messages(messages)
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        replies = list(self._inner.pull_messages(message_ids))
+        for msg in replies:
+            size = message_bytes(msg)
+            self.bytes_up += size
+            self.per_node_up[msg.metadata.src_node_id] += size
+            if self.on_receive is not None:
+                self.on_receive(msg)
+        return replies
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: Optional[float] = None) -> Iterable[Message]:
+        return collect(self, list(messages), timeout=timeout)
+
+    def snapshot(self) -> tuple[int, int]:
+        return self.bytes_up, self.bytes_down
+
+
+def collect(
+    grid: Grid,
+    messages: list[Message],
+    timeout: Optional[float] = None,
+    on_reply: Optional[Callable[[Message], None]] = None,
+    poll: float = 0.05,
+) -> list[Message]:
+    """Push messages and pull replies until all arrive or `timeout` passes."""
+    import time
+
+    ids = [i for i in grid.push_messages(messages) if i]
+    pending = set(ids)
+    replies: list[Message] = []
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while pending:
+        for reply in grid.pull_messages(list(pending)):
+            pending.discard(reply.metadata.reply_to_message_id)
+            replies.append(reply)
+            if on_reply is not None:
+                on_reply(reply)
+        if not pending or (deadline is not None and time.monotonic() > deadline):
+            break
+        time.sleep(poll)
+    return replies

@@ -1,0 +1,189 @@
+"""A run directory: summary.json, per-round CSV, accuracy plot, trainable parameters.
+
+Layout (the interface other tools rely on, see DESIGN):
+    summary.json              figures of the run
+    metrics.csv               one row per round
+    accuracy.png              accuracy per language over rounds
+    prompt_encoder.safetensors  final trainable parameters, keyed by name
+    config.yaml, labels.json  what `securefpt predict` needs beside the parameters
+    audit.jsonl               the run's decisions, one JSON object per line
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import yaml
+
+from securefpt.config import ExperimentConfig
+
+ARTIFACT = "prompt_encoder.safetensors"
+
+
+@dataclass
+class RoundRecord:
+    round: int
+    accuracy: dict[str, float]
+    seconds: float
+    participants: list[str] = field(default_factory=list)
+    failures: list[str] = field(default_factory=list)
+    train_loss: Optional[float] = None
+    bytes_up: int = 0
+    bytes_down: int = 0
+    aborted: bool = False
+
+    def avg(self) -> float:
+        return float(np.mean(list(self.accuracy.values()))) if self.accuracy else float("nan")
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["accuracy"] = {**self.accuracy, "avg": self.avg()}
+        return out
+
+
+@dataclass
+class ClientRecord:
+    region: Optional[str]
+    language: str
+    included: bool
+    reason: str
+
+
+def save_arrays(path: Path, arrays: "dict[str, np.ndarray]", metadata: Optional[dict] = None) -> None:
+    from safetensors.numpy import save_file
+
+    save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()}, str(path), metadata=metadata)
+
+
+def load_arrays(path: Path) -> "dict[str, np.ndarray]":
+    from safetensors.numpy import load_file
+
+    return load_file(str(path))
+
+
+class AuditLog:
+    """Append-only JSONL record of the run's decisions (start, eligibility, rounds, artifact)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("", encoding="utf-8")
+
+    def append(self, event: str, **fields: Any) -> None:
+        entry = {"time": time.time(), "event": event, **fields}
+        with self.path.open("a", encoding="utf-8") as fh:
+            fh.write(json.dumps(entry, sort_keys=True, default=str) + "\n")
+
+
+class RunRecorder:
+    """Collects a run's rounds and writes the run directory."""
+
+    def __init__(self, out_dir: Path, cfg: ExperimentConfig, labels: list[str]) -> None:
+        self.out_dir = Path(out_dir)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.cfg = cfg
+        self.labels = labels
+        self.rounds: list[RoundRecord] = []
+        self.audit = AuditLog(self.out_dir / "audit.jsonl")
+        (self.out_dir / "config.yaml").write_text(
+            yaml.safe_dump(json.loads(cfg.to_json()), sort_keys=False), encoding="utf-8"
+        )
+        (self.out_dir / "labels.json").write_text(json.dumps(labels), encoding="utf-8")
+
+    def add_round(self, record: RoundRecord) -> None:
+        self.rounds.append(record)
+        self.audit.append("round", **record.to_dict())
+        self._write_csv()
+
+    def _write_csv(self) -> None:
+        languages = self.cfg.data.languages
+        with (self.out_dir / "metrics.csv").open("w", newline="", encoding="utf-8") as fh:
+            writer = csv.writer(fh)
+            writer.writerow(["round", *languages, "avg", "seconds", "bytes_up", "bytes_down", "aborted"])
+            for r in self.rounds:
+                writer.writerow(
+                    [r.round, *[r.accuracy.get(lang, "") for lang in languages], r.avg(),
+                     round(r.seconds, 3), r.bytes_up, r.bytes_down, r.aborted]
+                )
+
+    def plot(self) -> Path:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(7, 4.2))
+        xs = [r.round for r in self.rounds]
+        for lang in self.cfg.data.languages:
+            ax.plot(xs, [r.accuracy.get(lang, np.nan) for r in self.rounds], marker="o", label=lang)
+        ax.plot(xs, [r.avg() for r in self.rounds], "k--", linewidth=2, label="average")
+        ax.set_xlabel("round" if self.cfg.paradigm == "federated" else "round (local epochs block)")
+        ax.set_ylabel("accuracy (held-out)")
+        ax.set_ylim(0, 1)
+        ax.set_title(f"{self.cfg.name}: {self.cfg.paradigm} {self.cfg.peft.method}")
+        ax.grid(alpha=0.3)
+        ax.legend(loc="lower right", ncol=3, fontsize=8)
+        fig.tight_layout()
+        path = self.out_dir / "accuracy.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        return path
+
+    def write_summary(
+        self,
+        final: RoundRecord,
+        trainable_params: int,
+        total_params: int,
+        clients: dict[str, ClientRecord],
+        privacy: Optional[dict[str, Any]] = None,
+        secure_aggregation: Optional[dict[str, Any]] = None,
+        extra: Optional[dict[str, Any]] = None,
+    ) -> dict[str, Any]:
+        languages = self.cfg.data.languages
+        summary: dict[str, Any] = {
+            "name": self.cfg.name,
+            "paradigm": self.cfg.paradigm,
+            "peft_method": self.cfg.peft.method,
+            "model": self.cfg.model.name,
+            "labels": self.labels,
+            "final": {"round": final.round, "accuracy": {**final.accuracy, "avg": final.avg()}},
+            "rounds": [r.to_dict() for r in self.rounds],
+            "trainable_params": trainable_params,
+            "total_params": total_params,
+            "communication": {
+                "bytes_up": int(sum(r.bytes_up for r in self.rounds)),
+                "bytes_down": int(sum(r.bytes_down for r in self.rounds)),
+                "measured_from": "serialized Flower messages (protobuf)",
+            },
+            "privacy": privacy
+            or {
+                "epsilon": {lang: None for lang in languages},
+                "delta": None,
+                "noise_multiplier": None,
+                "sample_rate": None,
+                "steps": {lang: None for lang in languages},
+                "accountant": None,
+            },
+            "secure_aggregation": secure_aggregation or {"enabled": False},
+            "clients": {k: asdict(v) for k, v in clients.items()},
+            "audit_log": str(self.audit.path),
+            "artifact": str(self.out_dir / ARTIFACT) if (self.out_dir / ARTIFACT).exists() else None,
+        }
+        if extra:
+            summary.update(extra)
+        (self.out_dir / "summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
+        self.plot()
+        self.audit.append("run_end", final_avg=final.avg(), rounds=len(self.rounds))
+        return summary
+
+    def save_artifact(self, arrays: "dict[str, np.ndarray]", name: str = ARTIFACT) -> Path:
+        path = self.out_dir / name
+        save_arrays(path, arrays, metadata={"peft_method": self.cfg.peft.method, "model": self.cfg.model.name})
+        self.audit.append("artifact", path=str(path))
+        return path

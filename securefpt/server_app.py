@@ -1,0 +1,221 @@
+"""The Flower ServerApp: Federated Prompt Averaging (Algorithm 1) over the engine's Grid.
+
+One round: select m = max(C*K, 1) clients, send them the global encoder (trainable
+parameters only), aggregate the returned encoders weighted by |D_k|, then evaluate
+the new global encoder on every client's held-out data.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.serverapp import Grid, ServerApp
+
+from securefpt.aggregation import select_clients, weighted_average
+from securefpt.client_app import GLOBAL_KEY, SETUP_KEY, UPDATE_KEY, arrays_to_record, record_to_arrays
+from securefpt.config import ExperimentConfig, load_config
+from securefpt.data import label_space
+from securefpt.errors import SecureFPTError
+from securefpt.metering import MeteredGrid, collect
+from securefpt.modeling import build_model, count_params, get_trainable
+from securefpt.progress import RunProgress
+from securefpt.results import ClientRecord, RoundRecord, RunRecorder
+
+
+class FederationError(SecureFPTError):
+    """The federation cannot proceed (no client answered, every client failed)."""
+
+
+def _error_reason(msg: Message) -> str:
+    text = str(msg.error.reason).strip().splitlines()
+    return text[-1] if text else f"error code {msg.error.code}"
+
+
+class FederatedPromptAveraging:
+    """Runs one federated experiment on a Grid and writes its run directory."""
+
+    def __init__(self, cfg: ExperimentConfig, out_dir: Path, grid: Grid, show_progress: bool = True) -> None:
+        self.cfg = cfg
+        self.grid = MeteredGrid(grid)
+        self.labels = label_space(cfg.data)
+        self.recorder = RunRecorder(out_dir, cfg, self.labels)
+        self.progress = RunProgress(enabled=show_progress)
+        self.rng = np.random.default_rng(cfg.seed)
+
+    # ------------------------------------------------------------------ setup
+    def _wait_for_nodes(self, expected: int, timeout: float = 120.0) -> list[int]:
+        deadline = time.monotonic() + timeout
+        nodes: list[int] = []
+        while time.monotonic() < deadline:
+            nodes = sorted(self.grid.get_node_ids())
+            if len(nodes) >= expected:
+                return nodes
+            time.sleep(0.1)
+        if not nodes:
+            raise FederationError(f"no client node connected within {timeout:.0f}s")
+        return nodes
+
+    def _setup(self, nodes: list[int]) -> dict[int, str]:
+        """Hand each node the experiment; learn which language it serves."""
+        content = RecordDict(
+            {SETUP_KEY: ConfigRecord({"experiment": self.cfg.to_json(), "labels": self.labels})}
+        )
+        msgs = [Message(content, dst_node_id=n, message_type=MessageType.QUERY) for n in nodes]
+        replies = collect(self.grid, msgs, timeout=self.cfg.fl.round_timeout)
+        languages: dict[int, str] = {}
+        errors = []
+        for reply in replies:
+            if reply.has_error():
+                errors.append(_error_reason(reply))
+                continue
+            languages[reply.metadata.src_node_id] = str(reply.content.config_records["identity"]["language"])
+        if not languages:
+            raise FederationError("every client failed setup: " + "; ".join(sorted(set(errors))[:3]))
+        for reason in errors:
+            self.recorder.audit.append("client_failed_setup", reason=reason)
+        self.setup_errors = errors
+        return languages
+
+    def _in_order(self, langs) -> list[str]:
+        chosen = set(langs)
+        return [lang for lang in self.cfg.data.languages if lang in chosen]
+
+    # ------------------------------------------------------------------ rounds
+    def _train_round(self, server_round: int, selected: list[int], global_arrays) -> tuple:
+        content = lambda: RecordDict(  # noqa: E731 - a fresh record per message
+            {
+                GLOBAL_KEY: arrays_to_record(global_arrays),
+                "round": ConfigRecord({"server-round": server_round}),
+            }
+        )
+        msgs = [Message(content(), dst_node_id=n, message_type=MessageType.TRAIN) for n in selected]
+        task = self.progress.clients(f"round {server_round}: training", len(selected))
+        replies = collect(self.grid, msgs, timeout=self.cfg.fl.round_timeout, on_reply=lambda _: task.advance())
+        task.done()
+        updates, failures, losses = [], [], []
+        answered = set()
+        for reply in replies:
+            node = reply.metadata.src_node_id
+            answered.add(node)
+            if reply.has_error():
+                failures.append((node, _error_reason(reply)))
+                continue
+            metrics = reply.content.metric_records["train"]
+            updates.append((record_to_arrays(reply.content.array_records[UPDATE_KEY]), float(metrics["num-examples"])))
+            losses.append(float(metrics["loss"]))
+        failures += [(n, "no reply before fl.round_timeout") for n in selected if n not in answered]
+        return updates, failures, losses
+
+    def _evaluate(self, server_round: int, nodes: list[int], global_arrays) -> dict[str, float]:
+        record = arrays_to_record(global_arrays)
+        msgs = [
+            Message(RecordDict({GLOBAL_KEY: record.copy() if hasattr(record, "copy") else record}),
+                    dst_node_id=n, message_type=MessageType.EVALUATE)
+            for n in nodes
+        ]
+        task = self.progress.clients(f"round {server_round}: evaluating", len(nodes))
+        replies = collect(self.grid, msgs, timeout=self.cfg.fl.round_timeout, on_reply=lambda _: task.advance())
+        task.done()
+        accuracy = {}
+        for reply in replies:
+            if reply.has_error():
+                continue
+            language = str(reply.content.config_records["identity"]["language"])
+            accuracy[language] = float(reply.content.metric_records["eval"]["accuracy"])
+        return {lang: accuracy[lang] for lang in self.cfg.data.languages if lang in accuracy}
+
+    def run(self) -> dict:
+        cfg = self.cfg
+        audit = self.recorder.audit
+        audit.append("run_start", paradigm=cfg.paradigm, config=cfg.model_dump(mode="json"))
+        assembled = build_model(cfg.model, cfg.peft, len(self.labels), cfg.seed)
+        global_arrays = get_trainable(assembled.model)
+        trainable, total = count_params(assembled.model)
+        del assembled
+
+        nodes = self._wait_for_nodes(len(cfg.data.languages))
+        languages = self._setup(nodes)
+        why_missing = "failed setup: " + ("; ".join(sorted(set(self.setup_errors))) or "no reply")
+        clients = {
+            lang: ClientRecord(region=None, language=lang, included=lang in languages.values(),
+                               reason="eligible" if lang in languages.values() else why_missing)
+            for lang in cfg.data.languages
+        }
+        eligible = sorted(languages)
+        audit.append("eligibility", clients={k: v.__dict__ for k, v in clients.items()})
+
+        best: Optional[tuple[float, RoundRecord, OrderedDict]] = None
+        stale = 0
+        self.progress.start(cfg.fl.rounds)
+        for server_round in range(1, cfg.fl.rounds + 1):
+            start = time.perf_counter()
+            up0, down0 = self.grid.snapshot()
+            selected = select_clients(eligible, cfg.fl.fraction_fit, self.rng)
+            updates, failures, losses = self._train_round(server_round, selected, global_arrays)
+            aborted = not updates
+            if not aborted:
+                global_arrays = weighted_average(updates)
+            accuracy = self._evaluate(server_round, eligible, global_arrays)
+            up1, down1 = self.grid.snapshot()
+            record = RoundRecord(
+                round=server_round,
+                accuracy=accuracy,
+                seconds=time.perf_counter() - start,
+                participants=self._in_order(languages[n] for n in selected if n not in dict(failures)),
+                failures=sorted(f"{languages.get(n, n)}: {why}" for n, why in failures),
+                train_loss=float(np.mean(losses)) if losses else None,
+                bytes_up=up1 - up0,
+                bytes_down=down1 - down0,
+                aborted=aborted,
+            )
+            self.recorder.add_round(record)
+            self.progress.round_done(record)
+            if best is None or record.avg() > best[0]:
+                best, stale = (record.avg(), record, OrderedDict(global_arrays)), 0
+            else:
+                stale += 1
+            if cfg.fl.patience is not None and stale >= cfg.fl.patience:
+                audit.append("early_stop", round=server_round, best_round=best[1].round)
+                break
+        self.progress.stop()
+
+        final_record, final_arrays = self.recorder.rounds[-1], global_arrays
+        if cfg.fl.patience is not None and best is not None:
+            final_record, final_arrays = best[1], best[2]
+        self.recorder.save_artifact(final_arrays)
+        return self.recorder.write_summary(final_record, trainable, total, clients)
+
+
+def build_server_app(
+    cfg: Optional[ExperimentConfig] = None,
+    out_dir: Optional[Path] = None,
+    show_progress: bool = True,
+    on_error: Optional[Callable[[BaseException], None]] = None,
+) -> ServerApp:
+    """A ServerApp bound to an experiment, or reading it from the run config (`flwr run`).
+
+    `on_error` receives an exception raised by the run, so an in-process caller can
+    re-raise it after the engine has shut down.
+    """
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        try:
+            run_cfg = cfg or load_config(str(context.run_config["experiment"]))
+            run_out = out_dir or Path(str(context.run_config.get("out-dir", "runs/flwr")))
+            FederatedPromptAveraging(run_cfg, run_out, grid, show_progress).run()
+        except BaseException as exc:
+            if on_error is None:
+                raise
+            on_error(exc)
+
+    return app
+
+
+app = build_server_app()

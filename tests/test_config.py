@@ -1,0 +1,66 @@
+from pathlib import Path
+
+import pytest
+
+from securefpt.config import load_config
+from securefpt.errors import ConfigError
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "exp.yaml"
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def test_defaults_and_overrides_are_typed():
+    cfg = load_config(None, ["fl.rounds=3", "fl.lr=0.01", "data.languages=[eng, yor]", "dp.enabled=true"])
+    assert cfg.fl.rounds == 3 and cfg.fl.lr == pytest.approx(0.01)
+    assert cfg.data.languages == ["eng", "yor"]
+    assert cfg.dp.enabled is True
+    assert cfg.peft.method == "prompt_tuning" and cfg.paradigm == "federated"
+
+
+def test_unknown_key_names_file_and_field(tmp_path):
+    path = write(tmp_path, "fl:\n  roundz: 3\n")
+    with pytest.raises(ConfigError) as exc:
+        load_config(path)
+    assert str(path) in str(exc.value) and "fl.roundz" in str(exc.value) and "unknown key" in str(exc.value)
+
+
+def test_wrong_type_names_field(tmp_path):
+    path = write(tmp_path, "fl:\n  rounds: many\n")
+    with pytest.raises(ConfigError, match=r"fl\.rounds"):
+        load_config(path)
+
+
+def test_wrong_choice_names_field(tmp_path):
+    with pytest.raises(ConfigError, match=r"peft\.method"):
+        load_config(write(tmp_path, "peft:\n  method: adapters\n"))
+
+
+def test_missing_file_and_malformed_yaml(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "nope.yaml")
+    with pytest.raises(ConfigError, match=r"malformed YAML \(line"):
+        load_config(write(tmp_path, "fl: [unclosed\n  rounds: 2\n"))
+    with pytest.raises(ConfigError, match="mapping"):
+        load_config(write(tmp_path, "- a\n- b\n"))
+
+
+def test_source_requirements(tmp_path):
+    with pytest.raises(ConfigError, match="data.root is required"):
+        load_config(write(tmp_path, "data:\n  source: masakhanews_tsv\n"))
+    with pytest.raises(ConfigError, match="duplicates"):
+        load_config(None, ["data.languages=[eng, eng]"])
+
+
+def test_relative_paths_resolve_against_the_file(tmp_path):
+    (tmp_path / "sub").mkdir()
+    path = tmp_path / "sub" / "exp.yaml"
+    path.write_text("data:\n  source: csv\n  root: ../mydata\n", encoding="utf-8")
+    assert load_config(path).data.root == (tmp_path / "mydata").resolve()
+
+
+def test_bad_override_syntax():
+    with pytest.raises(ConfigError, match="dotted.key=value"):
+        load_config(None, ["fl.rounds"])

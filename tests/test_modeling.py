@@ -1,0 +1,102 @@
+import numpy as np
+import pytest
+import torch
+
+from securefpt.config import ModelConfig, PeftConfig
+from securefpt.errors import ModelUnavailableError
+from securefpt.modeling import build_model, count_params, get_trainable, set_trainable
+
+TINY = ModelConfig(name="builtin:tiny", max_length=32)
+
+
+def _batch(assembled, texts=("hello world", "a longer sentence about football")):
+    enc = assembled.tokenizer(list(texts), padding=True, return_tensors="pt")
+    return enc["input_ids"], enc["attention_mask"]
+
+
+@pytest.mark.parametrize(
+    "method,expected",
+    [
+        ("prompt_tuning", {"prompt_encoder.embedding.weight", "head.weight", "head.bias"}),
+        ("p_tuning", None),
+        ("lora", None),
+        ("full", None),
+    ],
+)
+def test_only_the_method_s_parameters_are_trainable(method, expected):
+    assembled = build_model(TINY, PeftConfig(method=method, num_virtual_tokens=4), num_labels=3, seed=0)
+    names = assembled.trainable_names()
+    trainable, total = count_params(assembled.model)
+    if expected is not None:
+        assert set(names) == expected
+    if method == "p_tuning":
+        assert any(n.startswith("prompt_encoder.mlp_head") for n in names)
+        assert not any(n.startswith("backbone.") for n in names)
+    if method == "lora":
+        assert names and all("lora_" in n or n.startswith("head.") for n in names)
+    if method == "full":
+        assert trainable == total
+    else:
+        assert trainable < total / 10
+
+
+def test_trainable_round_trip_reproduces_outputs():
+    peft = PeftConfig(method="p_tuning", num_virtual_tokens=4, encoder_hidden_size=16)
+    a = build_model(TINY, peft, 3, seed=0)
+    with torch.no_grad():
+        for p in a.model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p))
+    b = build_model(TINY, peft, 3, seed=0)
+    a.model.eval(), b.model.eval()
+    ids, mask = _batch(a)
+    assert not torch.allclose(a.model(ids, mask), b.model(ids, mask))
+    arrays = get_trainable(a.model)
+    assert list(arrays) == a.trainable_names()  # stable, registration order
+    set_trainable(b.model, arrays)
+    assert torch.allclose(a.model(ids, mask), b.model(ids, mask), atol=1e-6)
+
+
+def test_set_trainable_rejects_mismatches():
+    a = build_model(TINY, PeftConfig(num_virtual_tokens=4), 3, seed=0)
+    arrays = get_trainable(a.model)
+    arrays.pop("head.bias")
+    with pytest.raises(ValueError, match="missing"):
+        set_trainable(a.model, arrays)
+    arrays = get_trainable(a.model)
+    arrays["head.bias"] = np.zeros(7, dtype=np.float32)
+    with pytest.raises(ValueError, match="shape"):
+        set_trainable(a.model, arrays)
+
+
+def test_text_init_copies_the_init_text_s_word_embeddings():
+    peft = PeftConfig(num_virtual_tokens=4, init_text="predict the news topic")
+    a = build_model(TINY, peft, 3, seed=0)
+    ids = a.tokenizer(peft.init_text)["input_ids"][:4]
+    words = a.model.backbone.get_input_embeddings().weight[ids]
+    assert torch.allclose(a.model.prompt_encoder.embedding.weight, words)
+
+
+def test_virtual_tokens_change_the_output_and_leave_room_for_text():
+    a = build_model(TINY, PeftConfig(num_virtual_tokens=4), 3, seed=0)
+    assert a.max_text_tokens == 32 - 4
+    a.model.eval()
+    ids, mask = _batch(a)
+    before = a.model(ids, mask)
+    with torch.no_grad():
+        # (a constant shift would vanish in the embedding LayerNorm)
+        weight = a.model.prompt_encoder.embedding.weight
+        weight.add_(torch.randn_like(weight))
+    assert not torch.allclose(before, a.model(ids, mask))
+
+
+def test_unavailable_model_gives_an_actionable_error(tmp_path):
+    with pytest.raises(ModelUnavailableError, match="cannot load it offline"):
+        build_model(ModelConfig(name=str(tmp_path / "no-model")), PeftConfig(), 3, seed=0)
+
+
+def test_packaged_minilm_loads_offline():
+    a = build_model(ModelConfig(name="builtin:minilm"), PeftConfig(num_virtual_tokens=8), 7, seed=0)
+    trainable, total = count_params(a.model)
+    assert total > 22_000_000
+    assert trainable == 8 * 384 + 384 * 7 + 7
