@@ -18,6 +18,7 @@ from typing import Iterable
 
 from securefpt.config import DataConfig
 from securefpt.errors import DataError
+from securefpt.offline import datasets_offline
 
 
 @dataclass(frozen=True)
@@ -127,6 +128,7 @@ def _hf_rows(cfg: DataConfig, language: str, split: str) -> list[tuple[str, str]
     try:
         import datasets
 
+        datasets_offline()
         ds = datasets.load_dataset(hf.path, name, split=real_split)
     except Exception as exc:  # offline, missing config, unknown split ...
         raise DataError(

@@ -9,7 +9,6 @@ aggregated or saved, by name and in registration order.
 
 from __future__ import annotations
 
-import os
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +20,7 @@ from torch import nn
 
 from securefpt.config import ModelConfig, PeftConfig
 from securefpt.errors import ConfigError, ModelUnavailableError
+from securefpt.offline import hf_offline_kwargs
 
 BUILTIN_MINILM = "builtin:minilm"
 BUILTIN_TINY = "builtin:tiny"
@@ -39,16 +39,11 @@ def _source(name: str) -> str:
     return name
 
 
-def _offline_kwargs() -> dict:
-    allow = os.environ.get("SECUREFPT_ALLOW_DOWNLOAD", "") == "1"
-    return {} if allow else {"local_files_only": True}
-
-
 def load_tokenizer(cfg: ModelConfig):
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(_source(cfg.name), **_offline_kwargs())
+        return AutoTokenizer.from_pretrained(_source(cfg.name), **hf_offline_kwargs())
     except (OSError, ValueError) as exc:
         raise ModelUnavailableError(_unavailable(cfg.name, exc)) from None
 
@@ -81,7 +76,7 @@ def load_backbone(cfg: ModelConfig, vocab_size: int, seed: int) -> nn.Module:
         )
         return BertModel(tiny, add_pooling_layer=False)
     try:
-        return AutoModel.from_pretrained(_source(cfg.name), **_offline_kwargs())
+        return AutoModel.from_pretrained(_source(cfg.name), **hf_offline_kwargs())
     except (OSError, ValueError) as exc:
         raise ModelUnavailableError(_unavailable(cfg.name, exc)) from None
 

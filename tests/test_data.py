@@ -93,9 +93,7 @@ def test_hf_source_loads_a_local_dataset_folder_with_datasets(tmp_path):
     assert len(data.train) == 10 and len(data.eval) == 4
 
 
-def test_hf_source_offline_gives_a_clear_error(monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+def test_hf_source_offline_gives_a_clear_error():
     cfg = DataConfig(source="hf", languages=["en"], hf={"path": "securefpt-test/does-not-exist"})
     with pytest.raises(DataError, match="data.hf: cannot load securefpt-test/does-not-exist"):
         load_client_data(cfg, "en", ["a", "b"], 0)
