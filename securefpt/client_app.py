@@ -4,7 +4,8 @@ Handlers:
 - `query` (setup): receive the experiment and label space, answer with the language
   this node serves (nothing about its data);
 - `train`: load the global encoder, train locally with the PLM frozen, reply with the
-  updated trainable parameters and |D_k|;
+  updated trainable parameters and |D_k| (Flower's FitIns/FitRes records, which
+  SecAgg+ masks when the round is secure);
 - `evaluate`: accuracy of the global encoder on the node's held-out data.
 """
 
@@ -16,12 +17,15 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
+from flwr.compat.common import recorddict_compat as compat
+
 from securefpt.client_runtime import ClientRuntime, get_runtime
 from securefpt.config import ExperimentConfig
+from securefpt.mods import fault_injection_mod, hardened_secaggplus_mod
 
 SETUP_KEY = "securefpt-setup"
 GLOBAL_KEY = "global"
-UPDATE_KEY = "update"
 
 
 def arrays_to_record(arrays: "dict[str, np.ndarray]") -> ArrayRecord:
@@ -46,7 +50,7 @@ def _runtime(context: Context) -> ClientRuntime:
     return get_runtime(cfg, str(setup["language"]), [str(x) for x in setup["labels"]])
 
 
-app = ClientApp()
+app = ClientApp(mods=[fault_injection_mod, hardened_secaggplus_mod])
 
 
 @app.query()
@@ -63,21 +67,34 @@ def setup(msg: Message, context: Context) -> Message:
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
+    """Fit on local data. In a secure round the reply is the *change* h_k - h_g, which
+    `hardened_secaggplus_mod` masks; otherwise it is h_k itself (Algorithm 1)."""
     runtime = _runtime(context)
-    server_round = int(msg.content.config_records["round"]["server-round"])
-    global_arrays = record_to_arrays(msg.content.array_records[GLOBAL_KEY])
+    fitins = compat.recorddict_to_fitins(msg.content, keep_input=True)
+    names = runtime.assembled.trainable_names()
+    global_arrays = OrderedDict(zip(names, parameters_to_ndarrays(fitins.parameters), strict=True))
+    server_round = int(fitins.config["server-round"])
     pid = runtime.cfg.data.languages.index(runtime.language)
     updated, result = runtime.fit(global_arrays, server_round, seed_offset=pid)
-    metrics = MetricRecord({"num-examples": result.num_examples, "loss": result.loss, "steps": result.steps})
-    return Message(RecordDict({UPDATE_KEY: arrays_to_record(updated), "train": metrics}), reply_to=msg)
+    secure = bool(fitins.config.get("secure", False))
+    if secure:
+        values = [updated[n] - global_arrays[n] for n in names]
+        metrics = {}  # nothing per client in the clear
+    else:
+        values = [updated[n] for n in names]
+        metrics = {"loss": result.loss, "steps": result.steps}
+    fitres = FitRes(Status(Code.OK, "ok"), ndarrays_to_parameters(values), result.num_examples, metrics)
+    return Message(compat.fitres_to_recorddict(fitres, keep_input=False), reply_to=msg)
 
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     runtime = _runtime(context)
     result = runtime.evaluate(record_to_arrays(msg.content.array_records[GLOBAL_KEY]))
+    secagg = runtime.cfg.secagg
+    released = not secagg.enabled or secagg.release_eval_metrics
     metrics = MetricRecord(
-        {"accuracy": result.accuracy, "loss": result.loss, "num-examples": result.num_examples}
+        {"accuracy": result.accuracy, "loss": result.loss, "num-examples": result.num_examples} if released else {}
     )
     return Message(
         RecordDict({"eval": metrics, "identity": ConfigRecord({"language": runtime.language})}),

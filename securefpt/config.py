@@ -105,9 +105,18 @@ class DPConfig(_Strict):
 
 
 class SecAggConfig(_Strict):
-    """Secure aggregation with Flower's SecAgg+."""
+    """Secure aggregation with Flower's SecAgg+ (validated per cohort in secure_aggregation.py)."""
 
-    enabled: bool = False
+    enabled: bool = True
+    num_shares: Optional[int] = None  # None: every selected client holds a share (full graph)
+    reconstruction_threshold: Optional[int] = None  # None: a majority of the shares
+    clipping_range: float = 1.0  # |weight ratio x update change| must stay inside it
+    quantization_range: int = 2**22
+    modulus_range: int = 2**32
+    max_weight: Optional[float] = None  # public bound on |D_k|; None: data.max_train_per_client, else 1000
+    timeout: Optional[float] = None  # per protocol stage; None: fl.round_timeout
+    min_cohort: int = 2  # fewest surviving contributors a client accepts in an unmask
+    release_eval_metrics: bool = True  # per-language accuracy of the *global* model may leave clients
 
 
 class ExperimentConfig(_Strict):

@@ -9,15 +9,19 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict
+from dataclasses import asdict
 from pathlib import Path
 from typing import Callable, Optional
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.common import FitIns, ndarrays_to_parameters, parameters_to_ndarrays
+from flwr.compat.common import recorddict_compat as compat
 from flwr.serverapp import Grid, ServerApp
 
 from securefpt.aggregation import select_clients, weighted_average
-from securefpt.client_app import GLOBAL_KEY, SETUP_KEY, UPDATE_KEY, arrays_to_record, record_to_arrays
+from securefpt.client_app import GLOBAL_KEY, SETUP_KEY, arrays_to_record
+from securefpt.secure_aggregation import SecAggSettings, resolve_settings, secure_fit_round
 from securefpt.config import ExperimentConfig, load_config
 from securefpt.data import label_space
 from securefpt.errors import SecureFPTError
@@ -39,9 +43,14 @@ def _error_reason(msg: Message) -> str:
 class FederatedPromptAveraging:
     """Runs one federated experiment on a Grid and writes its run directory."""
 
-    def __init__(self, cfg: ExperimentConfig, out_dir: Path, grid: Grid, show_progress: bool = True) -> None:
+    def __init__(self, cfg: ExperimentConfig, out_dir: Path, grid: Grid, context: Context,
+                 show_progress: bool = True, on_receive: Optional[Callable[[Message], None]] = None) -> None:
         self.cfg = cfg
-        self.grid = MeteredGrid(grid)
+        self.context = context
+        self.secagg: Optional[SecAggSettings] = (
+            resolve_settings(cfg, len(cfg.data.languages)) if cfg.secagg.enabled else None
+        )
+        self.grid = MeteredGrid(grid, on_receive=on_receive)
         self.labels = label_space(cfg.data)
         self.recorder = RunRecorder(out_dir, cfg, self.labels)
         self.progress = RunProgress(enabled=show_progress)
@@ -87,29 +96,50 @@ class FederatedPromptAveraging:
 
     # ------------------------------------------------------------------ rounds
     def _train_round(self, server_round: int, selected: list[int], global_arrays) -> tuple:
-        content = lambda: RecordDict(  # noqa: E731 - a fresh record per message
-            {
-                GLOBAL_KEY: arrays_to_record(global_arrays),
-                "round": ConfigRecord({"server-round": server_round}),
-            }
-        )
-        msgs = [Message(content(), dst_node_id=n, message_type=MessageType.TRAIN) for n in selected]
+        """Plaintext round: each selected client returns h_k and |D_k| (Algorithm 1)."""
+        parameters = ndarrays_to_parameters(list(global_arrays.values()))
+        fitins = FitIns(parameters, {"server-round": server_round})
+        msgs = [
+            Message(compat.fitins_to_recorddict(fitins, True), dst_node_id=n, message_type=MessageType.TRAIN)
+            for n in selected
+        ]
         task = self.progress.clients(f"round {server_round}: training", len(selected))
         replies = collect(self.grid, msgs, timeout=self.cfg.fl.round_timeout, on_reply=lambda _: task.advance())
         task.done()
         updates, failures, losses = [], [], []
         answered = set()
+        names = list(global_arrays)
         for reply in replies:
             node = reply.metadata.src_node_id
             answered.add(node)
             if reply.has_error():
                 failures.append((node, _error_reason(reply)))
                 continue
-            metrics = reply.content.metric_records["train"]
-            updates.append((record_to_arrays(reply.content.array_records[UPDATE_KEY]), float(metrics["num-examples"])))
-            losses.append(float(metrics["loss"]))
+            fitres = compat.recorddict_to_fitres(reply.content, keep_input=False)
+            arrays = OrderedDict(zip(names, parameters_to_ndarrays(fitres.parameters), strict=True))
+            updates.append((arrays, float(fitres.num_examples)))
+            losses.append(float(fitres.metrics["loss"]))
         failures += [(n, "no reply before fl.round_timeout") for n in selected if n not in answered]
-        return updates, failures, losses
+        new_global = weighted_average(updates) if updates else None
+        return new_global, [n for n in selected if n in answered and n not in dict(failures)], failures, losses
+
+    def _secure_train_round(self, server_round: int, selected: list[int], global_arrays) -> tuple:
+        """Secure round: the server learns only sum_k w_k (h_k - h_g) (see secure_aggregation.py)."""
+        task = self.progress.clients(f"round {server_round}: secure aggregation", 1)
+        outcome = secure_fit_round(self.grid, self.context, self.secagg, server_round, selected, global_arrays,
+                                   {"server-round": server_round})
+        task.advance()
+        task.done()
+        contributors = [n for n in selected if n in set(outcome.contributors)]
+        failures = [(n, "dropped out of the secure round") for n in selected if n not in set(contributors)]
+        if outcome.aborted:
+            failures = [(n, "round aborted: too few shares to unmask") for n in selected]
+            self.recorder.audit.append("secure_round_aborted", round=server_round)
+            return None, [], failures, []
+        new_global = OrderedDict(
+            (name, (global_arrays[name] + outcome.average_change[name]).astype(np.float32)) for name in global_arrays
+        )
+        return new_global, contributors, failures, []
 
     def _evaluate(self, server_round: int, nodes: list[int], global_arrays) -> dict[str, float]:
         record = arrays_to_record(global_arrays)
@@ -147,8 +177,11 @@ class FederatedPromptAveraging:
             for lang in cfg.data.languages
         }
         eligible = sorted(languages)
+        if cfg.secagg.enabled:  # the protocol is sized for the clients that actually answered
+            self.secagg = resolve_settings(cfg, len(eligible))
         audit.append("eligibility", clients={k: v.__dict__ for k, v in clients.items()})
 
+        secure_rounds: list[dict] = []
         best: Optional[tuple[float, RoundRecord, OrderedDict]] = None
         stale = 0
         self.progress.start(cfg.fl.rounds)
@@ -156,17 +189,20 @@ class FederatedPromptAveraging:
             start = time.perf_counter()
             up0, down0 = self.grid.snapshot()
             selected = select_clients(eligible, cfg.fl.fraction_fit, self.rng)
-            updates, failures, losses = self._train_round(server_round, selected, global_arrays)
-            aborted = not updates
+            train = self._secure_train_round if self.secagg is not None else self._train_round
+            new_global, contributors, failures, losses = train(server_round, selected, global_arrays)
+            aborted = new_global is None
             if not aborted:
-                global_arrays = weighted_average(updates)
+                global_arrays = new_global
+            secure_rounds.append({"round": server_round, "participants": self._in_order(languages[n] for n in contributors),
+                                  "dropouts": self._in_order(languages[n] for n, _ in failures), "aborted": aborted})
             accuracy = self._evaluate(server_round, eligible, global_arrays)
             up1, down1 = self.grid.snapshot()
             record = RoundRecord(
                 round=server_round,
                 accuracy=accuracy,
                 seconds=time.perf_counter() - start,
-                participants=self._in_order(languages[n] for n in selected if n not in dict(failures)),
+                participants=self._in_order(languages[n] for n in contributors),
                 failures=sorted(f"{languages.get(n, n)}: {why}" for n, why in failures),
                 train_loss=float(np.mean(losses)) if losses else None,
                 bytes_up=up1 - up0,
@@ -188,7 +224,11 @@ class FederatedPromptAveraging:
         if cfg.fl.patience is not None and best is not None:
             final_record, final_arrays = best[1], best[2]
         self.recorder.save_artifact(final_arrays)
-        return self.recorder.write_summary(final_record, trainable, total, clients)
+        secure = {"enabled": self.secagg is not None}
+        if self.secagg is not None:
+            secure.update(settings=asdict(self.secagg), rounds=secure_rounds,
+                          aborted_rounds=[r["round"] for r in secure_rounds if r["aborted"]])
+        return self.recorder.write_summary(final_record, trainable, total, clients, secure_aggregation=secure)
 
 
 def build_server_app(
@@ -196,11 +236,13 @@ def build_server_app(
     out_dir: Optional[Path] = None,
     show_progress: bool = True,
     on_error: Optional[Callable[[BaseException], None]] = None,
+    on_receive: Optional[Callable[[Message], None]] = None,
 ) -> ServerApp:
     """A ServerApp bound to an experiment, or reading it from the run config (`flwr run`).
 
     `on_error` receives an exception raised by the run, so an in-process caller can
-    re-raise it after the engine has shut down.
+    re-raise it after the engine has shut down; `on_receive` sees every message the
+    server receives (for audits and tests).
     """
     app = ServerApp()
 
@@ -209,7 +251,7 @@ def build_server_app(
         try:
             run_cfg = cfg or load_config(str(context.run_config["experiment"]))
             run_out = out_dir or Path(str(context.run_config.get("out-dir", "runs/flwr")))
-            FederatedPromptAveraging(run_cfg, run_out, grid, show_progress).run()
+            FederatedPromptAveraging(run_cfg, run_out, grid, context, show_progress, on_receive).run()
         except BaseException as exc:
             if on_error is None:
                 raise

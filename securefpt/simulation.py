@@ -20,6 +20,7 @@ import warnings
 from pathlib import Path
 
 from securefpt.config import ExperimentConfig
+from securefpt.secure_aggregation import resolve_settings
 from securefpt.server_app import FederationError, build_server_app
 
 
@@ -29,8 +30,11 @@ def _hide_known_deprecation(record: logging.LogRecord) -> bool:
 
 
 def run_federated_simulation(cfg: ExperimentConfig, out_dir: Path, show_progress: bool = True,
-                             verbose: bool = False) -> dict:
-    """Run a federated experiment with one virtual SuperNode per language."""
+                             verbose: bool = False, on_receive=None) -> dict:
+    """Run a federated experiment with one virtual SuperNode per language.
+
+    `on_receive`, if given, is called with every message the server receives.
+    """
     from flwr.common.logger import FLOWER_LOGGER
     from flwr.simulation import run_simulation
 
@@ -41,7 +45,9 @@ def run_federated_simulation(cfg: ExperimentConfig, out_dir: Path, show_progress
     if summary_path.exists():
         summary_path.unlink()
     failure: list[BaseException] = []
-    server_app = build_server_app(cfg, out_dir, show_progress, on_error=failure.append)
+    if cfg.secagg.enabled:
+        resolve_settings(cfg, len(cfg.data.languages))  # bad secagg.* fails before the engine starts
+    server_app = build_server_app(cfg, out_dir, show_progress, on_error=failure.append, on_receive=on_receive)
 
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")

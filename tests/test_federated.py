@@ -40,6 +40,7 @@ def fed_cfg(tmp_path, tiny_overrides):
     return load_config(None, tiny_overrides + [
         "data.source=masakhanews_tsv", f"data.root={root}", "data.languages=[aa, bb, cc]",
         "data.train_split=test", "data.eval_split=dev", "data.max_train_per_client=null",
+        "secagg.enabled=false",  # plaintext Algorithm 1; the secure path is tested against it
     ])
 
 
