@@ -31,6 +31,7 @@ class RoundRecord:
     round: int
     accuracy: dict[str, float]
     seconds: float
+    train_seconds: Optional[float] = None  # the training (and aggregation) part of `seconds`
     participants: list[str] = field(default_factory=list)
     failures: list[str] = field(default_factory=list)
     train_loss: Optional[float] = None

@@ -79,7 +79,9 @@ def resolve_settings(cfg: ExperimentConfig, num_clients: int) -> SecAggSettings:
     threshold = max(2, shares // 2 + 1) if s.reconstruction_threshold is None else s.reconstruction_threshold
     if threshold < 2:
         raise bad("reconstruction_threshold", f"must be at least 2, got {threshold}")
-    if threshold >= shares:
+    if shares == 2 and threshold != 2:  # two clients: both shares are needed, no dropout is survivable
+        raise bad("reconstruction_threshold", f"must be 2 with two clients, got {threshold}")
+    if shares > 2 and threshold >= shares:
         raise bad("reconstruction_threshold", f"must be below the share count {shares}, got {threshold}")
     if not s.clipping_range > 0:
         raise bad("clipping_range", f"must be positive, got {s.clipping_range}")
@@ -179,9 +181,11 @@ def secure_fit_round(
                            client_manager=manager)
     legacy.state.config_records[MAIN_CONFIGS_RECORD] = ConfigRecord({Key.CURRENT_ROUND: server_round})
     legacy.state.array_records[MAIN_PARAMS_RECORD] = compat.parameters_to_arrayrecord(parameters, True)
+    # As fractions, which Flower turns back into these exact counts for this cohort; the
+    # integer form rejects the two-client case (num_shares must exceed 2 there).
     workflow = SecAggPlusWorkflow(
-        num_shares=settings.num_shares,
-        reconstruction_threshold=settings.reconstruction_threshold,
+        num_shares=settings.num_shares / len(selected),
+        reconstruction_threshold=settings.reconstruction_threshold / settings.num_shares,
         max_weight=settings.max_weight,
         clipping_range=settings.clipping_range,
         quantization_range=settings.quantization_range,

@@ -190,7 +190,9 @@ class FederatedPromptAveraging:
             up0, down0 = self.grid.snapshot()
             selected = select_clients(eligible, cfg.fl.fraction_fit, self.rng)
             train = self._secure_train_round if self.secagg is not None else self._train_round
+            train_start = time.perf_counter()
             new_global, contributors, failures, losses = train(server_round, selected, global_arrays)
+            train_seconds = time.perf_counter() - train_start
             aborted = new_global is None
             if not aborted:
                 global_arrays = new_global
@@ -202,6 +204,7 @@ class FederatedPromptAveraging:
                 round=server_round,
                 accuracy=accuracy,
                 seconds=time.perf_counter() - start,
+                train_seconds=train_seconds,
                 participants=self._in_order(languages[n] for n in contributors),
                 failures=sorted(f"{languages.get(n, n)}: {why}" for n, why in failures),
                 train_loss=float(np.mean(losses)) if losses else None,

@@ -26,8 +26,10 @@ def test_federated_prompt_tuning_on_masakhanews_with_minilm(masakhanews_root, tm
     # 3 rounds of 48 examples per client: the English client, whose language MiniLM
     # knows, must beat the 1/7 chance level clearly
     assert acc["eng"] > 0.3
-    losses = [r["train_loss"] for r in summary["rounds"]]
-    assert losses[-1] < losses[0]
+    # secure aggregation is on by default: no client's training loss reaches the server
+    assert summary["secure_aggregation"]["enabled"] is True
+    assert all(r["train_loss"] is None for r in summary["rounds"])
+    assert summary["secure_aggregation"]["aborted_rounds"] == []
     assert summary["trainable_params"] == 8 * 384 + 384 * 7 + 7
     [(label, prob)] = predict(tmp_path / "run", ["Manchester United win the league after a late goal"])
     assert label in summary["labels"] and prob > 1 / 7
