@@ -32,11 +32,17 @@ def weighted_average(updates: Sequence[tuple[Arrays, float]]) -> "OrderedDict[st
     return out
 
 
-def select_clients(candidates: Sequence[int], fraction: float, rng: np.random.Generator) -> list[int]:
-    """Client selection of Algorithm 1: m = max(floor(C*K), 1) clients drawn without replacement."""
+def select_clients(
+    candidates: Sequence[int], fraction: float, rng: np.random.Generator, population: int | None = None
+) -> list[int]:
+    """Client selection of Algorithm 1: m = max(floor(C*K), 1) clients drawn without replacement.
+
+    K is `population` (all eligible clients) when only some `candidates` are available
+    this round; then at most all candidates are drawn.
+    """
     k = len(candidates)
     if k == 0:
         return []
-    m = max(int(fraction * k), 1)
+    m = min(max(int(fraction * (population or k)), 1), k)
     picked = rng.choice(np.asarray(list(candidates), dtype=object), size=m, replace=False)
     return sorted(int(x) for x in picked)

@@ -3,6 +3,7 @@
 Handlers:
 - `query` (setup): receive the experiment and label space, answer with the language
   this node serves (nothing about its data);
+- `query.offer`: accept the next round, or decline it (privacy budget spent);
 - `train`: load the global encoder, train locally with the PLM frozen, reply with the
   updated trainable parameters and |D_k| (Flower's FitIns/FitRes records, which
   SecAgg+ masks when the round is secure);
@@ -23,6 +24,7 @@ from flwr.compat.common import recorddict_compat as compat
 from securefpt.client_runtime import ClientRuntime, get_runtime
 from securefpt.config import ExperimentConfig
 from securefpt.mods import fault_injection_mod, hardened_secaggplus_mod
+from securefpt.privacy import PrivacyLedger
 
 SETUP_KEY = "securefpt-setup"
 GLOBAL_KEY = "global"
@@ -65,6 +67,35 @@ def setup(msg: Message, context: Context) -> Message:
     return Message(RecordDict({"identity": ConfigRecord({"language": language})}), reply_to=msg)
 
 
+def _ledger(runtime: ClientRuntime, context: Context) -> PrivacyLedger:
+    return PrivacyLedger.load(context.state.config_records, runtime.cfg.dp.delta, runtime.cfg.dp.accountant)
+
+
+def privacy_report(runtime: ClientRuntime, context: Context) -> ConfigRecord:
+    """What this client has spent so far (reported after every round; empty without DP)."""
+    plan = runtime.privacy_plan
+    if plan is None:
+        return ConfigRecord({})
+    ledger = _ledger(runtime, context)
+    return ConfigRecord({"epsilon": ledger.epsilon(), "steps": ledger.steps, "noise-multiplier": plan.noise_multiplier,
+                         "sample-rate": plan.sample_rate, "delta": plan.delta, "accountant": plan.accountant})
+
+
+@app.query("offer")
+def offer(msg: Message, context: Context) -> Message:
+    """Accept or decline the next round; a client declines once it would exceed its budget."""
+    runtime = _runtime(context)
+    plan = runtime.privacy_plan
+    accept, reason = True, "ok"
+    if plan is not None:
+        ledger = _ledger(runtime, context)
+        if ledger.would_exceed(plan, plan.target_epsilon):
+            accept = False
+            reason = (f"privacy budget: epsilon would reach {ledger.epsilon_after(plan):.3f} "
+                      f"> dp.target_epsilon={plan.target_epsilon:g}")
+    return Message(RecordDict({"offer": ConfigRecord({"accept": accept, "reason": reason})}), reply_to=msg)
+
+
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """Fit on local data. In a secure round the reply is the *change* h_k - h_g, which
@@ -75,7 +106,10 @@ def train(msg: Message, context: Context) -> Message:
     global_arrays = OrderedDict(zip(names, parameters_to_ndarrays(fitins.parameters), strict=True))
     server_round = int(fitins.config["server-round"])
     pid = runtime.cfg.data.languages.index(runtime.language)
-    updated, result = runtime.fit(global_arrays, server_round, seed_offset=pid)
+    ledger = _ledger(runtime, context) if runtime.privacy_plan is not None else None
+    updated, result = runtime.fit(global_arrays, server_round, seed_offset=pid, ledger=ledger)
+    if ledger is not None:
+        ledger.save(context.state.config_records)
     secure = bool(fitins.config.get("secure", False))
     if secure:
         values = [updated[n] - global_arrays[n] for n in names]
@@ -97,6 +131,7 @@ def evaluate(msg: Message, context: Context) -> Message:
         {"accuracy": result.accuracy, "loss": result.loss, "num-examples": result.num_examples} if released else {}
     )
     return Message(
-        RecordDict({"eval": metrics, "identity": ConfigRecord({"language": runtime.language})}),
+        RecordDict({"eval": metrics, "identity": ConfigRecord({"language": runtime.language}),
+                    "privacy": privacy_report(runtime, context)}),
         reply_to=msg,
     )

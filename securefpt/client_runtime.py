@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import hashlib
 from functools import lru_cache
+from typing import Optional
 
 from securefpt.config import ExperimentConfig
 from securefpt.data import ClientData, load_client_data
 from securefpt.modeling import AssembledModel, build_model, get_trainable, set_trainable
+from securefpt.privacy import PrivacyLedger, PrivacyPlan, dp_train, plan_privacy
 from securefpt.training import EvalResult, TrainResult, evaluate, train_local
 
 
@@ -23,12 +25,30 @@ class ClientRuntime:
         self.language = language
         self.data: ClientData = load_client_data(cfg.data, language, labels, cfg.seed)
         self.assembled: AssembledModel = build_model(cfg.model, cfg.peft, len(labels), cfg.seed)
+        self._plan: Optional[PrivacyPlan] = None
 
-    def fit(self, global_arrays, server_round: int, seed_offset: int = 0) -> tuple[dict, TrainResult]:
-        """Start from the global encoder, train locally, return the new trainable parameters."""
+    @property
+    def privacy_plan(self) -> Optional[PrivacyPlan]:
+        """This client's DP plan for the run (None without DP); |D_k| never leaves the client."""
+        if not self.cfg.dp.enabled:
+            return None
+        if self._plan is None:
+            self._plan = plan_privacy(self.cfg, len(self.data.train))
+        return self._plan
+
+    def fit(self, global_arrays, server_round: int, seed_offset: int = 0,
+            ledger: Optional[PrivacyLedger] = None) -> tuple[dict, TrainResult]:
+        """Start from the global encoder, train locally (DP-SGD when configured, spending
+        from `ledger`), return the new trainable parameters."""
         set_trainable(self.assembled.model, global_arrays)
         seed = self.cfg.seed * 100_003 + server_round * 1_009 + seed_offset
-        result = train_local(self.assembled, self.data.train, self.cfg.fl, seed)
+        plan = self.privacy_plan
+        if plan is None:
+            result = train_local(self.assembled, self.data.train, self.cfg.fl, seed)
+        else:
+            result = dp_train(self.assembled, self.data.train, self.cfg, plan, seed)
+            if ledger is not None:
+                ledger.spend(plan, result.steps)
         return get_trainable(self.assembled.model), result
 
     def evaluate(self, arrays) -> EvalResult:

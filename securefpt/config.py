@@ -94,7 +94,12 @@ class FLConfig(_Strict):
 
 
 class DPConfig(_Strict):
-    """Differential privacy with Opacus DP-SGD (per client)."""
+    """Differential privacy with Opacus DP-SGD (per client, accounted over the whole run).
+
+    `target_epsilon` is each client's budget for the experiment: the noise multiplier
+    is derived from it, unless `noise_multiplier` is fixed, in which case it is only
+    the cap beyond which a client declines to train (null: no cap).
+    """
 
     enabled: bool = False
     target_epsilon: Optional[float] = Field(8.0, gt=0.0)
@@ -132,6 +137,17 @@ class ExperimentConfig(_Strict):
     secagg: SecAggConfig = SecAggConfig()
     policy: Optional[Path] = None
     seed: int = 0
+
+    @model_validator(mode="after")
+    def _dp_supported(self) -> "ExperimentConfig":
+        if self.dp.enabled and self.peft.method == "full":
+            raise ValueError(
+                "dp.enabled with peft.method=full: Opacus cannot compute per-sample gradients for the "
+                "PLM's shared position embeddings; use prompt_tuning, p_tuning or lora"
+            )
+        if self.dp.enabled and self.dp.noise_multiplier is None and self.dp.target_epsilon is None:
+            raise ValueError("dp: set dp.target_epsilon or dp.noise_multiplier")
+        return self
 
     def to_json(self) -> str:
         return self.model_dump_json()

@@ -73,6 +73,8 @@ def load_backbone(cfg: ModelConfig, vocab_size: int, seed: int) -> nn.Module:
             num_attention_heads=2,
             intermediate_size=64,
             max_position_embeddings=max(cfg.max_length, 64),
+            hidden_dropout_prob=0.0,  # deterministic: tests compare against hand-computed gradients
+            attention_probs_dropout_prob=0.0,
         )
         return BertModel(tiny, add_pooling_layer=False)
     try:

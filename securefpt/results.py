@@ -38,6 +38,8 @@ class RoundRecord:
     bytes_up: int = 0
     bytes_down: int = 0
     aborted: bool = False
+    declined: dict[str, str] = field(default_factory=dict)  # client -> why it sat this round out
+    epsilon: Optional[dict[str, float]] = None  # cumulative, per client, after this round
 
     def avg(self) -> float:
         return float(np.mean(list(self.accuracy.values()))) if self.accuracy else float("nan")

@@ -31,6 +31,23 @@ from securefpt.progress import RunProgress
 from securefpt.results import ClientRecord, RoundRecord, RunRecorder
 
 
+def privacy_summary(cfg: ExperimentConfig, reports: dict[str, dict]) -> dict:
+    """`summary.json` privacy section from the clients' latest reports (null where DP is off)."""
+    langs = cfg.data.languages
+    get = lambda key: {lang: reports.get(lang, {}).get(key) for lang in langs}  # noqa: E731
+    return {
+        "enabled": cfg.dp.enabled,
+        "epsilon": get("epsilon"),
+        "delta": cfg.dp.delta if cfg.dp.enabled else None,
+        "noise_multiplier": get("noise-multiplier") if cfg.dp.enabled else None,
+        "sample_rate": get("sample-rate") if cfg.dp.enabled else None,
+        "steps": get("steps"),
+        "accountant": cfg.dp.accountant if cfg.dp.enabled else None,
+        "target_epsilon": cfg.dp.target_epsilon if cfg.dp.enabled else None,
+        "max_grad_norm": cfg.dp.max_grad_norm if cfg.dp.enabled else None,
+    }
+
+
 class FederationError(SecureFPTError):
     """The federation cannot proceed (no client answered, every client failed)."""
 
@@ -89,6 +106,24 @@ class FederatedPromptAveraging:
             self.recorder.audit.append("client_failed_setup", reason=reason)
         self.setup_errors = errors
         return languages
+
+    def _offer(self, server_round: int, nodes: list[int], languages: dict[int, str]) -> tuple[list[int], dict]:
+        """Ask the eligible clients whether they take part in this round (budgets, policy)."""
+        content = lambda: RecordDict({"round": ConfigRecord({"server-round": server_round})})  # noqa: E731
+        msgs = [Message(content(), dst_node_id=n, message_type="query.offer") for n in nodes]
+        replies = collect(self.grid, msgs, timeout=self.cfg.fl.round_timeout)
+        willing, declined = [], {}
+        for reply in replies:
+            node = reply.metadata.src_node_id
+            if reply.has_error():
+                declined[languages[node]] = f"no answer: {_error_reason(reply)}"
+                continue
+            answer = reply.content.config_records["offer"]
+            if bool(answer["accept"]):
+                willing.append(node)
+            else:
+                declined[languages[node]] = str(answer["reason"])
+        return sorted(willing), declined
 
     def _in_order(self, langs) -> list[str]:
         chosen = set(langs)
@@ -151,13 +186,20 @@ class FederatedPromptAveraging:
         task = self.progress.clients(f"round {server_round}: evaluating", len(nodes))
         replies = collect(self.grid, msgs, timeout=self.cfg.fl.round_timeout, on_reply=lambda _: task.advance())
         task.done()
-        accuracy = {}
+        accuracy, privacy = {}, {}
         for reply in replies:
             if reply.has_error():
                 continue
             language = str(reply.content.config_records["identity"]["language"])
-            accuracy[language] = float(reply.content.metric_records["eval"]["accuracy"])
-        return {lang: accuracy[lang] for lang in self.cfg.data.languages if lang in accuracy}
+            metrics = reply.content.metric_records["eval"]
+            if "accuracy" in metrics:
+                accuracy[language] = float(metrics["accuracy"])
+            report = reply.content.config_records.get("privacy")
+            if report is not None and len(report):
+                privacy[language] = dict(report)
+        order = self.cfg.data.languages
+        return ({lang: accuracy[lang] for lang in order if lang in accuracy},
+                {lang: privacy[lang] for lang in order if lang in privacy})
 
     def run(self) -> dict:
         cfg = self.cfg
@@ -182,23 +224,39 @@ class FederatedPromptAveraging:
         audit.append("eligibility", clients={k: v.__dict__ for k, v in clients.items()})
 
         secure_rounds: list[dict] = []
+        latest_privacy: dict[str, dict] = {}
         best: Optional[tuple[float, RoundRecord, OrderedDict]] = None
         stale = 0
         self.progress.start(cfg.fl.rounds)
         for server_round in range(1, cfg.fl.rounds + 1):
             start = time.perf_counter()
             up0, down0 = self.grid.snapshot()
-            selected = select_clients(eligible, cfg.fl.fraction_fit, self.rng)
+            willing, declined = self._offer(server_round, eligible, languages)
+            for lang, why in declined.items():
+                audit.append("declined", round=server_round, client=lang, reason=why)
+            if not willing:
+                audit.append("no_willing_clients", round=server_round)
+                self.progress.console.print(f"round {server_round}: every client declined; stopping")
+                break
+            selected = select_clients(willing, cfg.fl.fraction_fit, self.rng, population=len(eligible))
             train = self._secure_train_round if self.secagg is not None else self._train_round
             train_start = time.perf_counter()
-            new_global, contributors, failures, losses = train(server_round, selected, global_arrays)
+            if self.secagg is not None and len(selected) < 2:
+                new_global, contributors, failures, losses = None, [], [(n, "secure aggregation needs 2 clients")
+                                                                       for n in selected], []
+            else:
+                new_global, contributors, failures, losses = train(server_round, selected, global_arrays)
             train_seconds = time.perf_counter() - train_start
             aborted = new_global is None
             if not aborted:
                 global_arrays = new_global
             secure_rounds.append({"round": server_round, "participants": self._in_order(languages[n] for n in contributors),
                                   "dropouts": self._in_order(languages[n] for n, _ in failures), "aborted": aborted})
-            accuracy = self._evaluate(server_round, eligible, global_arrays)
+            accuracy, privacy = self._evaluate(server_round, eligible, global_arrays)
+            if privacy:
+                latest_privacy.update(privacy)
+                audit.append("privacy", round=server_round,
+                             epsilon={lang: p["epsilon"] for lang, p in privacy.items()})
             up1, down1 = self.grid.snapshot()
             record = RoundRecord(
                 round=server_round,
@@ -211,6 +269,8 @@ class FederatedPromptAveraging:
                 bytes_up=up1 - up0,
                 bytes_down=down1 - down0,
                 aborted=aborted,
+                declined=declined,
+                epsilon={lang: p["epsilon"] for lang, p in privacy.items()} or None,
             )
             self.recorder.add_round(record)
             self.progress.round_done(record)
@@ -231,7 +291,8 @@ class FederatedPromptAveraging:
         if self.secagg is not None:
             secure.update(settings=asdict(self.secagg), rounds=secure_rounds,
                           aborted_rounds=[r["round"] for r in secure_rounds if r["aborted"]])
-        return self.recorder.write_summary(final_record, trainable, total, clients, secure_aggregation=secure)
+        return self.recorder.write_summary(final_record, trainable, total, clients, secure_aggregation=secure,
+                                           privacy=privacy_summary(cfg, latest_privacy))
 
 
 def build_server_app(

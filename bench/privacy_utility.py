@@ -1,0 +1,72 @@
+"""The privacy-utility curve: federated prompt tuning at several epsilons and without DP.
+
+Each client's noise multiplier is derived with Opacus from the whole run's planned
+steps so that its epsilon after the last round equals the target.
+
+    python bench/privacy_utility.py server/masakhanews.yaml [--epsilons 1 4 8] [--set key=value ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from securefpt.config import load_config
+from securefpt.runner import run_experiment
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("config", type=Path)
+    parser.add_argument("--epsilons", type=float, nargs="+", default=[1.0, 4.0, 8.0])
+    parser.add_argument("--set", dest="overrides", action="append", default=[])
+    parser.add_argument("--out", type=Path, default=Path("runs/bench-privacy"))
+    args = parser.parse_args()
+
+    rows = []
+    for eps in [*args.epsilons, None]:
+        dp = ["dp.enabled=false"] if eps is None else ["dp.enabled=true", f"dp.target_epsilon={eps}"]
+        cfg = load_config(args.config, args.overrides + dp)
+        summary = run_experiment(cfg, args.out / (f"eps{eps:g}" if eps else "no-dp"), show_progress=False)
+        spent = summary["privacy"]["epsilon"]
+        sigmas = summary["privacy"]["noise_multiplier"] or {}
+        rows.append((eps, summary["final"]["accuracy"], max(spent.values()) if eps else None,
+                     min(sigmas.values()) if sigmas else None, max(sigmas.values()) if sigmas else None))
+        print(f"epsilon {eps}: avg accuracy {summary['final']['accuracy']['avg']:.3f}", flush=True)
+    languages = cfg.data.languages
+    print()
+    print("| target epsilon | noise multiplier (min-max) | max epsilon spent | " + " | ".join(languages) + " | avg |")
+    print("|---" * (len(languages) + 4) + "|")
+    for eps, acc, spent, smin, smax in rows:
+        sigma = f"{smin:.2f}-{smax:.2f}" if smin is not None else "-"
+        print(f"| {eps if eps else 'no DP'} | {sigma} | {spent:.3f} |" if spent is not None else f"| no DP | - | - |",
+              " | ".join(f"{acc[lang]:.3f}" for lang in languages), f"| **{acc['avg']:.3f}** |")
+    (args.out / "privacy_utility.json").write_text(json.dumps([{"epsilon": r[0], "accuracy": r[1]} for r in rows]))
+    _plot(rows, args.out / "privacy_utility.png")
+
+
+def _plot(rows, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    dp_rows = [r for r in rows if r[0] is not None]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot([r[0] for r in dp_rows], [r[1]["avg"] for r in dp_rows], "o-", label="DP-SGD (avg over languages)")
+    no_dp = [r for r in rows if r[0] is None]
+    if no_dp:
+        ax.axhline(no_dp[0][1]["avg"], color="k", linestyle="--", label="no DP")
+    ax.set_xlabel("target epsilon per client (whole run)")
+    ax.set_ylabel("accuracy (dev)")
+    ax.set_xscale("log")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    print(f"plot: {path}")
+
+
+if __name__ == "__main__":
+    main()
