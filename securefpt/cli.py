@@ -45,6 +45,19 @@ def _print_summary(summary: dict, out: Path) -> None:
         f"trainable {summary['trainable_params']:,} of {summary['total_params']:,} parameters; "
         f"{comm['bytes_up']:,} bytes up, {comm['bytes_down']:,} bytes down"
     )
+    for cid, c in summary["clients"].items():
+        if not c["included"]:
+            console.print(f"[yellow]excluded[/yellow] {cid} ({c['region'] or c['language']}): {c['reason']}",
+                          highlight=False)
+    eps = {k: v for k, v in summary["privacy"]["epsilon"].items() if v is not None}
+    if eps:
+        console.print(f"DP: epsilon spent per client (delta {summary['privacy']['delta']:g}): "
+                      + ", ".join(f"{k} {v:.2f}" for k, v in eps.items()))
+    if summary["secure_aggregation"].get("enabled"):
+        aborted = summary["secure_aggregation"].get("aborted_rounds", [])
+        console.print(f"SecAgg+: on, aborted rounds: {aborted or 'none'}")
+    console.print(f"audit log: {summary['audit_log']} (verify: securefpt audit verify {summary['audit_log']} "
+                  f"--public-key {summary['audit_public_key']})", highlight=False, soft_wrap=True)
     console.print(f"run directory: {out}  (summary.json, metrics.csv, accuracy.png, prompt_encoder*.safetensors)")
 
 
@@ -99,6 +112,111 @@ def predict(
         _fail(exc)
     for text, (label, prob) in zip(texts, results):
         typer.echo(f"{label}\t{prob:.3f}\t{text}")
+
+
+keys_app = typer.Typer(no_args_is_help=True, help="Keys and attestations for a federation.")
+policy_app = typer.Typer(no_args_is_help=True, help="Residency policies.")
+audit_app = typer.Typer(no_args_is_help=True, help="The signed audit log.")
+app.add_typer(keys_app, name="keys")
+app.add_typer(policy_app, name="policy")
+app.add_typer(audit_app, name="audit")
+
+
+@keys_app.command("demo")
+def keys_demo(
+    clients: Path = typer.Option(Path("clients"), help="where the client manifests go"),
+    keys: Path = typer.Option(Path("clients/keys"), help="where the key pairs go (*.key are private)"),
+) -> None:
+    """Create authority, server and client keys and signed manifests for the demo federation."""
+    from securefpt.keys import make_federation
+
+    for path in make_federation(clients, keys):
+        console.print(f"wrote {path}")
+
+
+@policy_app.command("validate")
+def policy_validate(file: Path) -> None:
+    """Exit 0 for a valid policy, 1 with the reason otherwise."""
+    from securefpt.policy import load_policy
+
+    try:
+        policy = load_policy(file)
+    except SecureFPTError as exc:
+        err.print(f"invalid: {exc}", highlight=False, soft_wrap=True)
+        raise typer.Exit(code=1)
+    console.print(f"valid: {file} (server in {policy.server.region}, {len(policy.regions)} regions)")
+
+
+@policy_app.command("explain")
+def policy_explain(
+    file: Path,
+    clients: Path = typer.Option(..., "--clients", help="folder of client manifests"),
+    config: Optional[Path] = typer.Option(None, "--config", help="experiment YAML (default: the defaults)"),
+) -> None:
+    """Who may take part in this experiment under this policy, and why not."""
+    from securefpt.config import load_config
+    from securefpt.eligibility import decide_eligibility
+    from securefpt.policy import load_manifests, load_policy
+
+    try:
+        cfg = load_config(config)
+        decisions = decide_eligibility(load_policy(file), cfg, load_manifests(clients))
+        manifests = load_manifests(clients)
+    except SecureFPTError as exc:
+        _fail(exc)
+    table = Table(title=f"{file.name}: experiment '{cfg.name}'")
+    for column in ("client", "region", "language", "included", "reason"):
+        table.add_column(column)
+    for cid, d in decisions.items():
+        m = manifests[cid]
+        table.add_row(cid, m.region, m.language, "yes" if d.included else "[red]no[/red]", d.reason)
+    console.print(table)
+
+
+@audit_app.command("verify")
+def audit_verify(
+    log: Path,
+    public_key: Path = typer.Option(..., "--public-key", help="the server's Ed25519 public key (PEM)"),
+    head: Optional[str] = typer.Option(None, "--head", help="a head hash known from elsewhere (detects truncation)"),
+) -> None:
+    """Exit 0 only for an intact log; name the first bad entry otherwise."""
+    from securefpt.attestation import load_public
+    from securefpt.audit import verify_log
+
+    try:
+        verdict = verify_log(log, load_public(public_key), head)
+    except (SecureFPTError, OSError) as exc:
+        _fail(exc)
+    if not verdict.ok:
+        err.print(f"TAMPERED: line {verdict.bad_line}: {verdict.reason}", highlight=False, soft_wrap=True)
+        raise typer.Exit(code=1)
+    console.print(f"intact: {verdict.entries} entries, head {verdict.head}")
+
+
+@audit_app.command("report")
+def audit_report(log: Path) -> None:
+    """A per-round table of the decisions in an audit log."""
+    from securefpt.audit import read_entries
+
+    entries = read_entries(log)
+    table = Table(title=str(log))
+    for column in ("round", "participants", "dropouts / declined", "epsilon (max)", "avg accuracy", "aborted"):
+        table.add_column(column)
+    for e in entries:
+        if e["event"] == "eligibility":
+            excluded = {k: v["reason"] for k, v in e["clients"].items() if not v["included"]}
+            console.print(f"eligibility: {sum(v['included'] for v in e['clients'].values())} included"
+                          + "".join(f"\n  excluded {k}: {why}" for k, why in excluded.items()), highlight=False)
+        if e["event"] == "round":
+            eps = e.get("epsilon") or {}
+            out = sorted(e.get("failures", [])) + [f"{k}: {v}" for k, v in (e.get("declined") or {}).items()]
+            table.add_row(str(e["round"]), ", ".join(e.get("participants", [])), "\n".join(out) or "-",
+                          f"{max(eps.values()):.3f}" if eps else "-", f"{e['accuracy'].get('avg', float('nan')):.3f}",
+                          "yes" if e.get("aborted") else "no")
+    console.print(table)
+    ends = [e for e in entries if e["event"] == "artifact"]
+    for e in ends:
+        console.print(f"artifact {e['path']} sha256 {e['sha256'][:16]}... stored in {e.get('storage_region')}")
 
 
 def main() -> None:

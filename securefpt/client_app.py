@@ -23,10 +23,10 @@ from flwr.compat.common import recorddict_compat as compat
 
 from securefpt.client_runtime import ClientRuntime, get_runtime
 from securefpt.config import ExperimentConfig
-from securefpt.mods import fault_injection_mod, hardened_secaggplus_mod
+from securefpt.eligibility import client_view
+from securefpt.mods import SETUP_KEY, fault_injection_mod, hardened_secaggplus_mod, residency_guard_mod
 from securefpt.privacy import PrivacyLedger
 
-SETUP_KEY = "securefpt-setup"
 GLOBAL_KEY = "global"
 
 
@@ -52,7 +52,7 @@ def _runtime(context: Context) -> ClientRuntime:
     return get_runtime(cfg, str(setup["language"]), [str(x) for x in setup["labels"]])
 
 
-app = ClientApp(mods=[fault_injection_mod, hardened_secaggplus_mod])
+app = ClientApp(mods=[fault_injection_mod, residency_guard_mod, hardened_secaggplus_mod])
 
 
 @app.query()
@@ -60,9 +60,15 @@ def setup(msg: Message, context: Context) -> Message:
     incoming = msg.content.config_records[SETUP_KEY]
     cfg = ExperimentConfig.from_json(str(incoming["experiment"]))
     language = node_language(context, cfg)
-    context.state.config_records[SETUP_KEY] = ConfigRecord(
-        {"experiment": incoming["experiment"], "labels": list(incoming["labels"]), "language": language}
-    )
+    view = client_view(cfg, language, context.node_config.get("manifest"))
+    record = {"experiment": incoming["experiment"], "labels": list(incoming["labels"]), "language": language,
+              "min-cohort": cfg.secagg.min_cohort, "require-secagg": False,
+              "release-eval": not cfg.secagg.enabled or cfg.secagg.release_eval_metrics, "violations": []}
+    if view is not None:  # this client's own region rules, whatever the server says
+        record.update({"min-cohort": max(cfg.secagg.min_cohort, view.rule.min_cohort),
+                       "require-secagg": view.rule.require_secure_aggregation,
+                       "release-eval": view.rule.release_eval_metrics, "violations": view.violations(cfg)})
+    context.state.config_records[SETUP_KEY] = ConfigRecord(record)
     _runtime(context)  # load data and model now: errors surface before round 1
     return Message(RecordDict({"identity": ConfigRecord({"language": language})}), reply_to=msg)
 
@@ -87,7 +93,10 @@ def offer(msg: Message, context: Context) -> Message:
     runtime = _runtime(context)
     plan = runtime.privacy_plan
     accept, reason = True, "ok"
-    if plan is not None:
+    violations = list(context.state.config_records[SETUP_KEY]["violations"])
+    if violations:
+        accept, reason = False, "residency policy: " + "; ".join(str(v) for v in violations)
+    elif plan is not None:
         ledger = _ledger(runtime, context)
         if ledger.would_exceed(plan, plan.target_epsilon):
             accept = False
@@ -125,8 +134,7 @@ def train(msg: Message, context: Context) -> Message:
 def evaluate(msg: Message, context: Context) -> Message:
     runtime = _runtime(context)
     result = runtime.evaluate(record_to_arrays(msg.content.array_records[GLOBAL_KEY]))
-    secagg = runtime.cfg.secagg
-    released = not secagg.enabled or secagg.release_eval_metrics
+    released = bool(context.state.config_records[SETUP_KEY]["release-eval"])
     metrics = MetricRecord(
         {"accuracy": result.accuracy, "loss": result.loss, "num-examples": result.num_examples} if released else {}
     )

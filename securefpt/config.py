@@ -135,7 +135,9 @@ class ExperimentConfig(_Strict):
     fl: FLConfig = FLConfig()
     dp: DPConfig = DPConfig()
     secagg: SecAggConfig = SecAggConfig()
-    policy: Optional[Path] = None
+    policy: Optional[Path] = None  # residency policy YAML (policies/)
+    clients: Optional[Path] = None  # folder of client manifests (clients/); required with a policy
+    server_key: Optional[Path] = None  # Ed25519 key that signs the audit log; None: a new one per run
     seed: int = 0
 
     @model_validator(mode="after")
@@ -145,6 +147,8 @@ class ExperimentConfig(_Strict):
                 "dp.enabled with peft.method=full: Opacus cannot compute per-sample gradients for the "
                 "PLM's shared position embeddings; use prompt_tuning, p_tuning or lora"
             )
+        if self.policy is not None and self.clients is None:
+            raise ValueError("clients: a folder of client manifests is required with a policy")
         if self.dp.enabled and self.dp.noise_multiplier is None and self.dp.target_epsilon is None:
             raise ValueError("dp: set dp.target_epsilon or dp.noise_multiplier")
         return self
@@ -230,6 +234,8 @@ def _resolve_paths(cfg: ExperimentConfig, base: Path) -> ExperimentConfig:
     updates: dict[str, Any] = {}
     if cfg.data.root is not None and not cfg.data.root.is_absolute():
         updates["data"] = cfg.data.model_copy(update={"root": (base / cfg.data.root).resolve()})
-    if cfg.policy is not None and not cfg.policy.is_absolute():
-        updates["policy"] = (base / cfg.policy).resolve()
+    for key in ("policy", "clients", "server_key"):
+        value = getattr(cfg, key)
+        if value is not None and not value.is_absolute():
+            updates[key] = (base / value).resolve()
     return cfg.model_copy(update=updates) if updates else cfg

@@ -15,3 +15,7 @@ class DataError(SecureFPTError):
 
 class ModelUnavailableError(SecureFPTError):
     """The requested pre-trained model cannot be loaded (offline, wrong path)."""
+
+
+class FederationError(SecureFPTError):
+    """The federation cannot proceed (no eligible client, every client failed)."""

@@ -11,6 +11,7 @@ SecAgg+ leaves against a misbehaving server:
   the weight travels inside the masked vector only.
 Messages that are not part of a SecAgg+ round go straight to the handler.
 
+`residency_guard_mod` refuses training that the client's own region forbids.
 `fault_injection_mod` makes a client die at a chosen point, for drills and tests.
 """
 
@@ -29,6 +30,7 @@ from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFI
 from flwr.compat.common import recorddict_compat as compat
 
 GUARD_REFUSAL_CODE = 4031
+SETUP_KEY = "securefpt-setup"
 GUARD_STATE = "securefpt-guard"
 
 
@@ -57,12 +59,25 @@ def check_unmask_request(active: list[int], dead: list[int], min_cohort: int) ->
 
 
 def _min_cohort(context: Context) -> int:
-    setup = context.state.config_records.get("securefpt-setup")
-    if setup is None:
-        return 2
-    from securefpt.config import ExperimentConfig
+    setup = context.state.config_records.get(SETUP_KEY)
+    return 2 if setup is None else max(2, int(setup["min-cohort"]))
 
-    return ExperimentConfig.from_json(str(setup["experiment"])).secagg.min_cohort
+
+def residency_guard_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+    """Refuse any training request that this client's region forbids, before any training.
+
+    The server's experiment was checked at setup (`violations`), but a hostile server
+    could still send a plaintext training request to a region that requires secure
+    aggregation: only SecAgg+ stage messages may carry training then.
+    """
+    setup = context.state.config_records.get(SETUP_KEY)
+    if setup is not None and msg.metadata.message_type == MessageType.TRAIN:
+        violations = list(setup["violations"])
+        if violations:
+            return _refuse(msg, context, "residency policy: " + "; ".join(str(v) for v in violations))
+        if bool(setup["require-secagg"]) and RECORD_KEY_CONFIGS not in msg.content.config_records:
+            return _refuse(msg, context, "residency policy: this region requires secure aggregation")
+    return call_next(msg, context)
 
 
 def _checked_handler(context: Context, call_next: ClientAppCallable) -> ClientAppCallable:
@@ -114,7 +129,7 @@ def fault_injection_mod(msg: Message, context: Context, call_next: ClientAppCall
     """Die on purpose: SECUREFPT_FAULTS="lang@stage,..." (stage: setup, train, collect, unmask, evaluate)."""
     spec = os.environ.get("SECUREFPT_FAULTS", "")
     if spec:
-        setup = context.state.config_records.get("securefpt-setup")
+        setup = context.state.config_records.get(SETUP_KEY)
         language = str(setup["language"]) if setup is not None else None
         stage = {MessageType.QUERY: "setup", MessageType.EVALUATE: "evaluate"}.get(msg.metadata.message_type, "train")
         configs = msg.content.config_records.get(RECORD_KEY_CONFIGS)

@@ -23,7 +23,6 @@ from securefpt.training import evaluate, train_local
 def run_local_paradigm(cfg: ExperimentConfig, out_dir: Path, show_progress: bool = True) -> dict:
     labels = label_space(cfg.data)
     recorder = RunRecorder(out_dir, cfg, labels)
-    recorder.audit.append("run_start", paradigm=cfg.paradigm, config=cfg.model_dump(mode="json"))
     data = {lang: load_client_data(cfg.data, lang, labels, cfg.seed) for lang in cfg.data.languages}
     if cfg.paradigm == "monolingual":
         models = {lang: build_model(cfg.model, cfg.peft, len(labels), cfg.seed) for lang in data}

@@ -6,14 +6,14 @@ Layout (the interface other tools rely on, see DESIGN):
     accuracy.png              accuracy per language over rounds
     prompt_encoder.safetensors  final trainable parameters, keyed by name
     config.yaml, labels.json  what `securefpt predict` needs beside the parameters
-    audit.jsonl               the run's decisions, one JSON object per line
+    audit.jsonl, server.pub   the run's decisions, hash-chained and signed; the key to verify them
 """
 
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -21,6 +21,8 @@ from typing import Any, Optional
 import numpy as np
 import yaml
 
+from securefpt.attestation import load_private, new_key, save_private, save_public
+from securefpt.audit import AuditLog, file_sha256
 from securefpt.config import ExperimentConfig
 
 ARTIFACT = "prompt_encoder.safetensors"
@@ -70,20 +72,6 @@ def load_arrays(path: Path) -> "dict[str, np.ndarray]":
     return load_file(str(path))
 
 
-class AuditLog:
-    """Append-only JSONL record of the run's decisions (start, eligibility, rounds, artifact)."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text("", encoding="utf-8")
-
-    def append(self, event: str, **fields: Any) -> None:
-        entry = {"time": time.time(), "event": event, **fields}
-        with self.path.open("a", encoding="utf-8") as fh:
-            fh.write(json.dumps(entry, sort_keys=True, default=str) + "\n")
-
-
 class RunRecorder:
     """Collects a run's rounds and writes the run directory."""
 
@@ -93,7 +81,21 @@ class RunRecorder:
         self.cfg = cfg
         self.labels = labels
         self.rounds: list[RoundRecord] = []
-        self.audit = AuditLog(self.out_dir / "audit.jsonl")
+        self.audit_public_key = self.out_dir / "server.pub"
+        if cfg.server_key is not None:
+            key = load_private(cfg.server_key)
+        else:  # a fresh signing key for this run; its public half is published beside the log
+            key = new_key()
+            save_private(key, self.out_dir / "server.key")
+        save_public(key, self.audit_public_key)
+        self.audit = AuditLog(self.out_dir / "audit.jsonl", key)
+        self.audit.append(
+            "run_start", name=cfg.name, paradigm=cfg.paradigm,
+            config_sha256=hashlib.sha256(cfg.to_json().encode()).hexdigest(),
+            policy=str(cfg.policy) if cfg.policy else None,
+            policy_sha256=file_sha256(cfg.policy) if cfg.policy and cfg.policy.is_file() else None,
+            config=json.loads(cfg.to_json()),
+        )
         (self.out_dir / "config.yaml").write_text(
             yaml.safe_dump(json.loads(cfg.to_json()), sort_keys=False), encoding="utf-8"
         )
@@ -176,17 +178,19 @@ class RunRecorder:
             "secure_aggregation": secure_aggregation or {"enabled": False},
             "clients": {k: asdict(v) for k, v in clients.items()},
             "audit_log": str(self.audit.path),
+            "audit_public_key": str(self.audit_public_key),
             "artifact": str(self.out_dir / ARTIFACT) if (self.out_dir / ARTIFACT).exists() else None,
         }
         if extra:
             summary.update(extra)
-        (self.out_dir / "summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
         self.plot()
-        self.audit.append("run_end", final_avg=final.avg(), rounds=len(self.rounds))
+        summary["audit_head"] = self.audit.append("run_end", final_avg=final.avg(), rounds=len(self.rounds))
+        (self.out_dir / "summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
         return summary
 
-    def save_artifact(self, arrays: "dict[str, np.ndarray]", name: str = ARTIFACT) -> Path:
+    def save_artifact(self, arrays: "dict[str, np.ndarray]", name: str = ARTIFACT,
+                      region: Optional[str] = None) -> Path:
         path = self.out_dir / name
         save_arrays(path, arrays, metadata={"peft_method": self.cfg.peft.method, "model": self.cfg.model.name})
-        self.audit.append("artifact", path=str(path))
+        self.audit.append("artifact", path=str(path), sha256=file_sha256(path), storage_region=region)
         return path

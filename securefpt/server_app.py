@@ -24,7 +24,9 @@ from securefpt.client_app import GLOBAL_KEY, SETUP_KEY, arrays_to_record
 from securefpt.secure_aggregation import SecAggSettings, resolve_settings, secure_fit_round
 from securefpt.config import ExperimentConfig, load_config
 from securefpt.data import label_space
-from securefpt.errors import SecureFPTError
+from securefpt.eligibility import participants
+from securefpt.errors import FederationError
+from securefpt.policy import load_policy
 from securefpt.metering import MeteredGrid, collect
 from securefpt.modeling import build_model, count_params, get_trainable
 from securefpt.progress import RunProgress
@@ -48,10 +50,6 @@ def privacy_summary(cfg: ExperimentConfig, reports: dict[str, dict]) -> dict:
     }
 
 
-class FederationError(SecureFPTError):
-    """The federation cannot proceed (no client answered, every client failed)."""
-
-
 def _error_reason(msg: Message) -> str:
     text = str(msg.error.reason).strip().splitlines()
     return text[-1] if text else f"error code {msg.error.code}"
@@ -68,6 +66,7 @@ class FederatedPromptAveraging:
             resolve_settings(cfg, len(cfg.data.languages)) if cfg.secagg.enabled else None
         )
         self.grid = MeteredGrid(grid, on_receive=on_receive)
+        self.participants = participants(cfg)  # the residency policy's decisions, before any training
         self.labels = label_space(cfg.data)
         self.recorder = RunRecorder(out_dir, cfg, self.labels)
         self.progress = RunProgress(enabled=show_progress)
@@ -124,6 +123,15 @@ class FederatedPromptAveraging:
             else:
                 declined[languages[node]] = str(answer["reason"])
         return sorted(willing), declined
+
+    def _artifact_region(self) -> Optional[str]:
+        """Where the final artifact is stored: the server's region, which the policy must allow."""
+        if self.cfg.policy is None:
+            return None
+        policy = load_policy(self.cfg.policy)
+        if policy.server.region not in policy.server.artifact_regions:
+            raise FederationError(f"policy forbids storing the artifact in the server's region '{policy.server.region}'")
+        return policy.server.region
 
     def _in_order(self, langs) -> list[str]:
         chosen = set(langs)
@@ -204,7 +212,6 @@ class FederatedPromptAveraging:
     def run(self) -> dict:
         cfg = self.cfg
         audit = self.recorder.audit
-        audit.append("run_start", paradigm=cfg.paradigm, config=cfg.model_dump(mode="json"))
         assembled = build_model(cfg.model, cfg.peft, len(self.labels), cfg.seed)
         global_arrays = get_trainable(assembled.model)
         trainable, total = count_params(assembled.model)
@@ -213,15 +220,19 @@ class FederatedPromptAveraging:
         nodes = self._wait_for_nodes(len(cfg.data.languages))
         languages = self._setup(nodes)
         why_missing = "failed setup: " + ("; ".join(sorted(set(self.setup_errors))) or "no reply")
-        clients = {
-            lang: ClientRecord(region=None, language=lang, included=lang in languages.values(),
-                               reason="eligible" if lang in languages.values() else why_missing)
-            for lang in cfg.data.languages
-        }
-        eligible = sorted(languages)
-        if cfg.secagg.enabled:  # the protocol is sized for the clients that actually answered
+        clients: dict[str, ClientRecord] = {}
+        for lang, who in self.participants.items():
+            answered = lang in languages.values()
+            included = who.decision.included and answered
+            reason = who.decision.reason if not who.decision.included else ("eligible" if answered else why_missing)
+            clients[who.client_id] = ClientRecord(region=who.region, language=lang, included=included, reason=reason)
+        admitted = {c.language for c in clients.values() if c.included}
+        eligible = sorted(n for n, lang in languages.items() if lang in admitted)
+        audit.append("eligibility", round=0, clients={k: asdict(v) for k, v in clients.items()})
+        if not eligible:
+            raise FederationError("no eligible client answered: " + "; ".join(f"{k}: {v.reason}" for k, v in clients.items()))
+        if cfg.secagg.enabled:  # the protocol is sized for the clients that actually take part
             self.secagg = resolve_settings(cfg, len(eligible))
-        audit.append("eligibility", clients={k: v.__dict__ for k, v in clients.items()})
 
         secure_rounds: list[dict] = []
         latest_privacy: dict[str, dict] = {}
@@ -286,7 +297,7 @@ class FederatedPromptAveraging:
         final_record, final_arrays = self.recorder.rounds[-1], global_arrays
         if cfg.fl.patience is not None and best is not None:
             final_record, final_arrays = best[1], best[2]
-        self.recorder.save_artifact(final_arrays)
+        self.recorder.save_artifact(final_arrays, region=self._artifact_region())
         secure = {"enabled": self.secagg is not None}
         if self.secagg is not None:
             secure.update(settings=asdict(self.secagg), rounds=secure_rounds,

@@ -21,7 +21,9 @@ from pathlib import Path
 
 from securefpt.config import ExperimentConfig
 from securefpt.secure_aggregation import resolve_settings
-from securefpt.server_app import FederationError, build_server_app
+from securefpt.eligibility import participants
+from securefpt.errors import FederationError
+from securefpt.server_app import build_server_app
 
 
 def _hide_known_deprecation(record: logging.LogRecord) -> bool:
@@ -45,8 +47,10 @@ def run_federated_simulation(cfg: ExperimentConfig, out_dir: Path, show_progress
     if summary_path.exists():
         summary_path.unlink()
     failure: list[BaseException] = []
+    # bad secagg.* settings, or a policy that admits nobody, fail before the engine starts
+    admitted = sum(p.decision.included for p in participants(cfg).values())
     if cfg.secagg.enabled:
-        resolve_settings(cfg, len(cfg.data.languages))  # bad secagg.* fails before the engine starts
+        resolve_settings(cfg, admitted)
     server_app = build_server_app(cfg, out_dir, show_progress, on_error=failure.append, on_receive=on_receive)
 
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")

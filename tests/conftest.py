@@ -28,3 +28,14 @@ def masakhanews_root() -> Path:
     if not (SHARED_DATA / "eng" / "dev.tsv").is_file():
         pytest.skip(f"MasakhaNEWS data not found at {SHARED_DATA} (set SECUREFPT_SHARED_DATA)")
     return SHARED_DATA
+
+
+@pytest.fixture
+def flower_task():
+    """Messages built outside an engine need the process's Flower task identity."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    saved = (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id)
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 1
+    yield
+    TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved

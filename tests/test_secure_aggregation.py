@@ -148,7 +148,7 @@ def _unmask_message(active, dead):
     ([1], [2, 3], "minimum cohort"),
     ([1, 1], [], "twice"),
 ])
-def test_the_guard_refuses_a_forged_unmask_request(active, dead, why):
+def test_the_guard_refuses_a_forged_unmask_request(active, dead, why, flower_task):
     calls = []
     context = Context(run_id=1, node_id=7, node_config={}, state=RecordDict(), run_config={})
     reply = hardened_secaggplus_mod(_unmask_message(active, dead), context, lambda m, c: calls.append(m))

@@ -1,0 +1,213 @@
+"""Residency policies, attestations and eligibility, on the server and on the client."""
+
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import pytest
+import yaml
+from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.app.message_type import MessageType
+
+from securefpt.attestation import issue, load_private, new_key, public_raw, save_public
+from securefpt.config import load_config
+from securefpt.eligibility import decide_eligibility
+from securefpt.errors import ConfigError, FederationError
+from securefpt.keys import make_federation
+from securefpt.mods import GUARD_REFUSAL_CODE, SETUP_KEY, residency_guard_mod
+from securefpt.policy import load_manifests, load_policy
+
+ROOT = Path(__file__).resolve().parents[1]
+NOW = datetime(2027, 1, 1, tzinfo=timezone.utc)
+
+
+@pytest.fixture
+def federation(tmp_path):
+    """A fresh demo federation (keys, manifests) with the repository's example policy."""
+    make_federation(tmp_path / "clients", tmp_path / "clients" / "keys")
+    (tmp_path / "policies").mkdir()
+    (tmp_path / "policies" / "p.yaml").write_text((ROOT / "policies" / "masakhanews.yaml").read_text())
+    return tmp_path
+
+
+def cfg_for(fed, *extra):
+    return load_config(None, [f"policy={fed / 'policies' / 'p.yaml'}", f"clients={fed / 'clients'}",
+                              "dp.enabled=true", "dp.target_epsilon=8", "secagg.enabled=true", *extra])
+
+
+def decide(fed, *extra, now=NOW):
+    cfg = cfg_for(fed, *extra)
+    return decide_eligibility(load_policy(cfg.policy), cfg, load_manifests(cfg.clients), now)
+
+
+def test_the_example_policy_in_the_repository_is_valid():
+    policy = load_policy(ROOT / "policies" / "masakhanews.yaml")
+    assert policy.server.region == "eu-west" and len(policy.regions) == 5
+    assert len(load_manifests(ROOT / "clients")) == 5
+
+
+def test_a_compliant_experiment_includes_all_but_the_region_that_forbids_export(federation):
+    d = decide(federation)
+    assert {c for c, x in d.items() if x.included} == {"eng-newsroom", "fra-agence", "hau-radio", "swa-gazeti"}
+    assert "destination not allowed" in d["yor-iroyin"].reason
+
+
+@pytest.mark.parametrize("extra,client,why", [
+    (["secagg.enabled=false"], "fra-agence", "requires secure aggregation"),
+    (["dp.enabled=false"], "hau-radio", "requires differential privacy"),
+    (["dp.target_epsilon=10"], "hau-radio", "epsilon 10.0 above region 'ng-north' maximum 8"),
+    (["dp.delta=1e-4"], "hau-radio", "delta 0.0001 above region 'ng-north' maximum 1e-05"),
+    (["data.languages=[eng, fra, hau, swa]"], "yor-iroyin", "not in this experiment"),
+    (["paradigm=centralized"], "eng-newsroom", "pools raw data"),
+])
+def test_each_rule_excludes_a_violating_client(federation, extra, client, why):
+    d = decide(federation, *extra)
+    assert not d[client].included and why in d[client].reason
+    # the compliant baseline admits this client: the exclusion is the rule's doing
+    assert client == "yor-iroyin" or decide(federation)[client].included
+
+
+def test_cohort_minimums_cascade(federation):
+    # eng + fra: a cohort of 2 is below eu-west's minimum of 3; without fra, eng alone
+    # is below uk's minimum of 2: nobody may take part
+    d = decide(federation, "data.languages=[eng, fra]")
+    assert "cohort of 2 below region 'eu-west' minimum 3" in d["fra-agence"].reason
+    assert "cohort of 1 below region 'uk' minimum 2" in d["eng-newsroom"].reason
+    d = decide(federation, "data.languages=[eng, swa]")
+    assert d["eng-newsroom"].included and d["swa-gazeti"].included
+
+
+def _rewrite(path: Path, **changes):
+    data = yaml.safe_load(path.read_text())
+    data["attestation"].update(changes.pop("attestation", {}))
+    data.update(changes)
+    path.write_text(yaml.safe_dump(data))
+
+
+def test_forged_expired_and_wrong_authority_attestations_are_rejected(federation):
+    clients = federation / "clients"
+    # forged: a field changed after signing
+    _rewrite(clients / "eng-newsroom.yaml", attestation={"expires": "2099-01-01T00:00:00+00:00"})
+    # expired: signed properly, but in the past
+    fra_key = new_key()
+    authority = load_private(clients / "keys" / "eu-west-authority.key")
+    old = issue(authority, "fra-agence", "eu-west", public_raw(fra_key), NOW - timedelta(days=1))
+    _rewrite(clients / "fra-agence.yaml", attestation=old.to_dict())
+    # wrong authority: swa signed by a key the policy does not trust for 'ke'
+    rogue = issue(new_key(), "swa-gazeti", "ke", public_raw(new_key()), NOW + timedelta(days=30))
+    _rewrite(clients / "swa-gazeti.yaml", attestation=rogue.to_dict())
+    d = decide(federation)
+    assert "forged attestation" in d["eng-newsroom"].reason
+    assert "expired" in d["fra-agence"].reason
+    assert "not signed by the authority of region 'ke'" in d["swa-gazeti"].reason
+    assert d["hau-radio"].included is False  # and the cohort now falls below ng-north's minimum of 3
+    assert "cohort" in d["hau-radio"].reason
+
+
+def test_a_client_cannot_claim_another_region_with_its_own_valid_attestation(federation):
+    # yor-iroyin holds a valid ng-south attestation, but claims uk (which would admit it)
+    _rewrite(federation / "clients" / "yor-iroyin.yaml", region="uk")
+    d = decide(federation)
+    assert not d["yor-iroyin"].included
+    assert "attestation is for region 'ng-south', not the claimed 'uk'" in d["yor-iroyin"].reason
+    # and re-labelling the attestation too breaks the authority's signature
+    _rewrite(federation / "clients" / "yor-iroyin.yaml", attestation={"region": "uk"})
+    assert "not signed by the authority of region 'uk'" in decide(federation)["yor-iroyin"].reason
+
+
+def test_an_experiment_with_no_valid_cohort_is_refused_before_training(federation, tmp_path):
+    from securefpt.simulation import run_federated_simulation
+
+    cfg = cfg_for(federation, "data.languages=[yor]", "secagg.enabled=false")
+    with pytest.raises(FederationError, match="yor-iroyin: destination not allowed"):
+        run_federated_simulation(cfg, tmp_path / "never", show_progress=False)
+    assert not (tmp_path / "never").exists()
+
+
+@pytest.mark.parametrize("text,field", [
+    ("version: 1\nserver: {region: eu, artifact_regions: [eu]\n", "malformed YAML"),
+    ("version: 1\nserver: {region: eu, artifact_regions: [eu]}\nregions: {eu: {authority_key: k.pub, export_to: [eu], colour: red}}\n",
+     "regions.eu.colour: unknown key"),
+    ("version: 1\nserver: {region: eu, artifact_regions: [eu]}\nregions: {eu: {authority_key: k.pub, export_to: [eu], min_cohort: many}}\n",
+     "regions.eu.min_cohort"),
+    ("version: 1\nserver: {region: eu, artifact_regions: [eu]}\nregions: {eu: {authority_key: k.pub, export_to: [mars]}}\n",
+     "regions.eu.export_to: unknown region 'mars'"),
+    ("version: 1\nserver: {region: us, artifact_regions: [eu]}\nregions: {eu: {authority_key: k.pub, export_to: [eu]}}\n",
+     "server.region: unknown region 'us'"),
+    ("version: 2\nserver: {region: eu, artifact_regions: [eu]}\nregions: {}\n", "version"),
+    ("version: 1\nserver: {region: eu, artifact_regions: [eu]}\nregions: {eu: {authority_key: missing.pub, export_to: [eu]}}\n",
+     "regions.eu.authority_key"),
+])
+def test_malformed_policies_name_the_field(tmp_path, text, field):
+    save_public(new_key(), tmp_path / "k.pub")
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as exc:
+        load_policy(path)
+    assert str(path) in str(exc.value) and field in str(exc.value)
+
+
+def test_cli_policy_validate_exit_codes(tmp_path):
+    import subprocess
+    import sys
+
+    ok = subprocess.run([sys.executable, "-m", "securefpt.cli", "policy", "validate",
+                         str(ROOT / "policies" / "masakhanews.yaml")], capture_output=True, text=True)
+    assert ok.returncode == 0 and "valid" in ok.stdout
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("version: 1\nserver: {region: x}\n")
+    res = subprocess.run([sys.executable, "-m", "securefpt.cli", "policy", "validate", str(bad)],
+                         capture_output=True, text=True)
+    assert res.returncode == 1 and "server.artifact_regions" in res.stderr
+
+
+def _context(require_secagg=True, violations=()):
+    context = Context(run_id=1, node_id=3, node_config={}, state=RecordDict(), run_config={})
+    context.state.config_records[SETUP_KEY] = ConfigRecord(
+        {"require-secagg": require_secagg, "violations": list(violations) or [""], "min-cohort": 2})
+    if not violations:
+        context.state.config_records[SETUP_KEY]["violations"] = []
+    return context
+
+
+def test_the_client_refuses_a_plaintext_training_request_its_region_forbids(flower_task):
+    calls = []
+    msg = Message(RecordDict({"fitins.config": ConfigRecord({"server-round": 1})}), dst_node_id=3,
+                  message_type=MessageType.TRAIN)
+    reply = residency_guard_mod(msg, _context(require_secagg=True), lambda m, c: calls.append(m))
+    assert reply.has_error() and reply.error.code == GUARD_REFUSAL_CODE
+    assert "requires secure aggregation" in reply.error.reason and calls == []
+    # the same request is passed on where the region allows plaintext
+    residency_guard_mod(msg, _context(require_secagg=False), lambda m, c: calls.append(m))
+    assert calls == [msg]
+
+
+def test_the_client_refuses_training_that_breaks_its_rules(flower_task):
+    msg = Message(RecordDict({"x": ConfigRecord({"a": 1})}), dst_node_id=3, message_type=MessageType.TRAIN)
+    reply = residency_guard_mod(msg, _context(False, ["epsilon 10.0 above region 'ng-north' maximum 8"]),
+                                lambda m, c: pytest.fail("training must not start"))
+    assert reply.has_error() and "epsilon 10.0" in reply.error.reason
+
+
+def test_a_federated_run_under_the_policy_is_enforced_and_audited(federation, tmp_path, tiny_overrides):
+    from securefpt.attestation import load_public
+    from securefpt.audit import read_entries, verify_log
+    from securefpt.simulation import run_federated_simulation
+
+    cfg = load_config(None, tiny_overrides + [
+        f"policy={federation / 'policies' / 'p.yaml'}", f"clients={federation / 'clients'}",
+        "dp.enabled=true", "dp.target_epsilon=8", "secagg.enabled=true"])
+    summary = run_federated_simulation(cfg, tmp_path / "run", show_progress=False)
+    clients = summary["clients"]
+    assert clients["yor-iroyin"]["included"] is False and "destination not allowed" in clients["yor-iroyin"]["reason"]
+    assert clients["hau-radio"] == {"region": "ng-north", "language": "hau", "included": True, "reason": "eligible"}
+    assert all(r["participants"] == ["eng", "fra", "hau", "swa"] for r in summary["rounds"])
+    assert "yor" not in summary["final"]["accuracy"]
+    assert all(0 < summary["privacy"]["epsilon"][lang] <= 8 * 1.01 for lang in ("eng", "fra", "hau", "swa"))
+
+    verdict = verify_log(summary["audit_log"], load_public(summary["audit_public_key"]), summary["audit_head"])
+    assert verdict.ok
+    events = {e["event"]: e for e in read_entries(summary["audit_log"])}
+    assert events["run_start"]["policy_sha256"] and events["run_start"]["config_sha256"]
+    assert "destination not allowed" in events["eligibility"]["clients"]["yor-iroyin"]["reason"]
+    assert events["artifact"]["storage_region"] == "eu-west" and len(events["artifact"]["sha256"]) == 64
+    assert set(events["privacy"]["epsilon"]) == {"eng", "fra", "hau", "swa"}
