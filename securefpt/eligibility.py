@@ -49,6 +49,7 @@ def decide_eligibility(policy: Policy, cfg: ExperimentConfig, manifests: dict[st
                        now: Optional[datetime] = None) -> dict[str, Decision]:
     """Each client's inclusion in this experiment, with the reason."""
     now = now or datetime.now(timezone.utc)
+    authorities = {region: load_public(rule.authority_key) for region, rule in policy.regions.items()}
     decisions: dict[str, Decision] = {}
     for client_id, m in manifests.items():
         if m.language not in cfg.data.languages:
@@ -58,7 +59,7 @@ def decide_eligibility(policy: Policy, cfg: ExperimentConfig, manifests: dict[st
         if rule is None:
             decisions[client_id] = Decision(False, f"region '{m.region}' is not in the policy")
             continue
-        why = check_attestation(m.attestation, client_id, m.region, load_public(rule.authority_key), now)
+        why = check_attestation(m.attestation, client_id, m.region, authorities[m.region], now)
         if why is None:
             violations = rule_violations(rule, m.region, cfg, policy.server.region)
             why = "; ".join(violations) if violations else None

@@ -9,10 +9,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal, Optional
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from securefpt.attestation import Attestation, load_public
+from securefpt.config import first_error, read_yaml_mapping
 from securefpt.errors import ConfigError
 
 
@@ -72,36 +72,13 @@ class ClientManifest(_Strict):
     attestation: Optional[Attestation] = None
 
 
-def _error(path: Path, exc: ValidationError) -> ConfigError:
-    err = exc.errors()[0]
-    loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
-    msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
-    if msg.startswith("Value error, "):
-        msg = msg[len("Value error, "):]
-    return ConfigError(f"{path}: {loc}: {msg}")
-
-
-def _read_yaml(path: Path) -> dict:
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{path}: file not found")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        raise ConfigError(f"{path}: malformed YAML" + (f" (line {mark.line + 1})" if mark else "")) from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: top level must be a mapping of keys")
-    return data
-
-
 def load_policy(path: Path) -> Policy:
     """Load and validate a policy; authority key paths resolve against the file's folder."""
     path = Path(path)
     try:
-        policy = Policy.model_validate(_read_yaml(path))
+        policy = Policy.model_validate(read_yaml_mapping(path))
     except ValidationError as exc:
-        raise _error(path, exc) from None
+        raise ConfigError(f"{path}: {first_error(exc)}") from None
     regions = {}
     for name, rule in policy.regions.items():
         key = rule.authority_key if rule.authority_key.is_absolute() else (path.parent / rule.authority_key).resolve()
@@ -115,9 +92,9 @@ def load_policy(path: Path) -> Policy:
 def load_manifests_file(path: Path) -> dict[str, ClientManifest]:
     """One manifest file, by client id."""
     try:
-        manifest = ClientManifest.model_validate(_read_yaml(Path(path)))
+        manifest = ClientManifest.model_validate(read_yaml_mapping(Path(path)))
     except ValidationError as exc:
-        raise _error(Path(path), exc) from None
+        raise ConfigError(f"{path}: {first_error(exc)}") from None
     return {manifest.client_id: manifest}
 
 
