@@ -126,7 +126,8 @@ class RunRecorder:
         fig, ax = plt.subplots(figsize=(7, 4.2))
         xs = [r.round for r in self.rounds]
         for lang in self.cfg.data.languages:
-            ax.plot(xs, [r.accuracy.get(lang, np.nan) for r in self.rounds], marker="o", label=lang)
+            if any(lang in r.accuracy for r in self.rounds):  # excluded clients have no curve
+                ax.plot(xs, [r.accuracy.get(lang, np.nan) for r in self.rounds], marker="o", label=lang)
         ax.plot(xs, [r.avg() for r in self.rounds], "k--", linewidth=2, label="average")
         ax.set_xlabel("round" if self.cfg.paradigm == "federated" else "round (local epochs block)")
         ax.set_ylabel("accuracy (held-out)")

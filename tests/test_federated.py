@@ -117,3 +117,11 @@ def test_local_paradigms(paradigm, fed_cfg, tmp_path):
         assert not np.allclose(encoders[0]["head.weight"], encoders[1]["head.weight"])
     else:
         assert (tmp_path / paradigm / "prompt_encoder.safetensors").is_file()
+
+
+def test_early_stopping_keeps_the_best_round(fed_cfg, tmp_path):
+    # a learning rate too small to change any prediction: round 2 cannot beat round 1
+    cfg = fed_cfg.model_copy(update={"fl": fed_cfg.fl.model_copy(update={"rounds": 5, "patience": 1, "lr": 1e-12})})
+    summary = run_experiment(cfg, tmp_path / "run", show_progress=False)
+    assert [r["round"] for r in summary["rounds"]] == [1, 2]
+    assert summary["final"]["round"] == 1
