@@ -14,6 +14,7 @@ from pathlib import Path
 
 from securefpt.config import ExperimentConfig
 from securefpt.data import label_space, load_client_data
+from securefpt.errors import FederationError
 from securefpt.modeling import build_model, count_params, get_trainable
 from securefpt.progress import RunProgress
 from securefpt.results import ClientRecord, RoundRecord, RunRecorder
@@ -21,6 +22,9 @@ from securefpt.training import evaluate, train_local
 
 
 def run_local_paradigm(cfg: ExperimentConfig, out_dir: Path, show_progress: bool = True) -> dict:
+    if cfg.policy is not None and cfg.paradigm == "centralized":
+        raise FederationError(f"the residency policy {cfg.policy.name} forbids the centralized paradigm: "
+                              "it pools every client's raw data in one place")
     labels = label_space(cfg.data)
     recorder = RunRecorder(out_dir, cfg, labels)
     data = {lang: load_client_data(cfg.data, lang, labels, cfg.seed) for lang in cfg.data.languages}

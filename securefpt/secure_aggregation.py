@@ -167,6 +167,13 @@ def secure_fit_round(
     fit_config: dict,
 ) -> SecureRoundOutcome:
     """One round of training whose updates reach the server only as a SecAgg+ sum."""
+    if len(selected) < max(2, settings.min_cohort):
+        return SecureRoundOutcome(None)  # the clients' guards would refuse to unmask anyway
+    # fewer clients than planned (declines, exclusions): shrink the share graph to fit
+    shares = min(settings.num_shares, len(selected))
+    if shares < len(selected) and shares % 2 == 0:
+        shares -= 1
+    threshold = 2 if shares <= 2 else min(settings.reconstruction_threshold, shares - 1)
     names = list(global_arrays)
     parameters: Parameters = ndarrays_to_parameters(list(global_arrays.values()))
     run_id = grid.run.run_id
@@ -184,8 +191,8 @@ def secure_fit_round(
     # As fractions, which Flower turns back into these exact counts for this cohort; the
     # integer form rejects the two-client case (num_shares must exceed 2 there).
     workflow = SecAggPlusWorkflow(
-        num_shares=settings.num_shares / len(selected),
-        reconstruction_threshold=settings.reconstruction_threshold / settings.num_shares,
+        num_shares=shares / len(selected),
+        reconstruction_threshold=threshold / shares,
         max_weight=settings.max_weight,
         clipping_range=settings.clipping_range,
         quantization_range=settings.quantization_range,

@@ -124,6 +124,21 @@ class FederatedPromptAveraging:
                 declined[languages[node]] = str(answer["reason"])
         return sorted(willing), declined
 
+    def _recheck_policy(self, server_round: int, eligible: list[int], languages: dict[int, str]) -> list[int]:
+        """Decide again before this round (an attestation may have expired since the last)."""
+        try:
+            now = participants(self.cfg)
+        except FederationError as exc:
+            now = {}
+            reason = str(exc)
+        keep = [n for n in eligible if languages[n] in now and now[languages[n]].decision.included]
+        for n in eligible:
+            if n not in keep:
+                why = now[languages[n]].decision.reason if languages[n] in now else reason
+                self.recorder.audit.append("eligibility", round=server_round, client=languages[n],
+                                           included=False, reason=why)
+        return keep
+
     def _artifact_region(self) -> Optional[str]:
         """Where the final artifact is stored: the server's region, which the policy must allow."""
         if self.cfg.policy is None:
@@ -242,6 +257,8 @@ class FederatedPromptAveraging:
         for server_round in range(1, cfg.fl.rounds + 1):
             start = time.perf_counter()
             up0, down0 = self.grid.snapshot()
+            if cfg.policy is not None and server_round > 1:
+                eligible = self._recheck_policy(server_round, eligible, languages)
             willing, declined = self._offer(server_round, eligible, languages)
             for lang, why in declined.items():
                 audit.append("declined", round=server_round, client=lang, reason=why)

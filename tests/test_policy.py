@@ -211,3 +211,11 @@ def test_a_federated_run_under_the_policy_is_enforced_and_audited(federation, tm
     assert "destination not allowed" in events["eligibility"]["clients"]["yor-iroyin"]["reason"]
     assert events["artifact"]["storage_region"] == "eu-west" and len(events["artifact"]["sha256"]) == 64
     assert set(events["privacy"]["epsilon"]) == {"eng", "fra", "hau", "swa"}
+
+
+def test_a_policy_forbids_pooling_raw_data(federation, tmp_path):
+    from securefpt.runner import run_experiment
+
+    with pytest.raises(FederationError, match="forbids the centralized paradigm"):
+        run_experiment(cfg_for(federation, "paradigm=centralized"), tmp_path / "never", show_progress=False)
+    assert not (tmp_path / "never").exists()

@@ -168,7 +168,8 @@ def test_reported_epsilon_equals_opacus_recomputed_from_the_report(dp_fed_cfg, t
     assert p["steps"]["cc"] == 3 * int(1 / p["sample_rate"]["cc"])
 
 
-def test_a_client_over_budget_declines_and_the_run_goes_on(dp_fed_cfg, tmp_path):
+@pytest.mark.parametrize("secagg", ["false", "true"])
+def test_a_client_over_budget_declines_and_the_run_goes_on(dp_fed_cfg, tmp_path, secagg):
     # fixed noise; batch 4: aa (10 rows, q=0.4) takes 2 steps a round, cc (18 rows) 4.
     sigma = 1.5
     eps_aa_2_rounds = epsilon_of([(sigma, 0.4, 4)], 1e-5, "prv")
@@ -176,9 +177,10 @@ def test_a_client_over_budget_declines_and_the_run_goes_on(dp_fed_cfg, tmp_path)
     budget = (eps_aa_2_rounds + eps_cc_2_rounds) / 2  # aa affords one round, cc two
     assert eps_cc_2_rounds < budget < eps_aa_2_rounds / 1.01
     cfg = dp_fed_cfg("fl.rounds=2", f"dp.noise_multiplier={sigma}", f"dp.target_epsilon={budget}",
-                     "secagg.enabled=false")
+                     f"secagg.enabled={secagg}")
     summary = run_federated_simulation(cfg, tmp_path / "run", show_progress=False)
     r1, r2 = summary["rounds"]
+    assert not r2["aborted"]  # with SecAgg+ the share graph shrinks to the two remaining clients
     assert r1["participants"] == ["aa", "bb", "cc"] and r1["declined"] == {}
     assert "privacy budget" in r2["declined"]["aa"]
     assert "aa" not in r2["participants"] and "cc" in r2["participants"]
