@@ -134,6 +134,18 @@ def keys_demo(
         console.print(f"wrote {path}")
 
 
+@app.command()
+def certs(
+    out: Path = typer.Argument(..., help="folder for ca.crt, ca.key, server.pem, server.key"),
+    host: List[str] = typer.Option(["127.0.0.1", "localhost"], "--host", help="names the SuperLink is reached by"),
+) -> None:
+    """TLS material for a test federation: a CA and a SuperLink certificate."""
+    from securefpt.certs import make_tls
+
+    for role, path in make_tls(out, host).items():
+        console.print(f"{role}: {path}")
+
+
 @policy_app.command("validate")
 def policy_validate(file: Path) -> None:
     """Exit 0 for a valid policy, 1 with the reason otherwise."""

@@ -1,4 +1,4 @@
-"""Flower's deployment engine on loopback: a SuperLink and three SuperNodes as separate processes.
+"""Flower's deployment engine on loopback: a SuperLink and three SuperNodes as separate processes, over TLS.
 
 Bounded in time, 127.0.0.1 only. Runs the same ServerApp/ClientApp as the simulation
 engine, submitted with Flower's own `flwr run`, and compares the result with the
@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from securefpt.certs import make_tls
 from securefpt.config import load_config
 from securefpt.results import load_arrays
 from securefpt.secure_aggregation import resolve_settings
@@ -45,19 +46,22 @@ def federation(tmp_path):
     env = {**os.environ, "FLWR_HOME": str(home), "PYTHONUNBUFFERED": "1",
            "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
     port = free_port()
+    tls = make_tls(tmp_path / "tls")  # a CA and a certificate for 127.0.0.1, made with `cryptography`
     procs = [subprocess.Popen(
-        [str(BIN / "flower-superlink"), "--insecure", "--disable-runtime-dependency-installation",
+        [str(BIN / "flower-superlink"), "--ssl-ca-certfile", str(tls["ca_cert"]), "--ssl-certfile", str(tls["cert"]),
+         "--ssl-keyfile", str(tls["key"]), "--disable-runtime-dependency-installation",
          "--database", str(tmp_path / "state.db"), "--host", "127.0.0.1", "--port", str(port)],
         env=env, stdout=open(tmp_path / "superlink.log", "w"), stderr=subprocess.STDOUT, start_new_session=True)]
     time.sleep(4)
     for lang in ("eng", "fra", "hau"):
         procs.append(subprocess.Popen(
-            [str(BIN / "flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{port}",
+            [str(BIN / "flower-supernode"), "--root-certificates", str(tls["ca_cert"]), "--superlink", f"127.0.0.1:{port}",
              "--node-config", f'language="{lang}"', "--port", str(free_port())],
             env=env, stdout=open(tmp_path / f"supernode-{lang}.log", "w"), stderr=subprocess.STDOUT,
             start_new_session=True))
     (home / "config.toml").write_text(
-        f'[superlink]\ndefault = "loopback"\n\n[superlink.loopback]\naddress = "127.0.0.1:{port}"\ninsecure = true\n')
+        f'[superlink]\ndefault = "loopback"\n\n[superlink.loopback]\naddress = "127.0.0.1:{port}"\n'
+        f'root-certificates = "{tls["ca_cert"]}"\n')
     yield env, tmp_path
     for p in procs:
         try:
