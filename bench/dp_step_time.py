@@ -28,7 +28,7 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=["prompt_tuning", "p_tuning", "lora"])
     args = parser.parse_args()
     root = Path(__file__).resolve().parents[2] / "shared" / "data" / "masakhanews"
-    data = ([f"data.source=masakhanews_tsv", f"data.root={root}", "data.train_split=test", "data.eval_split=dev"]
+    data = (["data.source=masakhanews_tsv", f"data.root={root}", "data.train_split=test", "data.eval_split=dev"]
             if (root / "eng" / "test.tsv").is_file() else ["data.source=demo"])
     print(f"torch threads {torch.get_num_threads()}, {data[0]}, {args.examples} examples, length {args.max_length}")
     print("| method | plain s/step | DP s/step | DP / plain |")

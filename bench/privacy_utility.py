@@ -40,7 +40,7 @@ def main() -> None:
     print("|---" * (len(languages) + 4) + "|")
     for eps, acc, spent, smin, smax in rows:
         sigma = f"{smin:.2f}-{smax:.2f}" if smin is not None else "-"
-        print(f"| {eps if eps else 'no DP'} | {sigma} | {spent:.3f} |" if spent is not None else f"| no DP | - | - |",
+        print(f"| {eps if eps else 'no DP'} | {sigma} | {spent:.3f} |" if spent is not None else "| no DP | - | - |",
               " | ".join(f"{acc[lang]:.3f}" for lang in languages), f"| **{acc['avg']:.3f}** |")
     (args.out / "privacy_utility.json").write_text(json.dumps([{"epsilon": r[0], "accuracy": r[1]} for r in rows]))
     _plot(rows, args.out / "privacy_utility.png")

@@ -62,7 +62,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("runs/bench-throughput"))
     args = parser.parse_args()
     root = Path(__file__).resolve().parents[2] / "shared" / "data" / "masakhanews"
-    data = ([f"data.source=masakhanews_tsv", f"data.root={root}", "data.train_split=test", "data.eval_split=dev"]
+    data = (["data.source=masakhanews_tsv", f"data.root={root}", "data.train_split=test", "data.eval_split=dev"]
             if (root / "eng" / "test.tsv").is_file() else ["data.source=demo"])
     base = data + [f"data.max_train_per_client={args.per_client}", "data.max_eval_per_client=16",
                    f"model.max_length={args.max_length}", f"fl.rounds={args.rounds}", "fl.batch_size=16"]

@@ -200,10 +200,9 @@ class FederatedPromptAveraging:
         return new_global, contributors, failures, []
 
     def _evaluate(self, server_round: int, nodes: list[int], global_arrays) -> dict[str, float]:
-        record = arrays_to_record(global_arrays)
         msgs = [
-            Message(RecordDict({GLOBAL_KEY: record.copy() if hasattr(record, "copy") else record}),
-                    dst_node_id=n, message_type=MessageType.EVALUATE)
+            Message(RecordDict({GLOBAL_KEY: arrays_to_record(global_arrays)}), dst_node_id=n,
+                    message_type=MessageType.EVALUATE)
             for n in nodes
         ]
         task = self.progress.clients(f"round {server_round}: evaluating", len(nodes))

@@ -1,6 +1,5 @@
 """End to end with the packaged MiniLM on a slice of the real MasakhaNEWS data."""
 
-import json
 
 import pytest
 

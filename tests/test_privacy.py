@@ -7,7 +7,7 @@ from opacus.accountants import PRVAccountant, RDPAccountant
 from torch import nn
 
 from securefpt.config import load_config
-from securefpt.data import Example, label_space, load_client_data
+from securefpt.data import label_space, load_client_data
 from securefpt.errors import ConfigError
 from securefpt.modeling import build_model, get_trainable, set_trainable
 from securefpt.privacy import PrivacyLedger, dp_train, epsilon_of, plan_privacy
