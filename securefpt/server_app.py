@@ -62,9 +62,7 @@ class FederatedPromptAveraging:
                  show_progress: bool = True, on_receive: Optional[Callable[[Message], None]] = None) -> None:
         self.cfg = cfg
         self.context = context
-        self.secagg: Optional[SecAggSettings] = (
-            resolve_settings(cfg, len(cfg.data.languages)) if cfg.secagg.enabled else None
-        )
+        self.secagg: Optional[SecAggSettings] = None  # sized in run() for the clients that take part
         self.grid = MeteredGrid(grid, on_receive=on_receive)
         self.participants = participants(cfg)  # the residency policy's decisions, before any training
         self.labels = label_space(cfg.data)
