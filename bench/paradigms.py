@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import time
 from pathlib import Path
 
@@ -30,6 +31,7 @@ def main() -> None:
     for paradigm in PARADIGMS:
         cfg = load_config(args.config, args.overrides + [f"paradigm={paradigm}"])
         start = time.perf_counter()
+        shutil.rmtree(args.out / paradigm, ignore_errors=True)  # a fresh run each time
         summary = run_experiment(cfg, args.out / paradigm, show_progress=False)
         results[paradigm] = (summary["final"]["accuracy"], time.perf_counter() - start)
         print(f"{paradigm}: avg={summary['final']['accuracy']['avg']:.3f} ({results[paradigm][1]:.0f}s)", flush=True)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 from pathlib import Path
 
 from securefpt.config import load_config
@@ -28,7 +29,9 @@ def main() -> None:
     for eps in [*args.epsilons, None]:
         dp = ["dp.enabled=false"] if eps is None else ["dp.enabled=true", f"dp.target_epsilon={eps}"]
         cfg = load_config(args.config, args.overrides + dp)
-        summary = run_experiment(cfg, args.out / (f"eps{eps:g}" if eps else "no-dp"), show_progress=False)
+        run_dir = args.out / (f"eps{eps:g}" if eps else "no-dp")
+        shutil.rmtree(run_dir, ignore_errors=True)  # a fresh run each time
+        summary = run_experiment(cfg, run_dir, show_progress=False)
         spent = summary["privacy"]["epsilon"]
         sigmas = summary["privacy"]["noise_multiplier"] or {}
         rows.append((eps, summary["final"]["accuracy"], max(spent.values()) if eps else None,

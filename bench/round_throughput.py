@@ -12,6 +12,7 @@ each and the ratios federated/bare and secure/plaintext (round training time).
 from __future__ import annotations
 
 import argparse
+import shutil
 import statistics
 import time
 from pathlib import Path
@@ -48,6 +49,7 @@ def bare_loop(cfg) -> float:
 
 def federated(cfg, out: Path) -> float:
     """Examples/s of the rounds' training phase (rounds after the first, which warms up)."""
+    shutil.rmtree(out, ignore_errors=True)  # a fresh run each time
     summary = run_experiment(cfg, out, show_progress=False)
     n = sum(len(load_client_data(cfg.data, lang, summary["labels"], cfg.seed).train) for lang in cfg.data.languages)
     times = [r["train_seconds"] for r in summary["rounds"][1:]] or [summary["rounds"][0]["train_seconds"]]

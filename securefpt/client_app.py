@@ -1,8 +1,9 @@
 """The Flower ClientApp: one institution's side of a round.
 
 Handlers:
-- `query` (setup): receive the experiment and label space, answer with the language
-  this node serves (nothing about its data);
+- `query` (setup): receive the experiment, label space and an identity challenge;
+  answer with the language this node serves, the client it is, and a proof that it
+  holds that client's attested key (identity.py; nothing about its data);
 - `query.offer`: accept the next round, or decline it (privacy budget spent);
 - `train`: load the global encoder, train locally with the PLM frozen, reply with the
   updated trainable parameters and |D_k| (Flower's FitIns/FitRes records, which
@@ -12,7 +13,10 @@ Handlers:
 
 from __future__ import annotations
 
+import os
 from collections import OrderedDict
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
@@ -21,13 +25,19 @@ from flwr.clientapp import ClientApp
 from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
 from flwr.compat.common import recorddict_compat as compat
 
-from securefpt.client_runtime import ClientRuntime, get_runtime
+from securefpt.attestation import load_private
 from securefpt.config import ExperimentConfig
 from securefpt.eligibility import client_view
+from securefpt.identity import prove
 from securefpt.mods import SETUP_KEY, fault_injection_mod, hardened_secaggplus_mod, residency_guard_mod
-from securefpt.privacy import PrivacyLedger
+from securefpt.policy import load_manifests_file
+
+if TYPE_CHECKING:
+    from securefpt.client_runtime import ClientRuntime
+    from securefpt.privacy import PrivacyLedger
 
 GLOBAL_KEY = "global"
+NODE_STATE_ENV = "SECUREFPT_NODE_STATE"  # the state folder of nodes without a `state-dir` node config
 
 
 def arrays_to_record(arrays: "dict[str, np.ndarray]") -> ArrayRecord:
@@ -39,7 +49,10 @@ def record_to_arrays(record: ArrayRecord) -> "OrderedDict[str, np.ndarray]":
 
 
 def node_language(context: Context, cfg: ExperimentConfig) -> str:
-    """The language this node serves: its node config, or its simulation partition."""
+    """The language this node serves: its manifest's, its node config's, or its simulation partition's."""
+    if "manifest" in context.node_config:
+        [manifest] = load_manifests_file(Path(str(context.node_config["manifest"]))).values()
+        return manifest.language
     if "language" in context.node_config:
         return str(context.node_config["language"])
     pid = int(context.node_config["partition-id"])
@@ -47,6 +60,11 @@ def node_language(context: Context, cfg: ExperimentConfig) -> str:
 
 
 def _runtime(context: Context) -> ClientRuntime:
+    """Data and model for this node (torch is imported here, not at module level: each
+    ClientApp message of the deployment engine is a fresh process, and the SecAgg+ key
+    stages and the offer step need neither)."""
+    from securefpt.client_runtime import get_runtime
+
     setup = context.state.config_records[SETUP_KEY]
     cfg = ExperimentConfig.from_json(str(setup["experiment"]))
     return get_runtime(cfg, str(setup["language"]), [str(x) for x in setup["labels"]])
@@ -61,6 +79,12 @@ def setup(msg: Message, context: Context) -> Message:
     cfg = ExperimentConfig.from_json(str(incoming["experiment"]))
     language = node_language(context, cfg)
     view = client_view(cfg, language, context.node_config.get("manifest"))
+    identity = {"language": language, "client-id": "", "proof": ""}
+    if view is not None and view.manifest.key is not None:  # the node holds its attested key: prove it
+        key = load_private(view.manifest.key)
+        identity.update({"client-id": view.manifest.client_id,
+                         "proof": prove(key, context.run_id, context.node_id, str(incoming["challenge"]),
+                                        view.manifest.client_id)})
     record = {"experiment": incoming["experiment"], "labels": list(incoming["labels"]), "language": language,
               "min-cohort": cfg.secagg.min_cohort, "require-secagg": False,
               "release-eval": not cfg.secagg.enabled or cfg.secagg.release_eval_metrics, "violations": []}
@@ -70,11 +94,18 @@ def setup(msg: Message, context: Context) -> Message:
                        "release-eval": view.rule.release_eval_metrics, "violations": view.violations(cfg)})
     context.state.config_records[SETUP_KEY] = ConfigRecord(record)
     _runtime(context)  # load data and model now: errors surface before round 1
-    return Message(RecordDict({"identity": ConfigRecord({"language": language})}), reply_to=msg)
+    return Message(RecordDict({"identity": ConfigRecord(identity)}), reply_to=msg)
 
 
 def _ledger(runtime: ClientRuntime, context: Context) -> PrivacyLedger:
-    return PrivacyLedger.load(context.state.config_records, runtime.cfg.dp.delta, runtime.cfg.dp.accountant)
+    """This client's privacy ledger for this experiment; in the node's `state-dir` where it has one."""
+    from securefpt.privacy import PrivacyLedger
+
+    folder = context.node_config.get("state-dir", os.environ.get(NODE_STATE_ENV))
+    path = None
+    if folder is not None:
+        path = Path(str(folder)) / f"privacy-ledger-{runtime.language}-{runtime.cfg.sha256()[:16]}.json"
+    return PrivacyLedger.load(context.state.config_records, runtime.cfg.dp.delta, runtime.cfg.dp.accountant, path)
 
 
 def privacy_report(runtime: ClientRuntime, context: Context) -> ConfigRecord:
@@ -90,13 +121,14 @@ def privacy_report(runtime: ClientRuntime, context: Context) -> ConfigRecord:
 @app.query("offer")
 def offer(msg: Message, context: Context) -> Message:
     """Accept or decline the next round; a client declines once it would exceed its budget."""
-    runtime = _runtime(context)
-    plan = runtime.privacy_plan
+    setup = context.state.config_records[SETUP_KEY]
     accept, reason = True, "ok"
-    violations = list(context.state.config_records[SETUP_KEY]["violations"])
+    violations = list(setup["violations"])
     if violations:
         accept, reason = False, "residency policy: " + "; ".join(str(v) for v in violations)
-    elif plan is not None:
+    elif ExperimentConfig.from_json(str(setup["experiment"])).dp.enabled:
+        runtime = _runtime(context)
+        plan = runtime.privacy_plan
         ledger = _ledger(runtime, context)
         if ledger.would_exceed(plan, plan.target_epsilon):
             accept = False

@@ -8,7 +8,6 @@ round starts from the encoder the server sent.
 
 from __future__ import annotations
 
-import hashlib
 from functools import lru_cache
 from typing import Optional
 
@@ -56,14 +55,10 @@ class ClientRuntime:
         return evaluate(self.assembled, self.data.eval, self.cfg.fl.eval_batch_size)
 
 
-def config_key(cfg: ExperimentConfig) -> str:
-    return hashlib.sha256(cfg.to_json().encode()).hexdigest()
-
-
 @lru_cache(maxsize=8)
 def _cached(key: str, cfg_json: str, language: str, labels: tuple[str, ...]) -> ClientRuntime:
     return ClientRuntime(ExperimentConfig.from_json(cfg_json), language, list(labels))
 
 
 def get_runtime(cfg: ExperimentConfig, language: str, labels: list[str]) -> ClientRuntime:
-    return _cached(config_key(cfg), cfg.to_json(), language, tuple(labels))
+    return _cached(cfg.sha256(), cfg.to_json(), language, tuple(labels))

@@ -6,6 +6,7 @@ wrong types are rejected with a one-line error that names the file and the field
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Any, Literal, Optional
@@ -155,6 +156,10 @@ class ExperimentConfig(_Strict):
 
     def to_json(self) -> str:
         return self.model_dump_json()
+
+    def sha256(self) -> str:
+        """Identifies the experiment (audit log, checkpoints, client caches and ledgers)."""
+        return hashlib.sha256(self.to_json().encode()).hexdigest()
 
     @classmethod
     def from_json(cls, text: str) -> "ExperimentConfig":

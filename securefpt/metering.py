@@ -68,27 +68,39 @@ class MeteredGrid(Grid):
         return self.bytes_up, self.bytes_down
 
 
-def collect(
+def exchange(
     grid: Grid,
     messages: list[Message],
     timeout: Optional[float] = None,
     on_reply: Optional[Callable[[Message], None]] = None,
     poll: float = 0.05,
-) -> list[Message]:
-    """Push messages and pull replies until all arrive or `timeout` passes."""
+) -> list[tuple[int, Message]]:
+    """Push messages and pull replies until all arrive or `timeout` passes.
+
+    Each reply comes with the node its message went to: an error reply that the
+    SuperLink makes for a node it considers offline carries the SuperLink as sender.
+    """
     import time
 
-    ids = [i for i in grid.push_messages(messages) if i]
-    pending = set(ids)
-    replies: list[Message] = []
+    ids = list(grid.push_messages(messages))
+    destination = {mid: msg.metadata.dst_node_id for mid, msg in zip(ids, messages) if mid}
+    pending = set(destination)
+    replies: list[tuple[int, Message]] = []
     deadline = None if timeout is None else time.monotonic() + timeout
     while pending:
         for reply in grid.pull_messages(list(pending)):
-            pending.discard(reply.metadata.reply_to_message_id)
-            replies.append(reply)
+            mid = reply.metadata.reply_to_message_id
+            pending.discard(mid)
+            replies.append((destination.get(mid, reply.metadata.src_node_id), reply))
             if on_reply is not None:
                 on_reply(reply)
         if not pending or (deadline is not None and time.monotonic() > deadline):
             break
         time.sleep(poll)
     return replies
+
+
+def collect(grid: Grid, messages: list[Message], timeout: Optional[float] = None,
+            on_reply: Optional[Callable[[Message], None]] = None) -> list[Message]:
+    """The replies of `exchange`, without their nodes."""
+    return [reply for _, reply in exchange(grid, messages, timeout, on_reply)]

@@ -18,6 +18,7 @@ Messages that are not part of a SecAgg+ round go straight to the handler.
 from __future__ import annotations
 
 import os
+import signal
 from typing import cast
 
 import numpy as np
@@ -126,7 +127,9 @@ def hardened_secaggplus_mod(msg: Message, context: Context, call_next: ClientApp
 
 
 def fault_injection_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
-    """Die on purpose: SECUREFPT_FAULTS="lang@stage,..." (stage: setup, train, collect, unmask, evaluate)."""
+    """Die on purpose: SECUREFPT_FAULTS="lang@stage[:kill-node],..." (stage: setup, train,
+    collect, unmask, evaluate). Plain, the handler fails; with `:kill-node` the whole
+    SuperNode is killed (SIGKILL to its process group), for deployment drills only."""
     spec = os.environ.get("SECUREFPT_FAULTS", "")
     if spec:
         setup = context.state.config_records.get(SETUP_KEY)
@@ -138,6 +141,9 @@ def fault_injection_mod(msg: Message, context: Context, call_next: ClientAppCall
                 str(configs.get(Key.STAGE)), str(configs.get(Key.STAGE)))
         for item in spec.split(","):
             lang, _, at = item.strip().partition("@")
+            at, _, how = at.partition(":")
             if lang == language and at == stage:
+                if how == "kill-node":
+                    os.killpg(os.getpgid(0), signal.SIGKILL)
                 raise RuntimeError(f"injected fault: {lang} dies at {at}")
     return call_next(msg, context)

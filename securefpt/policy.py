@@ -40,6 +40,9 @@ class RegionRule(_Strict):
 class ServerBlock(_Strict):
     region: str
     artifact_regions: list[str]
+    # a node must prove, at setup, that it holds the private key its attestation names
+    # (see identity.py); required wherever nodes are separate machines (deployment engine)
+    require_key_proof: bool = False
 
 
 class Policy(_Strict):
@@ -70,6 +73,7 @@ class ClientManifest(_Strict):
     language: str
     data_location: Optional[str] = None  # informational: the data stays there
     attestation: Optional[Attestation] = None
+    key: Optional[Path] = None  # the attested private key; present on the institution's own node only
 
 
 def load_policy(path: Path) -> Policy:
@@ -90,11 +94,13 @@ def load_policy(path: Path) -> Policy:
 
 
 def load_manifests_file(path: Path) -> dict[str, ClientManifest]:
-    """One manifest file, by client id."""
+    """One manifest file, by client id; a relative `key` resolves against the file's folder."""
     try:
         manifest = ClientManifest.model_validate(read_yaml_mapping(Path(path)))
     except ValidationError as exc:
         raise ConfigError(f"{path}: {first_error(exc)}") from None
+    if manifest.key is not None and not manifest.key.is_absolute():
+        manifest = manifest.model_copy(update={"key": (Path(path).parent / manifest.key).resolve()})
     return {manifest.client_id: manifest}
 
 

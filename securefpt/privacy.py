@@ -4,16 +4,21 @@
   the steps per round, and the noise multiplier: given, or derived with Opacus from
   the *whole run's* planned steps so that the target epsilon covers the experiment.
 - `PrivacyLedger` keeps the client's accountant history (sigma, q, steps) in Flower's
-  per-node Context state, so it survives the simulation engine's actor processes; its
-  epsilon is always recomputed by Opacus's accountant from that history.
+  per-node Context state, so it survives the simulation engine's actor processes, and,
+  where the node keeps a state folder (deployment), in a file there too, so it also
+  survives a restarted coordinator's new run; its epsilon is always recomputed by
+  Opacus's accountant from that history.
 - `dp_train` runs the local epochs with Opacus (Poisson sampling, per-sample clipping,
   Gaussian noise) on exactly the trainable modules.
 """
 
 from __future__ import annotations
 
+import json
+import os
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Optional
 
 import torch
@@ -83,20 +88,24 @@ def epsilon_of(history: list[tuple[float, float, int]], delta: float, accountant
 
 
 class PrivacyLedger:
-    """A client's cumulative privacy spending, persisted in its Context state."""
+    """A client's cumulative privacy spending, persisted in its Context state (and its ledger file)."""
 
-    def __init__(self, history: list[tuple[float, float, int]], delta: float, accountant: str) -> None:
+    def __init__(self, history: list[tuple[float, float, int]], delta: float, accountant: str,
+                 path: Optional[Path] = None) -> None:
         self.history = history
         self.delta = delta
         self.accountant = accountant
+        self.path = path
 
     @classmethod
-    def load(cls, state_records, delta: float, accountant: str) -> "PrivacyLedger":
-        rec = state_records.get(LEDGER_KEY)
-        if rec is None:
-            return cls([], delta, accountant)
-        history = list(zip(rec["sigma"], rec["q"], rec["steps"]))
-        return cls([(float(s), float(q), int(n)) for s, q, n in history], delta, accountant)
+    def load(cls, state_records, delta: float, accountant: str, path: Optional[Path] = None) -> "PrivacyLedger":
+        """From the ledger file where the node keeps one (it outlives a run), else from the Context."""
+        if path is not None:
+            history = json.loads(path.read_text(encoding="utf-8"))["history"] if path.is_file() else []
+        else:
+            rec = state_records.get(LEDGER_KEY)
+            history = [] if rec is None else list(zip(rec["sigma"], rec["q"], rec["steps"]))
+        return cls([(float(s), float(q), int(n)) for s, q, n in history], delta, accountant, path)
 
     def save(self, state_records) -> None:
         state_records[LEDGER_KEY] = ConfigRecord({
@@ -104,6 +113,11 @@ class PrivacyLedger:
             "q": [float(q) for _, q, _ in self.history],
             "steps": [int(n) for _, _, n in self.history],
         })
+        if self.path is not None:  # replaced in one step: a crash leaves the previous ledger
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self.path.with_suffix(".tmp")
+            tmp.write_text(json.dumps({"history": self.history}), encoding="utf-8")
+            os.replace(tmp, self.path)
 
     @property
     def steps(self) -> int:

@@ -12,7 +12,6 @@ Layout (the interface other tools rely on, see DESIGN):
 from __future__ import annotations
 
 import csv
-import hashlib
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -75,27 +74,36 @@ def load_arrays(path: Path) -> "dict[str, np.ndarray]":
 class RunRecorder:
     """Collects a run's rounds and writes the run directory."""
 
-    def __init__(self, out_dir: Path, cfg: ExperimentConfig, labels: list[str]) -> None:
+    def __init__(self, out_dir: Path, cfg: ExperimentConfig, labels: list[str],
+                 resumed: Optional[list[RoundRecord]] = None) -> None:
+        """`resumed`: the rounds a restarted run already completed (checkpoint.py)."""
         self.out_dir = Path(out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.cfg = cfg
         self.labels = labels
-        self.rounds: list[RoundRecord] = []
+        self.rounds: list[RoundRecord] = list(resumed or [])
         self.audit_public_key = self.out_dir / "server.pub"
+        own_key = self.out_dir / "server.key"
         if cfg.server_key is not None:
             key = load_private(cfg.server_key)
+        elif own_key.is_file():  # this run directory's key: one chain, one key, across restarts
+            key = load_private(own_key)
         else:  # a fresh signing key for this run; its public half is published beside the log
             key = new_key()
-            save_private(key, self.out_dir / "server.key")
+            save_private(key, own_key)
         save_public(key, self.audit_public_key)
         self.audit = AuditLog(self.out_dir / "audit.jsonl", key)
-        self.audit.append(
-            "run_start", name=cfg.name, paradigm=cfg.paradigm,
-            config_sha256=hashlib.sha256(cfg.to_json().encode()).hexdigest(),
-            policy=str(cfg.policy) if cfg.policy else None,
-            policy_sha256=file_sha256(cfg.policy) if cfg.policy and cfg.policy.is_file() else None,
-            config=json.loads(cfg.to_json()),
-        )
+        digest = cfg.sha256()
+        if resumed is not None:
+            self.audit.append("run_resumed", after_round=self.rounds[-1].round if self.rounds else 0,
+                              config_sha256=digest)
+        else:
+            self.audit.append(
+                "run_start", name=cfg.name, paradigm=cfg.paradigm, config_sha256=digest,
+                policy=str(cfg.policy) if cfg.policy else None,
+                policy_sha256=file_sha256(cfg.policy) if cfg.policy and cfg.policy.is_file() else None,
+                config=json.loads(cfg.to_json()),
+            )
         (self.out_dir / "config.yaml").write_text(
             yaml.safe_dump(json.loads(cfg.to_json()), sort_keys=False), encoding="utf-8"
         )

@@ -7,6 +7,7 @@ the new global encoder on every client's held-out data.
 
 from __future__ import annotations
 
+import shlex
 import time
 from collections import OrderedDict
 from dataclasses import asdict
@@ -22,12 +23,14 @@ from flwr.serverapp import Grid, ServerApp
 from securefpt.aggregation import select_clients, weighted_average
 from securefpt.client_app import GLOBAL_KEY, SETUP_KEY, arrays_to_record
 from securefpt.secure_aggregation import SecAggSettings, resolve_settings, secure_fit_round
+from securefpt.checkpoint import RunState, load_checkpoint, save_checkpoint
 from securefpt.config import ExperimentConfig, load_config
 from securefpt.data import label_space
 from securefpt.eligibility import participants
 from securefpt.errors import FederationError
-from securefpt.policy import load_policy
-from securefpt.metering import MeteredGrid, collect
+from securefpt.identity import check_proof, new_challenge
+from securefpt.policy import load_manifests, load_policy
+from securefpt.metering import MeteredGrid, collect, exchange
 from securefpt.modeling import build_model, count_params, get_trainable
 from securefpt.progress import RunProgress
 from securefpt.results import ClientRecord, RoundRecord, RunRecorder
@@ -65,8 +68,11 @@ class FederatedPromptAveraging:
         self.secagg: Optional[SecAggSettings] = None  # sized in run() for the clients that take part
         self.grid = MeteredGrid(grid, on_receive=on_receive)
         self.participants = participants(cfg)  # the residency policy's decisions, before any training
+        self.registry = load_manifests(cfg.clients) if cfg.policy is not None else {}
+        self.require_key_proof = cfg.policy is not None and load_policy(cfg.policy).server.require_key_proof
         self.labels = label_space(cfg.data)
-        self.recorder = RunRecorder(out_dir, cfg, self.labels)
+        self.resumed = load_checkpoint(out_dir, cfg)  # a restarted coordinator goes on from here
+        self.recorder = RunRecorder(out_dir, cfg, self.labels, resumed=self.resumed.rounds if self.resumed else None)
         self.progress = RunProgress(enabled=show_progress)
         self.rng = np.random.default_rng(cfg.seed)
 
@@ -84,34 +90,65 @@ class FederatedPromptAveraging:
         return nodes
 
     def _setup(self, nodes: list[int]) -> dict[int, str]:
-        """Hand each node the experiment; learn which language it serves."""
-        content = RecordDict(
-            {SETUP_KEY: ConfigRecord({"experiment": self.cfg.to_json(), "labels": self.labels})}
-        )
+        """Hand each node the experiment and an identity challenge; learn which language it serves.
+
+        A node whose identity does not hold (identity.py) is left out, with the reason
+        in the audit log; so is a second node for a language already served.
+        """
+        challenge = new_challenge()
+        content = RecordDict({SETUP_KEY: ConfigRecord(
+            {"experiment": self.cfg.to_json(), "labels": self.labels, "challenge": challenge})})
         msgs = [Message(content, dst_node_id=n, message_type=MessageType.QUERY) for n in nodes]
-        replies = collect(self.grid, msgs, timeout=self.cfg.fl.round_timeout)
+        replies = exchange(self.grid, msgs, timeout=self.cfg.fl.round_timeout)
         languages: dict[int, str] = {}
-        errors = []
-        for reply in replies:
+        errors: list[str] = []
+        self.refused: dict[str, str] = {}  # language -> why its node(s) were refused
+        for node, reply in sorted(replies, key=lambda pair: pair[0]):
             if reply.has_error():
                 errors.append(_error_reason(reply))
                 continue
-            languages[reply.metadata.src_node_id] = str(reply.content.config_records["identity"]["language"])
+            identity = reply.content.config_records["identity"]
+            language = str(identity["language"])
+            why = self._identity_problem(node, identity, challenge)
+            if why is None and language in languages.values():
+                why = f"language '{language}' is already served by another node"
+            if self.cfg.policy is not None:
+                self.recorder.audit.append("identity", node=node, language=language,
+                                           client=str(identity.get("client-id", "")) or None,
+                                           accepted=why is None, reason=why or "identity holds")
+            if why is not None:
+                self.refused[language] = why
+                continue
+            languages[node] = language
         if not languages:
-            raise FederationError("every client failed setup: " + "; ".join(sorted(set(errors))[:3]))
+            raise FederationError("every client failed setup: "
+                                  + "; ".join(sorted(set(errors) | set(self.refused.values()))[:3]))
         for reason in errors:
             self.recorder.audit.append("client_failed_setup", reason=reason)
         self.setup_errors = errors
         return languages
 
+    def _identity_problem(self, node: int, identity: ConfigRecord, challenge: str) -> Optional[str]:
+        """Why this node may not act for the client registered for its language (None: it may)."""
+        if self.cfg.policy is None:
+            return None  # no residency policy: nothing is attested
+        language = str(identity["language"])
+        who = self.participants.get(language)
+        if who is None:
+            return f"language '{language}' is not in this experiment"
+        registered = self.registry.get(who.client_id)
+        if registered is None:
+            return f"no client manifest is registered for language '{language}'"
+        return check_proof(registered, str(identity.get("client-id", "")), str(identity.get("proof", "")),
+                           self.context.run_id, node, challenge, self.require_key_proof)
+
     def _offer(self, server_round: int, nodes: list[int], languages: dict[int, str]) -> tuple[list[int], dict]:
         """Ask the eligible clients whether they take part in this round (budgets, policy)."""
         content = lambda: RecordDict({"round": ConfigRecord({"server-round": server_round})})  # noqa: E731
         msgs = [Message(content(), dst_node_id=n, message_type="query.offer") for n in nodes]
-        replies = collect(self.grid, msgs, timeout=self.cfg.fl.round_timeout)
+        replies = exchange(self.grid, msgs, timeout=self.cfg.fl.round_timeout)
         willing, declined = [], {}
-        for reply in replies:
-            node = reply.metadata.src_node_id
+        for node, reply in replies:
             if reply.has_error():
                 declined[languages[node]] = f"no answer: {_error_reason(reply)}"
                 continue
@@ -160,13 +197,12 @@ class FederatedPromptAveraging:
             for n in selected
         ]
         task = self.progress.clients(f"round {server_round}: training", len(selected))
-        replies = collect(self.grid, msgs, timeout=self.cfg.fl.round_timeout, on_reply=lambda _: task.advance())
+        replies = exchange(self.grid, msgs, timeout=self.cfg.fl.round_timeout, on_reply=lambda _: task.advance())
         task.done()
         updates, failures, losses = [], [], []
         answered = set()
         names = list(global_arrays)
-        for reply in replies:
-            node = reply.metadata.src_node_id
+        for node, reply in replies:
             answered.add(node)
             if reply.has_error():
                 failures.append((node, _error_reason(reply)))
@@ -221,11 +257,24 @@ class FederatedPromptAveraging:
         return ({lang: accuracy[lang] for lang in order if lang in accuracy},
                 {lang: privacy[lang] for lang in order if lang in privacy})
 
+    def _initial_state(self, global_arrays: OrderedDict) -> RunState:
+        """A fresh start, or the checkpoint of a run whose coordinator restarted."""
+        if self.resumed is None:
+            return RunState(global_arrays=global_arrays)
+        state = self.resumed
+        order = list(global_arrays)  # the model's parameter order, which the clients share
+        state.global_arrays = OrderedDict((k, state.global_arrays[k]) for k in order)
+        if state.best_arrays is not None:
+            state.best_arrays = OrderedDict((k, state.best_arrays[k]) for k in order)
+        self.rng.bit_generator.state = state.rng_state
+        self.progress.console.print(f"resuming after round {state.completed} (checkpoint in {self.recorder.out_dir})")
+        return state
+
     def run(self) -> dict:
         cfg = self.cfg
         audit = self.recorder.audit
         assembled = build_model(cfg.model, cfg.peft, len(self.labels), cfg.seed)
-        global_arrays = get_trainable(assembled.model)
+        state = self._initial_state(get_trainable(assembled.model))
         trainable, total = count_params(assembled.model)
         del assembled
 
@@ -236,22 +285,20 @@ class FederatedPromptAveraging:
         for lang, who in self.participants.items():
             answered = lang in languages.values()
             included = who.decision.included and answered
-            reason = who.decision.reason if not who.decision.included else ("eligible" if answered else why_missing)
+            missing = f"identity refused: {self.refused[lang]}" if lang in self.refused else why_missing
+            reason = who.decision.reason if not who.decision.included else ("eligible" if answered else missing)
             clients[who.client_id] = ClientRecord(region=who.region, language=lang, included=included, reason=reason)
         admitted = {c.language for c in clients.values() if c.included}
         eligible = sorted(n for n, lang in languages.items() if lang in admitted)
-        audit.append("eligibility", round=0, clients={k: asdict(v) for k, v in clients.items()})
+        audit.append("eligibility", round=state.completed, clients={k: asdict(v) for k, v in clients.items()})
         if not eligible:
             raise FederationError("no eligible client answered: " + "; ".join(f"{k}: {v.reason}" for k, v in clients.items()))
         if cfg.secagg.enabled:  # the protocol is sized for the clients that actually take part
             self.secagg = resolve_settings(cfg, len(eligible))
 
-        secure_rounds: list[dict] = []
-        latest_privacy: dict[str, dict] = {}
-        best: Optional[tuple[float, RoundRecord, OrderedDict]] = None
-        stale = 0
-        self.progress.start(cfg.fl.rounds)
-        for server_round in range(1, cfg.fl.rounds + 1):
+        last_round = state.completed if state.stopped else cfg.fl.rounds
+        self.progress.start(last_round - state.completed)
+        for server_round in range(state.completed + 1, last_round + 1):
             start = time.perf_counter()
             up0, down0 = self.grid.snapshot()
             if cfg.policy is not None and server_round > 1:
@@ -270,16 +317,16 @@ class FederatedPromptAveraging:
                 new_global, contributors, failures, losses = None, [], [(n, "secure aggregation needs 2 clients")
                                                                        for n in selected], []
             else:
-                new_global, contributors, failures, losses = train(server_round, selected, global_arrays)
+                new_global, contributors, failures, losses = train(server_round, selected, state.global_arrays)
             train_seconds = time.perf_counter() - train_start
             aborted = new_global is None
             if not aborted:
-                global_arrays = new_global
-            secure_rounds.append({"round": server_round, "participants": self._in_order(languages[n] for n in contributors),
+                state.global_arrays = new_global
+            state.secure_rounds.append({"round": server_round, "participants": self._in_order(languages[n] for n in contributors),
                                   "dropouts": self._in_order(languages[n] for n, _ in failures), "aborted": aborted})
-            accuracy, privacy = self._evaluate(server_round, eligible, global_arrays)
+            accuracy, privacy = self._evaluate(server_round, eligible, state.global_arrays)
             if privacy:
-                latest_privacy.update(privacy)
+                state.latest_privacy.update(privacy)
                 audit.append("privacy", round=server_round,
                              epsilon={lang: p["epsilon"] for lang, p in privacy.items()})
             up1, down1 = self.grid.snapshot()
@@ -299,25 +346,29 @@ class FederatedPromptAveraging:
             )
             self.recorder.add_round(record)
             self.progress.round_done(record)
-            if best is None or record.avg() > best[0]:
-                best, stale = (record.avg(), record, OrderedDict(global_arrays)), 0
+            best = state.best_record()
+            if best is None or record.avg() > best.avg():
+                state.best_round, state.best_arrays, state.stale = server_round, OrderedDict(state.global_arrays), 0
             else:
-                stale += 1
-            if cfg.fl.patience is not None and stale >= cfg.fl.patience:
-                audit.append("early_stop", round=server_round, best_round=best[1].round)
+                state.stale += 1
+            state.stopped = cfg.fl.patience is not None and state.stale >= cfg.fl.patience
+            state.completed, state.rounds, state.rng_state = server_round, self.recorder.rounds, self.rng.bit_generator.state
+            save_checkpoint(self.recorder.out_dir, cfg, state)
+            if state.stopped:
+                audit.append("early_stop", round=server_round, best_round=state.best_round)
                 break
         self.progress.stop()
 
-        final_record, final_arrays = self.recorder.rounds[-1], global_arrays
-        if cfg.fl.patience is not None and best is not None:
-            final_record, final_arrays = best[1], best[2]
+        final_record, final_arrays = self.recorder.rounds[-1], state.global_arrays
+        if cfg.fl.patience is not None and state.best_round is not None:
+            final_record, final_arrays = state.best_record(), state.best_arrays
         self.recorder.save_artifact(final_arrays, region=self._artifact_region())
         secure = {"enabled": self.secagg is not None}
         if self.secagg is not None:
-            secure.update(settings=asdict(self.secagg), rounds=secure_rounds,
-                          aborted_rounds=[r["round"] for r in secure_rounds if r["aborted"]])
+            secure.update(settings=asdict(self.secagg), rounds=state.secure_rounds,
+                          aborted_rounds=[r["round"] for r in state.secure_rounds if r["aborted"]])
         return self.recorder.write_summary(final_record, trainable, total, clients, secure_aggregation=secure,
-                                           privacy=privacy_summary(cfg, latest_privacy))
+                                           privacy=privacy_summary(cfg, state.latest_privacy))
 
 
 def build_server_app(
@@ -327,7 +378,8 @@ def build_server_app(
     on_error: Optional[Callable[[BaseException], None]] = None,
     on_receive: Optional[Callable[[Message], None]] = None,
 ) -> ServerApp:
-    """A ServerApp bound to an experiment, or reading it from the run config (`flwr run`).
+    """A ServerApp bound to an experiment, or reading it from the run config (`flwr run`):
+    `experiment` (a YAML path), `overrides` ("key=value ..." as `securefpt run --set`), `out-dir`.
 
     `on_error` receives an exception raised by the run, so an in-process caller can
     re-raise it after the engine has shut down; `on_receive` sees every message the
@@ -338,7 +390,8 @@ def build_server_app(
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         try:
-            run_cfg = cfg or load_config(str(context.run_config["experiment"]))
+            overrides = shlex.split(str(context.run_config.get("overrides", "")))
+            run_cfg = cfg or load_config(str(context.run_config["experiment"]), overrides)
             run_out = out_dir or Path(str(context.run_config.get("out-dir", "runs/flwr")))
             FederatedPromptAveraging(run_cfg, run_out, grid, context, show_progress, on_receive).run()
         except BaseException as exc:

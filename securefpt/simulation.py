@@ -19,6 +19,7 @@ import os
 import warnings
 from pathlib import Path
 
+from securefpt.checkpoint import load_checkpoint
 from securefpt.config import ExperimentConfig
 from securefpt.secure_aggregation import resolve_settings
 from securefpt.eligibility import participants
@@ -40,19 +41,21 @@ def run_federated_simulation(cfg: ExperimentConfig, out_dir: Path, show_progress
     from flwr.common.logger import FLOWER_LOGGER
     from flwr.simulation import run_simulation
 
-    from securefpt.client_app import app as client_app
+    from securefpt.client_app import NODE_STATE_ENV, app as client_app
 
     out_dir = Path(out_dir)
     summary_path = out_dir / "summary.json"
-    if summary_path.exists():
-        summary_path.unlink()
     failure: list[BaseException] = []
-    # bad secagg.* settings, or a policy that admits nobody, fail before the engine starts
+    # a finished run directory, a checkpoint of another experiment, bad secagg.* settings,
+    # or a policy that admits nobody: fail before the engine starts
+    load_checkpoint(out_dir, cfg)
     admitted = sum(p.decision.included for p in participants(cfg).values())
     if cfg.secagg.enabled:
         resolve_settings(cfg, admitted)
     server_app = build_server_app(cfg, out_dir, show_progress, on_error=failure.append, on_receive=on_receive)
 
+    # the virtual nodes keep their privacy ledgers in the run directory, so a resumed run continues them
+    os.environ[NODE_STATE_ENV] = str(out_dir.resolve() / "nodes")
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     if not verbose:
