@@ -172,8 +172,8 @@ def policy_explain(
 
     try:
         cfg = load_config(config)
-        decisions = decide_eligibility(load_policy(file), cfg, load_manifests(clients))
         manifests = load_manifests(clients)
+        decisions = decide_eligibility(load_policy(file), cfg, manifests)
     except SecureFPTError as exc:
         _fail(exc)
     table = Table(title=f"{file.name}: experiment '{cfg.name}'")

@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -45,9 +45,6 @@ class PrivacyPlan:
     target_epsilon: Optional[float]
     max_grad_norm: float
     accountant: str
-
-    def as_record(self) -> dict:
-        return {k: v for k, v in asdict(self).items() if v is not None}
 
 
 def plan_privacy(cfg: ExperimentConfig, num_examples: int) -> PrivacyPlan:
