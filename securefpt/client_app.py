@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 from collections import OrderedDict
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Optional
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
@@ -30,7 +30,7 @@ from securefpt.config import ExperimentConfig
 from securefpt.eligibility import client_view
 from securefpt.identity import prove
 from securefpt.mods import SETUP_KEY, fault_injection_mod, hardened_secaggplus_mod, residency_guard_mod
-from securefpt.policy import load_manifests_file
+from securefpt.policy import ClientManifest, load_manifests_file
 
 if TYPE_CHECKING:
     from securefpt.client_runtime import ClientRuntime
@@ -48,11 +48,18 @@ def record_to_arrays(record: ArrayRecord) -> "OrderedDict[str, np.ndarray]":
     return OrderedDict((k, v.numpy()) for k, v in record.items())
 
 
-def node_language(context: Context, cfg: ExperimentConfig) -> str:
+def node_manifest(context: Context) -> Optional[ClientManifest]:
+    """The institution's manifest that this node's config names, if any."""
+    if "manifest" not in context.node_config:
+        return None
+    [manifest] = load_manifests_file(Path(str(context.node_config["manifest"]))).values()
+    return manifest
+
+
+def node_language(context: Context, cfg: ExperimentConfig, own: Optional[ClientManifest]) -> str:
     """The language this node serves: its manifest's, its node config's, or its simulation partition's."""
-    if "manifest" in context.node_config:
-        [manifest] = load_manifests_file(Path(str(context.node_config["manifest"]))).values()
-        return manifest.language
+    if own is not None:
+        return own.language
     if "language" in context.node_config:
         return str(context.node_config["language"])
     pid = int(context.node_config["partition-id"])
@@ -77,8 +84,9 @@ app = ClientApp(mods=[fault_injection_mod, residency_guard_mod, hardened_secaggp
 def setup(msg: Message, context: Context) -> Message:
     incoming = msg.content.config_records[SETUP_KEY]
     cfg = ExperimentConfig.from_json(str(incoming["experiment"]))
-    language = node_language(context, cfg)
-    view = client_view(cfg, language, context.node_config.get("manifest"))
+    own = node_manifest(context)
+    language = node_language(context, cfg, own)
+    view = client_view(cfg, language, own)
     identity = {"language": language, "client-id": "", "proof": ""}
     if view is not None and view.manifest.key is not None:  # the node holds its attested key: prove it
         key = load_private(view.manifest.key)

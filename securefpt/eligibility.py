@@ -9,13 +9,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from pathlib import Path
 from typing import Optional
 
 from securefpt.attestation import check_attestation, load_public
 from securefpt.config import ExperimentConfig
 from securefpt.errors import ConfigError, FederationError
-from securefpt.policy import ClientManifest, Policy, RegionRule, load_manifests, load_manifests_file, load_policy
+from securefpt.policy import ClientManifest, Policy, RegionRule, load_manifests, load_policy
 
 
 @dataclass(frozen=True)
@@ -83,6 +82,7 @@ class Participant:
     client_id: str
     region: Optional[str]
     decision: Decision
+    manifest: Optional[ClientManifest] = None  # its registered manifest (what its node must prove)
 
 
 def participants(cfg: ExperimentConfig, now: Optional[datetime] = None) -> dict[str, Participant]:
@@ -98,7 +98,7 @@ def participants(cfg: ExperimentConfig, now: Optional[datetime] = None) -> dict[
         if m.language in cfg.data.languages:
             if m.language in out:
                 raise ConfigError(f"{cfg.clients}: two clients serve language '{m.language}'")
-            out[m.language] = Participant(client_id, m.region, decisions[client_id])
+            out[m.language] = Participant(client_id, m.region, decisions[client_id], m)
     for lang in cfg.data.languages:
         out.setdefault(lang, Participant(lang, None, Decision(False, "no client manifest for this language")))
     if not any(p.decision.included for p in out.values()):
@@ -119,18 +119,14 @@ class ClientView:
         return rule_violations(self.rule, self.manifest.region, cfg, self.server_region)
 
 
-def client_view(cfg: ExperimentConfig, language: str, manifest_path: Optional[str] = None) -> Optional[ClientView]:
-    """The client's own manifest (its node config's, else the one serving its language) and rule."""
+def client_view(cfg: ExperimentConfig, language: str, own: Optional[ClientManifest] = None) -> Optional[ClientView]:
+    """The client's own manifest (the node's, else the one serving its language) and rule."""
     if cfg.policy is None:
         return None
     policy = load_policy(cfg.policy)
-    if manifest_path:
-        manifests = load_manifests_file(Path(manifest_path))
-    else:
-        manifests = {k: m for k, m in load_manifests(cfg.clients).items() if m.language == language}
-    if not manifests:
+    manifest = own or next((m for m in load_manifests(cfg.clients).values() if m.language == language), None)
+    if manifest is None:
         raise ConfigError(f"no client manifest for language '{language}'")
-    manifest = next(iter(manifests.values()))
     rule = policy.regions.get(manifest.region)
     if rule is None:
         raise ConfigError(f"region '{manifest.region}' of client '{manifest.client_id}' is not in the policy")

@@ -29,7 +29,7 @@ from securefpt.data import label_space
 from securefpt.eligibility import participants
 from securefpt.errors import FederationError
 from securefpt.identity import check_proof, new_challenge
-from securefpt.policy import load_manifests, load_policy
+from securefpt.policy import load_policy
 from securefpt.metering import MeteredGrid, collect, exchange
 from securefpt.modeling import build_model, count_params, get_trainable
 from securefpt.progress import RunProgress
@@ -68,8 +68,7 @@ class FederatedPromptAveraging:
         self.secagg: Optional[SecAggSettings] = None  # sized in run() for the clients that take part
         self.grid = MeteredGrid(grid, on_receive=on_receive)
         self.participants = participants(cfg)  # the residency policy's decisions, before any training
-        self.registry = load_manifests(cfg.clients) if cfg.policy is not None else {}
-        self.require_key_proof = cfg.policy is not None and load_policy(cfg.policy).server.require_key_proof
+        self.policy = load_policy(cfg.policy) if cfg.policy is not None else None  # as at the start of the run
         self.labels = label_space(cfg.data)
         self.resumed = load_checkpoint(out_dir, cfg)  # a restarted coordinator goes on from here
         self.recorder = RunRecorder(out_dir, cfg, self.labels, resumed=self.resumed.rounds if self.resumed else None)
@@ -112,7 +111,7 @@ class FederatedPromptAveraging:
             why = self._identity_problem(node, identity, challenge)
             if why is None and language in languages.values():
                 why = f"language '{language}' is already served by another node"
-            if self.cfg.policy is not None:
+            if self.policy is not None:
                 self.recorder.audit.append("identity", node=node, language=language,
                                            client=str(identity.get("client-id", "")) or None,
                                            accepted=why is None, reason=why or "identity holds")
@@ -130,17 +129,16 @@ class FederatedPromptAveraging:
 
     def _identity_problem(self, node: int, identity: ConfigRecord, challenge: str) -> Optional[str]:
         """Why this node may not act for the client registered for its language (None: it may)."""
-        if self.cfg.policy is None:
+        if self.policy is None:
             return None  # no residency policy: nothing is attested
         language = str(identity["language"])
         who = self.participants.get(language)
         if who is None:
             return f"language '{language}' is not in this experiment"
-        registered = self.registry.get(who.client_id)
-        if registered is None:
+        if who.manifest is None:
             return f"no client manifest is registered for language '{language}'"
-        return check_proof(registered, str(identity.get("client-id", "")), str(identity.get("proof", "")),
-                           self.context.run_id, node, challenge, self.require_key_proof)
+        return check_proof(who.manifest, str(identity.get("client-id", "")), str(identity.get("proof", "")),
+                           self.context.run_id, node, challenge, self.policy.server.require_key_proof)
 
     def _offer(self, server_round: int, nodes: list[int], languages: dict[int, str]) -> tuple[list[int], dict]:
         """Ask the eligible clients whether they take part in this round (budgets, policy)."""
@@ -176,12 +174,12 @@ class FederatedPromptAveraging:
 
     def _artifact_region(self) -> Optional[str]:
         """Where the final artifact is stored: the server's region, which the policy must allow."""
-        if self.cfg.policy is None:
+        if self.policy is None:
             return None
-        policy = load_policy(self.cfg.policy)
-        if policy.server.region not in policy.server.artifact_regions:
-            raise FederationError(f"policy forbids storing the artifact in the server's region '{policy.server.region}'")
-        return policy.server.region
+        server = self.policy.server
+        if server.region not in server.artifact_regions:
+            raise FederationError(f"policy forbids storing the artifact in the server's region '{server.region}'")
+        return server.region
 
     def _in_order(self, langs) -> list[str]:
         chosen = set(langs)
@@ -258,10 +256,12 @@ class FederatedPromptAveraging:
                 {lang: privacy[lang] for lang in order if lang in privacy})
 
     def _initial_state(self, global_arrays: OrderedDict) -> RunState:
-        """A fresh start, or the checkpoint of a run whose coordinator restarted."""
+        """A fresh start, or the checkpoint of a run whose coordinator restarted; its
+        rounds are the recorder's (one list, which every completed round extends)."""
         if self.resumed is None:
-            return RunState(global_arrays=global_arrays)
+            return RunState(global_arrays=global_arrays, rounds=self.recorder.rounds)
         state = self.resumed
+        state.rounds = self.recorder.rounds
         order = list(global_arrays)  # the model's parameter order, which the clients share
         state.global_arrays = OrderedDict((k, state.global_arrays[k]) for k in order)
         if state.best_arrays is not None:
@@ -352,7 +352,7 @@ class FederatedPromptAveraging:
             else:
                 state.stale += 1
             state.stopped = cfg.fl.patience is not None and state.stale >= cfg.fl.patience
-            state.completed, state.rounds, state.rng_state = server_round, self.recorder.rounds, self.rng.bit_generator.state
+            state.completed, state.rng_state = server_round, self.rng.bit_generator.state
             save_checkpoint(self.recorder.out_dir, cfg, state)
             if state.stopped:
                 audit.append("early_stop", round=server_round, best_round=state.best_round)

@@ -54,8 +54,6 @@ def run_federated_simulation(cfg: ExperimentConfig, out_dir: Path, show_progress
         resolve_settings(cfg, admitted)
     server_app = build_server_app(cfg, out_dir, show_progress, on_error=failure.append, on_receive=on_receive)
 
-    # the virtual nodes keep their privacy ledgers in the run directory, so a resumed run continues them
-    os.environ[NODE_STATE_ENV] = str(out_dir.resolve() / "nodes")
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     if not verbose:
@@ -67,15 +65,24 @@ def run_federated_simulation(cfg: ExperimentConfig, out_dir: Path, show_progress
         "init_args": {"num_cpus": cpus, "include_dashboard": False, "logging_level": "error",
                       "log_to_driver": verbose},
     }
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        run_simulation(
-            server_app=server_app,
-            client_app=client_app,
-            num_supernodes=len(cfg.data.languages),
-            backend_config=backend_config,
-            verbose_logging=verbose,
-        )
+    # the virtual nodes keep their privacy ledgers in the run directory, so a resumed run continues them
+    previous = os.environ.get(NODE_STATE_ENV)
+    os.environ[NODE_STATE_ENV] = str(out_dir.resolve() / "nodes")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            run_simulation(
+                server_app=server_app,
+                client_app=client_app,
+                num_supernodes=len(cfg.data.languages),
+                backend_config=backend_config,
+                verbose_logging=verbose,
+            )
+    finally:  # this run's folder is not the next caller's
+        if previous is None:
+            os.environ.pop(NODE_STATE_ENV, None)
+        else:
+            os.environ[NODE_STATE_ENV] = previous
     if failure:
         raise failure[0]
     if not summary_path.exists():
