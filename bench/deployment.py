@@ -20,8 +20,8 @@ import time
 from pathlib import Path
 
 from securefpt.config import load_config
-from securefpt.loopback import EXPERIMENT, Loopback
-from securefpt.simulation import run_federated_simulation
+from securefpt.engines.loopback import EXPERIMENT, Loopback
+from securefpt.engines.simulation import run_federated_simulation
 
 
 def main() -> None:

@@ -15,10 +15,11 @@ from pathlib import Path
 import torch
 
 from securefpt.config import load_config
-from securefpt.data import label_space, load_client_data
-from securefpt.modeling import build_model
-from securefpt.privacy import dp_train, plan_privacy
-from securefpt.training import train_local
+from securefpt.learning.data import label_space, load_client_data
+from securefpt.learning.modeling import build_model
+from securefpt.learning.dp_training import DPSchedule, dp_train
+from securefpt.learning.training import train_local
+from securefpt.node.budget import plan_privacy
 
 
 def main() -> None:
@@ -39,10 +40,12 @@ def main() -> None:
         labels = label_space(cfg.data)
         examples = load_client_data(cfg.data, "eng", labels, 0).train[: args.examples]
         # warm up both paths once, then time one local epoch of each
-        plan = plan_privacy(cfg, len(examples))
-        dp_train(build_model(cfg.model, cfg.peft, len(labels), 0), examples[:16], cfg, plan_privacy(cfg, 16), 0)
+        plan = plan_privacy(cfg.request(labels), len(examples))
+        schedule = DPSchedule(plan.noise_multiplier, plan.sample_rate, plan.steps_per_round, plan.max_grad_norm)
+        dp_train(build_model(cfg.model, cfg.peft, len(labels), 0), examples[:16], cfg.fl,
+                 DPSchedule(plan.noise_multiplier, 1.0, 1, plan.max_grad_norm))
         plain = train_local(build_model(cfg.model, cfg.peft, len(labels), 0), examples, cfg.fl, seed=1)
-        dp = dp_train(build_model(cfg.model, cfg.peft, len(labels), 0), examples, cfg, plan, seed=1)
+        dp = dp_train(build_model(cfg.model, cfg.peft, len(labels), 0), examples, cfg.fl, schedule)
         p, d = plain.seconds / plain.steps, dp.seconds / dp.steps
         print(f"| {method} | {p:.3f} | {d:.3f} | {d / p:.2f}x |", flush=True)
 

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 from securefpt.config import load_config
-from securefpt.runner import run_experiment
+from securefpt.engines.runner import run_experiment
 
 PARADIGMS = ("federated", "monolingual", "centralized")
 

@@ -17,11 +17,11 @@ import time
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
-from securefpt.attestation import issue, new_key, public_raw, save_public
-from securefpt.audit import AuditLog, verify_log
+from securefpt.protocol.attestation import issue, new_key, public_raw, save_public
+from securefpt.protocol.audit import AuditLog, verify_log
 from securefpt.config import load_config
-from securefpt.eligibility import decide_eligibility
-from securefpt.policy import ClientManifest, DPRequirement, Policy, RegionRule, ServerBlock
+from securefpt.coordinator.eligibility import decide_eligibility
+from securefpt.protocol.policy import ClientManifest, DPRequirement, Policy, RegionRule, ServerBlock
 
 REGIONS = ["eu-west", "uk", "ke", "ng-north", "ng-south"]
 
@@ -35,7 +35,10 @@ def main() -> None:
     authorities = {r: new_key() for r in REGIONS}
     for r, k in authorities.items():
         save_public(k, tmp / f"{r}.pub")
-    policy = Policy(server=ServerBlock(region="eu-west", artifact_regions=["eu-west"]), regions={
+    coordinator = new_key()
+    save_public(coordinator, tmp / "coordinator.pub")
+    policy = Policy(server=ServerBlock(region="eu-west", artifact_regions=["eu-west"], audit_key=tmp / "coordinator.pub"),
+                    regions={
         r: RegionRule(authority_key=tmp / f"{r}.pub", export_to=["eu-west", r] if r != "ng-south" else [r],
                       dp=DPRequirement(required=r == "ng-north", max_epsilon=8 if r == "ng-north" else None),
                       min_cohort=3) for r in REGIONS})
@@ -45,7 +48,7 @@ def main() -> None:
     for i, lang in enumerate(languages):
         region = REGIONS[i % len(REGIONS)]
         cid = f"client-{i}"
-        att = issue(authorities[region], cid, region, public_raw(new_key()), expires)
+        att = issue(authorities[region], cid, region, lang, public_raw(new_key()), expires)
         manifests[cid] = ClientManifest(client_id=cid, region=region, language=lang, attestation=att)
     cfg = load_config(None, [f"data.languages=[{', '.join(languages)}]", "dp.enabled=true", "dp.target_epsilon=8"])
 
@@ -53,7 +56,7 @@ def main() -> None:
     decisions = decide_eligibility(policy, cfg, manifests)
     decide_s = time.perf_counter() - start
 
-    key = new_key()
+    key = coordinator
     audit = AuditLog(tmp / "audit.jsonl", key)
     start = time.perf_counter()
     audit.append("eligibility", clients={c: {"included": d.included, "reason": d.reason} for c, d in decisions.items()})

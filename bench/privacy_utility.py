@@ -14,7 +14,7 @@ import shutil
 from pathlib import Path
 
 from securefpt.config import load_config
-from securefpt.runner import run_experiment
+from securefpt.engines.runner import run_experiment
 
 
 def main() -> None:

@@ -21,10 +21,10 @@ import torch
 from torch import nn
 
 from securefpt.config import load_config
-from securefpt.data import label_space, load_client_data
-from securefpt.modeling import build_model
-from securefpt.runner import run_experiment
-from securefpt.training import make_loader
+from securefpt.learning.data import label_space, load_client_data
+from securefpt.learning.modeling import build_model
+from securefpt.engines.runner import run_experiment
+from securefpt.learning.training import make_loader
 
 
 def bare_loop(cfg) -> float:

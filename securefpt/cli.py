@@ -63,7 +63,7 @@ def _print_summary(summary: dict, out: Path) -> None:
 
 def _run(config: Optional[Path], out: Optional[Path], overrides: List[str], quiet: bool, verbose: bool) -> None:
     from securefpt.config import load_config
-    from securefpt.runner import run_experiment
+    from securefpt.engines.runner import run_experiment
 
     try:
         cfg = load_config(config, overrides)
@@ -92,9 +92,22 @@ def demo(
     set_: List[str] = typer.Option([], "--set", help="override a key: dotted.key=value (repeatable)"),
     quiet: bool = typer.Option(False, "--quiet"),
 ) -> None:
-    """Federated prompt tuning on the embedded default (packaged MiniLM, demo data), offline."""
+    """Federated prompt tuning on the embedded default (packaged MiniLM, demo data), offline,
+    under the demo federation's policy (made once in $SECUREFPT_HOME/demo-federation)."""
+    from securefpt.coordinator.audit_key import securefpt_home
+    from securefpt.operators.keys import make_federation
+
     config = Path(str(resources.files("securefpt") / "configs" / "demo.yaml"))
-    _run(config, out, set_, quiet, False)
+    federation = securefpt_home() / "demo-federation"
+    try:
+        if not (federation / "coordinator" / "audit.key").is_file():
+            make_federation(federation)
+            err.print(f"made the demo federation in {federation} (securefpt keys demo)", highlight=False)
+    except SecureFPTError as exc:
+        _fail(exc)
+    demo_sets = [f"policy={federation / 'policies' / 'masakhanews.yaml'}", f"clients={federation / 'clients'}",
+                 f"server_key={federation / 'coordinator' / 'audit.key'}"]
+    _run(config, out, demo_sets + list(set_), quiet, False)
 
 
 @app.command()
@@ -104,7 +117,7 @@ def predict(
     language: Optional[str] = typer.Option(None, "--language", help="for monolingual runs: whose model"),
 ) -> None:
     """Classify text with a run's trained prompt encoder and head."""
-    from securefpt.predict import predict as do_predict
+    from securefpt.learning.predict import predict as do_predict
 
     try:
         results = do_predict(run_dir, texts, language)
@@ -124,14 +137,25 @@ app.add_typer(audit_app, name="audit")
 
 @keys_app.command("demo")
 def keys_demo(
-    clients: Path = typer.Option(Path("clients"), help="where the client manifests go"),
-    keys: Path = typer.Option(Path("clients/keys"), help="where the key pairs go (*.key are private)"),
+    folder: Optional[Path] = typer.Argument(None, help="where the federation goes "
+                                                        "(default $SECUREFPT_HOME/demo-federation)"),
+    policy: str = typer.Option("masakhanews", "--policy", help="which of policies/*.yaml the nodes agree to"),
+    force: bool = typer.Option(False, "--force", help="replace existing private keys"),
 ) -> None:
-    """Create authority, server and client keys and signed manifests for the demo federation."""
-    from securefpt.keys import make_federation
+    """A demo federation: authorities, the coordinator's audit key, each institution's keys,
+    manifest and node configuration (see securefpt/operators/keys.py for the layout)."""
+    from securefpt.coordinator.audit_key import securefpt_home
+    from securefpt.operators.keys import make_federation
 
-    for path in make_federation(clients, keys):
-        console.print(f"wrote {path}")
+    folder = folder or securefpt_home() / "demo-federation"
+    try:
+        written = make_federation(folder, policy=policy, force=force)
+    except SecureFPTError as exc:
+        _fail(exc)
+    for path in written:
+        console.print(f"node configuration: {path}", highlight=False)
+    console.print(f"policy: {folder / 'policies' / (policy + '.yaml')}; coordinator audit key: "
+                  f"{folder / 'coordinator' / 'audit.key'}", highlight=False)
 
 
 @app.command()
@@ -140,7 +164,7 @@ def certs(
     host: List[str] = typer.Option(["127.0.0.1", "localhost"], "--host", help="names the SuperLink is reached by"),
 ) -> None:
     """TLS material for a test federation: a CA and a SuperLink certificate."""
-    from securefpt.certs import make_tls
+    from securefpt.operators.certs import make_tls
 
     for role, path in make_tls(out, host).items():
         console.print(f"{role}: {path}")
@@ -149,7 +173,7 @@ def certs(
 @policy_app.command("validate")
 def policy_validate(file: Path) -> None:
     """Exit 0 for a valid policy, 1 with the reason otherwise."""
-    from securefpt.policy import load_policy
+    from securefpt.protocol.policy import load_policy
 
     try:
         policy = load_policy(file)
@@ -167,8 +191,8 @@ def policy_explain(
 ) -> None:
     """Who may take part in this experiment under this policy, and why not."""
     from securefpt.config import load_config
-    from securefpt.eligibility import decide_eligibility
-    from securefpt.policy import load_manifests, load_policy
+    from securefpt.coordinator.eligibility import decide_eligibility
+    from securefpt.protocol.policy import load_manifests, load_policy
 
     try:
         cfg = load_config(config)
@@ -192,8 +216,8 @@ def audit_verify(
     head: Optional[str] = typer.Option(None, "--head", help="a head hash known from elsewhere (detects truncation)"),
 ) -> None:
     """Exit 0 only for an intact log; name the first bad entry otherwise."""
-    from securefpt.attestation import load_public
-    from securefpt.audit import verify_log
+    from securefpt.protocol.attestation import load_public
+    from securefpt.protocol.audit import verify_log
 
     try:
         verdict = verify_log(log, load_public(public_key), head)
@@ -208,7 +232,7 @@ def audit_verify(
 @audit_app.command("report")
 def audit_report(log: Path) -> None:
     """A per-round table of the decisions in an audit log."""
-    from securefpt.audit import read_entries
+    from securefpt.protocol.audit import read_entries
 
     entries = read_entries(log)
     table = Table(title=str(log))

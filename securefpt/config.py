@@ -1,169 +1,21 @@
-"""Experiment configuration: typed, validated at the boundary, loaded from YAML.
+"""Loading YAML files at the boundary: one-line errors that name the file and the field.
 
-Every key a user can set lives in one of these pydantic models; unknown keys and
-wrong types are rejected with a one-line error that names the file and the field.
+The schemas live where their side needs them (protocol/experiment.py, protocol/policy.py,
+node/config.py); this module reads a file, applies `--set` overrides and turns a
+validation error into one line.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import ValidationError
 
 from securefpt.errors import ConfigError
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class ModelConfig(_Strict):
-    """The frozen pre-trained language model."""
-
-    name: str = "builtin:minilm"
-    max_length: int = Field(128, ge=8, le=4096)
-    pooling: Literal["mean", "cls"] = "mean"
-
-
-class PeftConfig(_Strict):
-    """What is trained on top of the frozen model (the rest stays frozen)."""
-
-    method: Literal["prompt_tuning", "p_tuning", "lora", "full"] = "prompt_tuning"
-    num_virtual_tokens: int = Field(8, ge=1, le=512)
-    prompt_init: Literal["text", "random"] = "text"
-    init_text: str = "Predict the category given the following news article"
-    encoder_hidden_size: int = Field(128, ge=1)
-    lora_r: int = Field(8, ge=1)
-    lora_alpha: int = Field(16, ge=1)
-    lora_dropout: float = Field(0.1, ge=0.0, lt=1.0)
-    lora_target_modules: Optional[list[str]] = None
-
-
-class HFDataConfig(_Strict):
-    """Fields of a hub dataset for `data.source: hf` (loaded with `datasets`)."""
-
-    path: str
-    name: Optional[str] = None
-    train_split: str = "train"
-    eval_split: str = "validation"
-    text_field: str = "text"
-    label_field: str = "label"
-    language_field: Optional[str] = None
-
-
-class DataConfig(_Strict):
-    """Where each client's private data comes from."""
-
-    source: Literal["demo", "masakhanews_tsv", "hf", "csv", "jsonl"] = "demo"
-    root: Optional[Path] = None
-    languages: list[str] = Field(default_factory=lambda: ["eng", "fra", "hau", "swa", "yor"])
-    train_split: str = "train"
-    eval_split: str = "dev"
-    max_train_per_client: Optional[int] = Field(None, ge=1)
-    max_eval_per_client: Optional[int] = Field(None, ge=1)
-    hf: Optional[HFDataConfig] = None
-
-    @model_validator(mode="after")
-    def _source_needs(self) -> "DataConfig":
-        if self.source in ("masakhanews_tsv", "csv", "jsonl") and self.root is None:
-            raise ValueError(f"data.root is required for data.source={self.source}")
-        if self.source == "hf" and self.hf is None:
-            raise ValueError("data.hf is required for data.source=hf")
-        if not self.languages:
-            raise ValueError("data.languages must name at least one language")
-        if len(set(self.languages)) != len(self.languages):
-            raise ValueError("data.languages has duplicates")
-        return self
-
-
-class FLConfig(_Strict):
-    """Federated Prompt Averaging (Algorithm 1) and the local training budget."""
-
-    rounds: int = Field(5, ge=1)
-    fraction_fit: float = Field(1.0, gt=0.0, le=1.0)
-    local_epochs: int = Field(1, ge=1)
-    batch_size: int = Field(16, ge=1)
-    lr: float = Field(5e-3, gt=0.0)
-    weight_decay: float = Field(0.0, ge=0.0)
-    patience: Optional[int] = Field(None, ge=1)
-    eval_batch_size: int = Field(64, ge=1)
-    round_timeout: float = Field(3600.0, gt=0.0)
-
-
-class DPConfig(_Strict):
-    """Differential privacy with Opacus DP-SGD (per client, accounted over the whole run).
-
-    `target_epsilon` is each client's budget for the experiment: the noise multiplier
-    is derived from it, unless `noise_multiplier` is fixed, in which case it is only
-    the cap beyond which a client declines to train (null: no cap).
-    """
-
-    enabled: bool = False
-    target_epsilon: Optional[float] = Field(8.0, gt=0.0)
-    delta: float = Field(1e-5, gt=0.0, lt=1.0)
-    max_grad_norm: float = Field(1.0, gt=0.0)
-    noise_multiplier: Optional[float] = Field(None, ge=0.0)
-    accountant: Literal["prv", "rdp"] = "prv"
-
-
-class SecAggConfig(_Strict):
-    """Secure aggregation with Flower's SecAgg+ (validated per cohort in secure_aggregation.py)."""
-
-    enabled: bool = True
-    num_shares: Optional[int] = None  # None: every selected client holds a share (full graph)
-    reconstruction_threshold: Optional[int] = None  # None: a majority of the shares
-    clipping_range: float = 1.0  # |weight ratio x update change| must stay inside it
-    quantization_range: int = 2**22
-    modulus_range: int = 2**32
-    max_weight: Optional[float] = None  # public bound on |D_k|; None: data.max_train_per_client, else 1000
-    timeout: Optional[float] = None  # per protocol stage; None: fl.round_timeout
-    min_cohort: int = 2  # fewest surviving contributors a client accepts in an unmask
-    release_eval_metrics: bool = True  # per-language accuracy of the *global* model may leave clients
-
-
-class ExperimentConfig(_Strict):
-    """One experiment: everything `securefpt run` needs."""
-
-    name: str = "experiment"
-    model: ModelConfig = ModelConfig()
-    peft: PeftConfig = PeftConfig()
-    data: DataConfig = DataConfig()
-    paradigm: Literal["federated", "monolingual", "centralized"] = "federated"
-    fl: FLConfig = FLConfig()
-    dp: DPConfig = DPConfig()
-    secagg: SecAggConfig = SecAggConfig()
-    policy: Optional[Path] = None  # residency policy YAML (policies/)
-    clients: Optional[Path] = None  # folder of client manifests (clients/); required with a policy
-    server_key: Optional[Path] = None  # Ed25519 key that signs the audit log; None: a new one per run
-    seed: int = 0
-
-    @model_validator(mode="after")
-    def _dp_supported(self) -> "ExperimentConfig":
-        if self.dp.enabled and self.peft.method == "full":
-            raise ValueError(
-                "dp.enabled with peft.method=full: Opacus cannot compute per-sample gradients for the "
-                "PLM's shared position embeddings; use prompt_tuning, p_tuning or lora"
-            )
-        if self.policy is not None and self.clients is None:
-            raise ValueError("clients: a folder of client manifests is required with a policy")
-        if self.dp.enabled and self.dp.noise_multiplier is None and self.dp.target_epsilon is None:
-            raise ValueError("dp: set dp.target_epsilon or dp.noise_multiplier")
-        return self
-
-    def to_json(self) -> str:
-        return self.model_dump_json()
-
-    def sha256(self) -> str:
-        """Identifies the experiment (audit log, checkpoints, client caches and ledgers)."""
-        return hashlib.sha256(self.to_json().encode()).hexdigest()
-
-    @classmethod
-    def from_json(cls, text: str) -> "ExperimentConfig":
-        return cls.model_validate_json(text)
+from securefpt.protocol.experiment import ExperimentConfig
 
 
 def first_error(exc: ValidationError) -> str:

@@ -16,6 +16,20 @@ TINY = [
     "fl.batch_size=4",
     "fl.rounds=2",
 ]
+TSV_HEAD = "category\theadline\ttext\turl\n"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def securefpt_home(tmp_path_factory):
+    """The operator's own folder (coordinator key, demo federation): a fresh one for the test session."""
+    home = tmp_path_factory.mktemp("securefpt-home")
+    saved = os.environ.get("SECUREFPT_HOME")
+    os.environ["SECUREFPT_HOME"] = str(home)
+    yield home
+    if saved is None:
+        os.environ.pop("SECUREFPT_HOME", None)
+    else:
+        os.environ["SECUREFPT_HOME"] = saved
 
 
 @pytest.fixture
@@ -30,12 +44,35 @@ def masakhanews_root() -> Path:
     return SHARED_DATA
 
 
-@pytest.fixture
-def flower_task():
-    """Messages built outside an engine need the process's Flower task identity."""
-    from flwr.supercore.task_identity import TaskIdentity
+def make_masakhanews_like(root, languages, missing=(), sizes=None):
+    """A small MasakhaNEWS-shaped tree (training rows 10, 14, 18, ... unless `sizes` says);
+    languages in `missing` have labels but no TSVs."""
+    words = {"sports": "match goal coach", "politics": "vote election minister", "health": "hospital vaccine"}
+    for li, lang in enumerate(languages):
+        folder = root / lang
+        folder.mkdir(parents=True)
+        (folder / "labels.txt").write_text("\n".join(words), encoding="utf-8")
+        if lang in missing:
+            continue
+        n_train = sizes[li] if sizes else 10 + 4 * li
+        for split, n in (("test", n_train), ("dev", 6)):
+            rows = [TSV_HEAD]
+            for i in range(n):
+                label = list(words)[i % 3]
+                rows.append(f'{label}\t{lang} news {i}\t"{words[label]} {i}\nmore text"\thttp://x/{i}\n')
+            (folder / f"{split}.tsv").write_text("".join(rows), encoding="utf-8")
+    return root
 
-    saved = (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id)
-    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 1
-    yield
-    TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved
+
+def tsv_cfg_overrides(root, languages) -> list[str]:
+    return ["data.source=masakhanews_tsv", f"data.root={root}", f"data.languages=[{', '.join(languages)}]",
+            "data.train_split=test", "data.eval_split=dev", "data.max_train_per_client=null"]
+
+
+def quantization_bound(cfg, cohort: int, total_ratio: float) -> float:
+    """Worst-case error per coordinate of a SecAgg+ average, from the protocol, not from securefpt:
+    each node's stochastic rounding is off by less than one quantization step 2 C / Q on its
+    weighted change; `cohort` of them are summed and divided by the total weight ratio
+    sum_k |D_k| / max_weight."""
+    step = 2 * cfg.secagg.clipping_range / cfg.secagg.quantization_range
+    return cohort * step / total_ratio

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from securefpt.aggregation import select_clients, weighted_average
+from securefpt.coordinator.aggregation import select_clients, weighted_average
 
 
 def test_weighted_average_is_algorithm_1():

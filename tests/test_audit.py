@@ -6,8 +6,8 @@ import sys
 
 import pytest
 
-from securefpt.attestation import new_key, save_public
-from securefpt.audit import AuditLog, verify_log
+from securefpt.protocol.attestation import new_key, save_public
+from securefpt.protocol.audit import AuditLog, verify_log
 
 
 @pytest.fixture

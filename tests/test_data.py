@@ -2,8 +2,8 @@ import json
 
 import pytest
 
-from securefpt.config import DataConfig
-from securefpt.data import label_space, load_client_data, read_masakhanews_tsv
+from securefpt.protocol.experiment import DataConfig
+from securefpt.learning.data import label_space, load_client_data, read_masakhanews_tsv
 from securefpt.errors import DataError
 
 TSV = (

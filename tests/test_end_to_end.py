@@ -4,8 +4,8 @@
 import pytest
 
 from securefpt.config import load_config
-from securefpt.predict import predict
-from securefpt.runner import run_experiment
+from securefpt.learning.predict import predict
+from securefpt.engines.runner import run_experiment
 
 pytestmark = pytest.mark.slow
 

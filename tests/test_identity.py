@@ -1,18 +1,23 @@
 """A node's identity bound to its region attestation: proof of possession of the attested key."""
 
-import shutil
 from pathlib import Path
 
 import pytest
 import yaml
+from flwr.app import ConfigRecord, Context, Message
+from flwr.clientapp import ClientApp
 
-from securefpt.attestation import load_private, load_public, new_key, save_private
-from securefpt.audit import read_entries, verify_log
 from securefpt.config import load_config
-from securefpt.identity import check_proof, new_challenge, prove
-from securefpt.keys import make_federation
-from securefpt.policy import load_manifests, load_policy
-from securefpt.simulation import run_federated_simulation
+from securefpt.engines.simulation import run_federated_simulation
+from securefpt.errors import ConfigError
+from securefpt.node import app as node_app
+from securefpt.node.config import load_node, this_node
+from securefpt.operators.keys import make_federation
+from securefpt.protocol import records as R
+from securefpt.protocol.attestation import load_private, new_key, save_private
+from securefpt.protocol.audit import read_entries
+from securefpt.protocol.identity import check_proof, new_challenge, prove
+from securefpt.protocol.policy import load_manifests, load_policy
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -20,16 +25,13 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture
 def federation(tmp_path):
     """The demo federation, made fresh (with private keys), under the deployment policy."""
-    make_federation(tmp_path / "clients", tmp_path / "clients" / "keys")
-    (tmp_path / "policies").mkdir()
-    shutil.copy(ROOT / "policies" / "deployment.yaml", tmp_path / "policies")
-    return tmp_path
+    make_federation(tmp_path / "fed", policy="deployment")
+    return tmp_path / "fed"
 
 
-def test_the_deployment_policy_requires_key_proof_and_admits_the_tiny_experiment(federation):
-    policy = load_policy(federation / "policies" / "deployment.yaml")
-    assert policy.server.require_key_proof is True
-    assert load_policy(ROOT / "policies" / "masakhanews.yaml").server.require_key_proof is False
+def test_every_shipped_policy_requires_key_proof():
+    for name in ("deployment", "masakhanews"):
+        assert load_policy(ROOT / "policies" / f"{name}.yaml").server.require_key_proof is True
 
 
 def test_node_keys_are_the_p384_openssh_keys_flower_authenticates_with(federation):
@@ -47,9 +49,9 @@ def test_node_keys_are_the_p384_openssh_keys_flower_authenticates_with(federatio
 
 def test_a_proof_holds_only_for_its_key_node_run_and_challenge(federation):
     manifests = load_manifests(federation / "clients")
+    keys = federation / "clients" / "keys"
     eng = manifests["eng-newsroom"]
-    assert eng.key is not None and eng.key.is_file()  # the manifest names its key, beside it
-    key, nonce = load_private(eng.key), new_challenge()
+    key, nonce = load_private(keys / "eng-newsroom.key"), new_challenge()
     proof = prove(key, run_id=7, node_id=42, nonce=nonce, client_id="eng-newsroom")
     assert check_proof(eng, "eng-newsroom", proof, 7, 42, nonce, required=True) is None
     # another node replaying it, another run, another challenge: refused
@@ -61,36 +63,61 @@ def test_a_proof_holds_only_for_its_key_node_run_and_challenge(federation):
     assert "attestation of 'eng-newsroom' without its private key" in check_proof(eng, "eng-newsroom", forged, 7, 42,
                                                                                    nonce, True)
     # another institution's key signing for eng: still not eng
-    fra_key = load_private(manifests["fra-agence"].key)
+    fra_key = load_private(keys / "fra-agence.key")
     assert check_proof(eng, "eng-newsroom", prove(fra_key, 7, 42, nonce, "eng-newsroom"), 7, 42, nonce, True)
-    # claiming another client for the language, or no proof where one is required
+    # claiming another client, or no proof where one is required
     assert "claims client 'fra-agence'" in check_proof(eng, "fra-agence", proof, 7, 42, nonce, True)
     assert "no proof" in check_proof(eng, "", "", 7, 42, nonce, required=True)
     assert check_proof(eng, "", "", 7, 42, nonce, required=False) is None
     assert "malformed" in check_proof(eng, "eng-newsroom", "not base64!", 7, 42, nonce, True)
 
 
-@pytest.mark.slow
-def test_a_node_holding_another_key_than_its_attestation_names_is_excluded_with_the_reason(
-        federation, tmp_path):
-    # eng's node keeps eng's manifest (attestation), but holds a different private key
-    manifest_path = federation / "clients" / "eng-newsroom.yaml"
-    manifest = yaml.safe_load(manifest_path.read_text())
-    save_private(new_key(), federation / "clients" / "keys" / "impostor.key")
-    manifest["key"] = "keys/impostor.key"
-    manifest_path.write_text(yaml.safe_dump(manifest))
-    cfg = load_config(ROOT / "server" / "deploy-tiny.yaml",
-                      [f"policy={federation / 'policies' / 'deployment.yaml'}", f"clients={federation / 'clients'}"])
-    summary = run_federated_simulation(cfg, tmp_path / "run", show_progress=False)
+def test_a_node_configured_with_a_key_its_attestation_does_not_name_refuses_to_start(federation, tmp_path):
+    path = federation / "clients" / "eng-newsroom" / "node.yaml"
+    config = yaml.safe_load(path.read_text())
+    save_private(new_key(), federation / "clients" / "keys" / "other.key")
+    config["key"] = "../keys/other.key"
+    path.write_text(yaml.safe_dump(config))
+    with pytest.raises(ConfigError, match="own identity does not verify: the key is not the one"):
+        load_node(path, state_base=tmp_path)
 
-    eng = summary["clients"]["eng-newsroom"]
-    assert eng["included"] is False
-    assert eng["reason"].startswith("identity refused: presented the attestation of 'eng-newsroom' without")
-    assert summary["clients"]["fra-agence"]["included"] and summary["clients"]["hau-radio"]["included"]
-    assert all(r["participants"] == ["fra", "hau"] for r in summary["rounds"])
-    entries = read_entries(summary["audit_log"])
-    identity = {e["language"]: e for e in entries if e["event"] == "identity"}
-    assert identity["eng"]["accepted"] is False and "without its private key" in identity["eng"]["reason"]
-    assert identity["fra"]["accepted"] and identity["fra"]["client"] == "fra-agence"
-    assert len({e["node"] for e in identity.values()}) == 3  # each decision names the node it concerns
-    assert verify_log(summary["audit_log"], load_public(summary["audit_public_key"])).ok
+
+def impostor_app() -> ClientApp:
+    """Every node runs securefpt's ClientApp, except the one configured with `honest_partition_of`'s
+    node.yaml (a second copy of fra's node): it answers setup claiming to be eng-newsroom, with a
+    proof signed by fra's key. A misbehaving node, as a modified ClientApp would be."""
+    app = ClientApp(mods=node_app.app._mods)
+
+    @app.query()
+    def setup(msg: Message, context: Context) -> Message:
+        reply = node_app.setup(msg, context)
+        if context.node_config["partition-id"] == 3:
+            node = this_node(context.node_config)
+            challenge = str(msg.content.config_records[R.SETUP]["challenge"])
+            reply.content.config_records[R.IDENTITY] = ConfigRecord({
+                "client-id": "eng-newsroom", "language": "eng",
+                "proof": prove(node.key, context.run_id, context.node_id, challenge, "eng-newsroom")})
+        return reply
+
+    app.train()(node_app.train)
+    app.evaluate()(node_app.evaluate)
+    return app
+
+
+@pytest.mark.slow
+def test_a_node_claiming_another_institution_is_refused_and_cannot_shut_it_out(federation, tmp_path):
+    cfg = load_config(ROOT / "server" / "deploy-tiny.yaml",
+                      [f"policy={federation / 'policies' / 'deployment.yaml'}", f"clients={federation / 'clients'}",
+                       f"server_key={federation / 'coordinator' / 'audit.key'}"])
+    clients = federation / "clients"
+    nodes = [clients / c / "node.yaml" for c in ("eng-newsroom", "fra-agence", "hau-radio", "fra-agence")]
+    summary = run_federated_simulation(cfg, tmp_path / "run", show_progress=False, nodes=nodes,
+                                       client_app=impostor_app())
+    # whatever the node ids' order, the impostor did not take eng's place
+    assert all(summary["clients"][c]["included"] for c in ("eng-newsroom", "fra-agence", "hau-radio"))
+    assert all(r["participants"] == ["eng", "fra", "hau"] for r in summary["rounds"])
+    identity = [e for e in read_entries(summary["audit_log"]) if e["event"] == "identity"]
+    assert len(identity) == 4 and len({e["node"] for e in identity}) == 4  # each decision names its node
+    refused = [e for e in identity if not e["accepted"]]
+    assert len(refused) == 1 and refused[0]["client"] == "eng-newsroom"
+    assert "attestation of 'eng-newsroom' without its private key" in refused[0]["reason"]

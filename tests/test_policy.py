@@ -5,16 +5,12 @@ from pathlib import Path
 
 import pytest
 import yaml
-from flwr.app import ConfigRecord, Context, Message, RecordDict
-from flwr.app.message_type import MessageType
-
-from securefpt.attestation import issue, load_private, new_key, public_raw, save_public
+from securefpt.protocol.attestation import check_attestation, issue, load_private, new_key, public_raw, save_public
 from securefpt.config import load_config
-from securefpt.eligibility import decide_eligibility
+from securefpt.coordinator.eligibility import decide_eligibility
 from securefpt.errors import ConfigError, FederationError
-from securefpt.keys import make_federation
-from securefpt.mods import GUARD_REFUSAL_CODE, SETUP_KEY, residency_guard_mod
-from securefpt.policy import load_manifests, load_policy
+from securefpt.operators.keys import make_federation
+from securefpt.protocol.policy import load_manifests, load_policy
 
 ROOT = Path(__file__).resolve().parents[1]
 NOW = datetime(2027, 1, 1, tzinfo=timezone.utc)
@@ -22,16 +18,19 @@ NOW = datetime(2027, 1, 1, tzinfo=timezone.utc)
 
 @pytest.fixture
 def federation(tmp_path):
-    """A fresh demo federation (keys, manifests) with the repository's example policy."""
-    make_federation(tmp_path / "clients", tmp_path / "clients" / "keys")
-    (tmp_path / "policies").mkdir()
-    (tmp_path / "policies" / "p.yaml").write_text((ROOT / "policies" / "masakhanews.yaml").read_text())
+    """A fresh demo federation (keys, manifests, node configurations) under the repository's example policy."""
+    make_federation(tmp_path)
     return tmp_path
 
 
+def fed_overrides(fed, policy="masakhanews"):
+    return [f"policy={fed / 'policies' / (policy + '.yaml')}", f"clients={fed / 'clients'}",
+            f"server_key={fed / 'coordinator' / 'audit.key'}"]
+
+
 def cfg_for(fed, *extra):
-    return load_config(None, [f"policy={fed / 'policies' / 'p.yaml'}", f"clients={fed / 'clients'}",
-                              "dp.enabled=true", "dp.target_epsilon=8", "secagg.enabled=true", *extra])
+    return load_config(None, fed_overrides(fed) + ["dp.enabled=true", "dp.target_epsilon=8", "secagg.enabled=true",
+                                                   *extra])
 
 
 def decide(fed, *extra, now=NOW):
@@ -39,10 +38,18 @@ def decide(fed, *extra, now=NOW):
     return decide_eligibility(load_policy(cfg.policy), cfg, load_manifests(cfg.clients), now)
 
 
-def test_the_example_policy_in_the_repository_is_valid():
+def test_the_example_policy_and_institutions_in_the_repository_are_valid_and_consistent():
     policy = load_policy(ROOT / "policies" / "masakhanews.yaml")
     assert policy.server.region == "eu-west" and len(policy.regions) == 5
-    assert len(load_manifests(ROOT / "clients")) == 5
+    assert policy.server.require_key_proof is True  # identity by default
+    manifests = load_manifests(ROOT / "clients")
+    assert len(manifests) == 5
+    # every committed attestation verifies with the committed authority key of its region
+    authorities = policy.authorities()
+    for cid, m in manifests.items():
+        assert check_attestation(m.attestation, cid, m.region, authorities[m.region], NOW, m.language) is None, cid
+        node = yaml.safe_load((ROOT / "clients" / cid / "node.yaml").read_text())
+        assert node["manifest"] == "manifest.yaml" and node["policy"] == "../../policies/masakhanews.yaml"
 
 
 def test_a_compliant_experiment_includes_all_but_the_region_that_forbids_export(federation):
@@ -77,6 +84,7 @@ def test_cohort_minimums_cascade(federation):
 
 
 def _rewrite(path: Path, **changes):
+    path = path / "manifest.yaml" if path.is_dir() else path
     data = yaml.safe_load(path.read_text())
     data["attestation"].update(changes.pop("attestation", {}))
     data.update(changes)
@@ -86,15 +94,15 @@ def _rewrite(path: Path, **changes):
 def test_forged_expired_and_wrong_authority_attestations_are_rejected(federation):
     clients = federation / "clients"
     # forged: a field changed after signing
-    _rewrite(clients / "eng-newsroom.yaml", attestation={"expires": "2099-01-01T00:00:00+00:00"})
+    _rewrite(clients / "eng-newsroom", attestation={"expires": "2099-01-01T00:00:00+00:00"})
     # expired: signed properly, but in the past
     fra_key = new_key()
     authority = load_private(clients / "keys" / "eu-west-authority.key")
-    old = issue(authority, "fra-agence", "eu-west", public_raw(fra_key), NOW - timedelta(days=1))
-    _rewrite(clients / "fra-agence.yaml", attestation=old.to_dict())
+    old = issue(authority, "fra-agence", "eu-west", "fra", public_raw(fra_key), NOW - timedelta(days=1))
+    _rewrite(clients / "fra-agence", attestation=old.to_dict())
     # wrong authority: swa signed by a key the policy does not trust for 'ke'
-    rogue = issue(new_key(), "swa-gazeti", "ke", public_raw(new_key()), NOW + timedelta(days=30))
-    _rewrite(clients / "swa-gazeti.yaml", attestation=rogue.to_dict())
+    rogue = issue(new_key(), "swa-gazeti", "ke", "swa", public_raw(new_key()), NOW + timedelta(days=30))
+    _rewrite(clients / "swa-gazeti", attestation=rogue.to_dict())
     d = decide(federation)
     assert "forged attestation" in d["eng-newsroom"].reason
     assert "expired" in d["fra-agence"].reason
@@ -105,17 +113,17 @@ def test_forged_expired_and_wrong_authority_attestations_are_rejected(federation
 
 def test_a_client_cannot_claim_another_region_with_its_own_valid_attestation(federation):
     # yor-iroyin holds a valid ng-south attestation, but claims uk (which would admit it)
-    _rewrite(federation / "clients" / "yor-iroyin.yaml", region="uk")
+    _rewrite(federation / "clients" / "yor-iroyin", region="uk")
     d = decide(federation)
     assert not d["yor-iroyin"].included
     assert "attestation is for region 'ng-south', not the claimed 'uk'" in d["yor-iroyin"].reason
     # and re-labelling the attestation too breaks the authority's signature
-    _rewrite(federation / "clients" / "yor-iroyin.yaml", attestation={"region": "uk"})
+    _rewrite(federation / "clients" / "yor-iroyin", attestation={"region": "uk"})
     assert "not signed by the authority of region 'uk'" in decide(federation)["yor-iroyin"].reason
 
 
 def test_an_experiment_with_no_valid_cohort_is_refused_before_training(federation, tmp_path):
-    from securefpt.simulation import run_federated_simulation
+    from securefpt.engines.simulation import run_federated_simulation
 
     cfg = cfg_for(federation, "data.languages=[yor]", "secagg.enabled=false")
     with pytest.raises(FederationError, match="yor-iroyin: destination not allowed"):
@@ -125,16 +133,18 @@ def test_an_experiment_with_no_valid_cohort_is_refused_before_training(federatio
 
 @pytest.mark.parametrize("text,field", [
     ("version: 1\nserver: {region: eu, artifact_regions: [eu]\n", "malformed YAML"),
-    ("version: 1\nserver: {region: eu, artifact_regions: [eu]}\nregions: {eu: {authority_key: k.pub, export_to: [eu], colour: red}}\n",
+    ("version: 1\nserver: {region: eu, artifact_regions: [eu]}\nregions: {eu: {authority_key: k.pub, export_to: [eu]}}\n",
+     "server.audit_key"),
+    ("version: 1\nserver: {region: eu, artifact_regions: [eu], audit_key: k.pub}\nregions: {eu: {authority_key: k.pub, export_to: [eu], colour: red}}\n",
      "regions.eu.colour: unknown key"),
-    ("version: 1\nserver: {region: eu, artifact_regions: [eu]}\nregions: {eu: {authority_key: k.pub, export_to: [eu], min_cohort: many}}\n",
+    ("version: 1\nserver: {region: eu, artifact_regions: [eu], audit_key: k.pub}\nregions: {eu: {authority_key: k.pub, export_to: [eu], min_cohort: many}}\n",
      "regions.eu.min_cohort"),
-    ("version: 1\nserver: {region: eu, artifact_regions: [eu]}\nregions: {eu: {authority_key: k.pub, export_to: [mars]}}\n",
+    ("version: 1\nserver: {region: eu, artifact_regions: [eu], audit_key: k.pub}\nregions: {eu: {authority_key: k.pub, export_to: [mars]}}\n",
      "regions.eu.export_to: unknown region 'mars'"),
-    ("version: 1\nserver: {region: us, artifact_regions: [eu]}\nregions: {eu: {authority_key: k.pub, export_to: [eu]}}\n",
+    ("version: 1\nserver: {region: us, artifact_regions: [eu], audit_key: k.pub}\nregions: {eu: {authority_key: k.pub, export_to: [eu]}}\n",
      "server.region: unknown region 'us'"),
     ("version: 2\nserver: {region: eu, artifact_regions: [eu]}\nregions: {}\n", "version"),
-    ("version: 1\nserver: {region: eu, artifact_regions: [eu]}\nregions: {eu: {authority_key: missing.pub, export_to: [eu]}}\n",
+    ("version: 1\nserver: {region: eu, artifact_regions: [eu], audit_key: k.pub}\nregions: {eu: {authority_key: missing.pub, export_to: [eu]}}\n",
      "regions.eu.authority_key"),
 ])
 def test_malformed_policies_name_the_field(tmp_path, text, field):
@@ -160,41 +170,12 @@ def test_cli_policy_validate_exit_codes(tmp_path):
     assert res.returncode == 1 and "server.artifact_regions" in res.stderr
 
 
-def _context(require_secagg=True, violations=()):
-    context = Context(run_id=1, node_id=3, node_config={}, state=RecordDict(), run_config={})
-    context.state.config_records[SETUP_KEY] = ConfigRecord(
-        {"require-secagg": require_secagg, "violations": list(violations) or [""], "min-cohort": 2})
-    if not violations:
-        context.state.config_records[SETUP_KEY]["violations"] = []
-    return context
-
-
-def test_the_client_refuses_a_plaintext_training_request_its_region_forbids(flower_task):
-    calls = []
-    msg = Message(RecordDict({"fitins.config": ConfigRecord({"server-round": 1})}), dst_node_id=3,
-                  message_type=MessageType.TRAIN)
-    reply = residency_guard_mod(msg, _context(require_secagg=True), lambda m, c: calls.append(m))
-    assert reply.has_error() and reply.error.code == GUARD_REFUSAL_CODE
-    assert "requires secure aggregation" in reply.error.reason and calls == []
-    # the same request is passed on where the region allows plaintext
-    residency_guard_mod(msg, _context(require_secagg=False), lambda m, c: calls.append(m))
-    assert calls == [msg]
-
-
-def test_the_client_refuses_training_that_breaks_its_rules(flower_task):
-    msg = Message(RecordDict({"x": ConfigRecord({"a": 1})}), dst_node_id=3, message_type=MessageType.TRAIN)
-    reply = residency_guard_mod(msg, _context(False, ["epsilon 10.0 above region 'ng-north' maximum 8"]),
-                                lambda m, c: pytest.fail("training must not start"))
-    assert reply.has_error() and "epsilon 10.0" in reply.error.reason
-
-
 def test_a_federated_run_under_the_policy_is_enforced_and_audited(federation, tmp_path, tiny_overrides):
-    from securefpt.attestation import load_public
-    from securefpt.audit import read_entries, verify_log
-    from securefpt.simulation import run_federated_simulation
+    from securefpt.protocol.attestation import load_public
+    from securefpt.protocol.audit import read_entries, verify_log
+    from securefpt.engines.simulation import run_federated_simulation
 
-    cfg = load_config(None, tiny_overrides + [
-        f"policy={federation / 'policies' / 'p.yaml'}", f"clients={federation / 'clients'}",
+    cfg = load_config(None, tiny_overrides + fed_overrides(federation) + [
         "dp.enabled=true", "dp.target_epsilon=8", "secagg.enabled=true"])
     summary = run_federated_simulation(cfg, tmp_path / "run", show_progress=False)
     clients = summary["clients"]
@@ -214,7 +195,7 @@ def test_a_federated_run_under_the_policy_is_enforced_and_audited(federation, tm
 
 
 def test_a_policy_forbids_pooling_raw_data(federation, tmp_path):
-    from securefpt.runner import run_experiment
+    from securefpt.engines.runner import run_experiment
 
     with pytest.raises(FederationError, match="forbids the centralized paradigm"):
         run_experiment(cfg_for(federation, "paradigm=centralized"), tmp_path / "never", show_progress=False)

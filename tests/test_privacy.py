@@ -1,4 +1,4 @@
-"""DP-SGD with Opacus: accounting across rounds, real clipping, budgets, PEFT methods."""
+"""DP-SGD with Opacus: real clipping, real noise of the right size, accounting across rounds and experiments."""
 
 import numpy as np
 import pytest
@@ -6,14 +6,18 @@ import torch
 from opacus.accountants import PRVAccountant, RDPAccountant
 from torch import nn
 
+import securefpt.learning.dp_training as dp_training
 from securefpt.config import load_config
-from securefpt.data import label_space, load_client_data
+from securefpt.engines.simulation import run_federated_simulation
 from securefpt.errors import ConfigError
-from securefpt.modeling import build_model, get_trainable, set_trainable
-from securefpt.privacy import PrivacyLedger, dp_train, epsilon_of, plan_privacy
-from securefpt.simulation import run_federated_simulation
-from securefpt.training import train_local
-from tests.test_federated import make_masakhanews_like
+from securefpt.learning.data import label_space, load_client_data
+from securefpt.learning.dp_training import DPSchedule, dp_train
+from securefpt.learning.modeling import build_model, get_trainable, set_trainable
+from securefpt.learning.training import train_local
+from securefpt.node.budget import Ledger, epsilon_of, plan_privacy
+from securefpt.node.config import Budget
+from securefpt.protocol.refusals import NodeRefusal
+from tests.conftest import make_masakhanews_like, tsv_cfg_overrides
 
 
 def test_opacus_reference_values_from_its_test_suite():
@@ -23,23 +27,46 @@ def test_opacus_reference_values_from_its_test_suite():
     assert epsilon_of(history, 1e-5, "prv") == pytest.approx(6.777, abs=0.05)
 
 
+def _request(*extra, labels=("a", "b")):
+    return load_config(None, ["dp.enabled=true", *extra]).request(list(labels))
+
+
 @pytest.mark.parametrize("accountant", ["rdp", "prv"])
-def test_ledger_persists_three_rounds_as_one_accounting_of_3k_steps(accountant):
-    records: dict = {}
-    cfg = load_config(None, ["dp.enabled=true", f"dp.accountant={accountant}", "fl.batch_size=8", "fl.rounds=3"])
-    plan = plan_privacy(cfg, num_examples=40)
-    for _ in range(3):  # each round: load the state, spend, save it back (as the ClientApp does)
-        ledger = PrivacyLedger.load(records, cfg.dp.delta, accountant)
-        ledger.spend(plan, plan.steps_per_round)
-        ledger.save(records)
-    ledger = PrivacyLedger.load(records, cfg.dp.delta, accountant)
+def test_a_ledger_that_outlives_three_rounds_is_one_accounting_of_3k_steps(tmp_path, accountant):
+    request = _request(f"dp.accountant={accountant}", "fl.batch_size=8", "fl.rounds=3")
+    plan = plan_privacy(request, num_examples=40)
+    for _ in range(3):  # each round a fresh process reads the ledger file, spends and writes it back
+        Ledger(tmp_path, "news", Budget()).spend(request.sha256(), plan, plan.steps_per_round)
+    ledger = Ledger(tmp_path, "news", Budget())
     k = plan.steps_per_round
-    assert ledger.steps == 3 * k
+    assert ledger.steps(request.sha256()) == 3 * k
     fresh = RDPAccountant() if accountant == "rdp" else PRVAccountant()
     fresh.history = [(plan.noise_multiplier, plan.sample_rate, 3 * k)]
-    assert ledger.epsilon() == pytest.approx(fresh.get_epsilon(delta=cfg.dp.delta), rel=1e-3)
+    assert ledger.epsilon(request.sha256(), plan) == pytest.approx(fresh.get_epsilon(delta=1e-5), rel=1e-3)
     # the noise was derived so that the whole planned run spends the target
-    assert ledger.epsilon() == pytest.approx(cfg.dp.target_epsilon, rel=0.02)
+    assert ledger.epsilon(request.sha256(), plan) == pytest.approx(request.dp.target_epsilon, rel=0.02)
+    # a fourth round exceeds the experiment's target: refused where budget is spent
+    with pytest.raises(NodeRefusal) as refusal:
+        ledger.authorize(request.sha256(), plan)
+    assert refusal.value.code == "budget-exhausted"
+
+
+def test_the_lifetime_budget_spans_experiments_on_the_same_dataset(tmp_path):
+    first, renamed = _request("fl.rounds=2", "name=a"), _request("fl.rounds=2", "name=b")
+    plan = plan_privacy(first, num_examples=64)
+    run = [plan.round_spend()] * 2
+    one, two = epsilon_of(run, 1e-5, "prv"), epsilon_of(run * 2, 1e-5, "prv")
+    budget = Budget(epsilon=(one + two) / 2)  # one experiment fits, two composed do not
+    ledger = Ledger(tmp_path, "news", budget)
+    ledger.check_plan(first.sha256(), plan)  # the first experiment fits the lifetime budget
+    for _ in range(2):
+        ledger.authorize(first.sha256(), plan)
+        ledger.spend(first.sha256(), plan, plan.steps_per_round)
+    # the same experiment renamed has a fresh target of its own, but the dataset's lifetime does not
+    assert ledger.epsilon(renamed.sha256(), plan) == 0.0
+    with pytest.raises(NodeRefusal, match="lifetime"):
+        ledger.check_plan(renamed.sha256(), plan)
+    assert Ledger(tmp_path, "other-dataset", budget).allows_round(renamed.sha256(), plan)
 
 
 def _tiny(method="prompt_tuning", extra=()):
@@ -52,11 +79,17 @@ def _examples(cfg, n):
     return labels, load_client_data(cfg.data, "yor", labels, 0).train[:n]
 
 
-def test_clipping_is_real_with_zero_noise():
+@pytest.fixture
+def sgd(monkeypatch):
+    """Plain SGD in place of AdamW: the update is then -lr times the privatized gradient."""
+    monkeypatch.setattr(dp_training, "make_optimizer",
+                        lambda model, fl: torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=fl.lr))
+
+
+def test_clipping_is_real_with_zero_noise(sgd):
     """One full-batch step (q = 1) of SGD: the update is -lr * mean of clipped per-sample grads."""
     n, clip, lr = 6, 0.05, 1.0
-    cfg = _tiny(extra=["dp.noise_multiplier=0", f"dp.max_grad_norm={clip}", f"fl.batch_size={n}", f"fl.lr={lr}",
-                       "fl.local_epochs=1", "dp.target_epsilon=null"])
+    cfg = _tiny(extra=[f"fl.batch_size={n}", f"fl.lr={lr}"])
     labels, examples = _examples(cfg, n)
     a = build_model(cfg.model, cfg.peft, len(labels), 0)
     start = get_trainable(a.model)
@@ -77,30 +110,46 @@ def test_clipping_is_real_with_zero_noise():
     assert max(norms) > clip  # clipping is active for this test to mean anything
     mean_clipped = [t / n for t in total]
 
-    plan = plan_privacy(cfg, n)
-    assert plan.sample_rate == 1.0 and plan.steps_per_round == 1
-    import securefpt.privacy as privacy
-
-    sgd = lambda model, fl: torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=fl.lr)  # noqa
-    original = privacy.make_optimizer
-    privacy.make_optimizer = sgd
-    try:
-        dp_train(a, examples, cfg, plan, seed=0)
-    finally:
-        privacy.make_optimizer = original
+    dp_train(a, examples, cfg.fl, DPSchedule(noise_multiplier=0.0, sample_rate=1.0, steps=1, max_grad_norm=clip))
     after = get_trainable(a.model)
     names = [n_ for n_, p in ref.model.named_parameters() if p.requires_grad]
     for name, g in zip(names, mean_clipped):
         np.testing.assert_allclose(after[name] - start[name], -lr * g.numpy(), atol=1e-6, err_msg=name)
 
 
+def test_the_noise_has_standard_deviation_sigma_c_over_b_and_is_fresh_every_run(sgd):
+    """One full-batch SGD step (q = 1, so the batch is every example and the clipped mean is the
+    same in every run): update - noiseless update = -lr * N(0, (sigma * C)^2) / B per coordinate.
+
+    The bound is Fisher's: the sample standard deviation of N independent normals has
+    relative standard error 1/sqrt(2N); with N > 1,000 coordinates 15% is more than six of
+    them, so the test fails when the noise is missing, halved or doubled, not by chance.
+    """
+    n, clip, sigma, lr = 8, 0.5, 1.3, 1.0
+    cfg = _tiny(extra=[f"fl.batch_size={n}", f"fl.lr={lr}", "peft.num_virtual_tokens=32", "model.max_length=64"])
+    labels, examples = _examples(cfg, n)
+    runs = {}
+    for name, noise in (("clean", 0.0), ("noisy", sigma), ("again", sigma)):
+        model = build_model(cfg.model, cfg.peft, len(labels), 0)
+        start = get_trainable(model.model)
+        dp_train(model, examples, cfg.fl, DPSchedule(noise, 1.0, 1, clip))
+        runs[name] = np.concatenate([(get_trainable(model.model)[k] - start[k]).ravel() for k in start])
+    noise = (runs["clean"] - runs["noisy"]).astype(np.float64) / lr
+    expected = sigma * clip / n
+    assert noise.size > 1000
+    assert np.std(noise) == pytest.approx(expected, rel=0.15)
+    assert abs(np.mean(noise)) < 5 * expected / np.sqrt(noise.size)
+    # OS entropy every run: the same round on the same data gets different noise
+    assert np.corrcoef(runs["noisy"] - runs["clean"], runs["again"] - runs["clean"])[0, 1] < 0.2
+
+
 def test_zero_noise_and_huge_clip_equals_non_dp_training():
     n = 8
-    cfg = _tiny(extra=["dp.noise_multiplier=0", "dp.max_grad_norm=1e9", f"fl.batch_size={n}", "dp.target_epsilon=null"])
+    cfg = _tiny(extra=[f"fl.batch_size={n}"])
     labels, examples = _examples(cfg, n)
     a = build_model(cfg.model, cfg.peft, len(labels), 0)
     b = build_model(cfg.model, cfg.peft, len(labels), 0)
-    dp_train(a, examples, cfg, plan_privacy(cfg, n), seed=0)
+    dp_train(a, examples, cfg.fl, DPSchedule(0.0, 1.0, 1, 1e9))
     train_local(b, examples, cfg.fl, seed=0)
     got, want = get_trainable(a.model), get_trainable(b.model)
     for name in want:
@@ -113,15 +162,19 @@ def test_dp_training_works_for_each_peft_method(method):
     labels, examples = _examples(cfg, 16)
     a = build_model(cfg.model, cfg.peft, len(labels), 0)
     before = get_trainable(a.model)
-    plan = plan_privacy(cfg, len(examples))
-    result = dp_train(a, examples, cfg, plan, seed=0)
+    plan = plan_privacy(cfg.request(labels), len(examples))
+    assert plan.steps_per_round == 4 and plan.noise_multiplier > 0.3
+    result = dp_train(a, examples, cfg.fl, DPSchedule(plan.noise_multiplier, plan.sample_rate, 4, 1.0))
     after = get_trainable(a.model)
-    assert result.steps == plan.steps_per_round == 4
-    assert all(np.abs(after[k] - before[k]).max() > 0 for k in before)
-    assert np.isfinite(result.loss)
-    # the hooks are gone: the model trains normally afterwards
+    assert result.steps == 4 and np.isfinite(result.loss)
+    assert all(np.abs(after[k] - before[k]).max() > 0 for k in before)  # every trainable tensor moved
+    # the hooks are gone: the model trains normally afterwards, and deterministically again
     set_trainable(a.model, before)
     train_local(a, examples, cfg.fl, seed=0)
+    b = build_model(cfg.model, cfg.peft, len(labels), 0)
+    train_local(b, examples, cfg.fl, seed=0)
+    for k, v in get_trainable(b.model).items():
+        np.testing.assert_allclose(get_trainable(a.model)[k], v, atol=1e-6, err_msg=k)
 
 
 def test_full_fine_tuning_with_dp_is_a_clear_error():
@@ -137,7 +190,8 @@ def test_dp_training_on_the_packaged_minilm(method):
     labels, examples = _examples(cfg, 16)
     a = build_model(cfg.model, cfg.peft, len(labels), 0)
     before = get_trainable(a.model)
-    dp_train(a, examples, cfg, plan_privacy(cfg, 16), seed=0)
+    plan = plan_privacy(cfg.request(labels), 16)
+    dp_train(a, examples, cfg.fl, DPSchedule(plan.noise_multiplier, plan.sample_rate, plan.steps_per_round, 1.0))
     after = get_trainable(a.model)
     assert all(np.abs(after[k] - before[k]).max() > 0 for k in before)
 
@@ -145,14 +199,12 @@ def test_dp_training_on_the_packaged_minilm(method):
 @pytest.fixture
 def dp_fed_cfg(tmp_path, tiny_overrides):
     root = make_masakhanews_like(tmp_path / "data", ["aa", "bb", "cc"])  # 10, 14, 18 rows
-    return lambda *extra: load_config(None, tiny_overrides + [
-        "data.source=masakhanews_tsv", f"data.root={root}", "data.languages=[aa, bb, cc]",
-        "data.train_split=test", "data.eval_split=dev", "data.max_train_per_client=null",
+    return lambda *extra: load_config(None, tiny_overrides + tsv_cfg_overrides(root, ["aa", "bb", "cc"]) + [
         "dp.enabled=true", "fl.batch_size=4", *extra])
 
 
 def test_reported_epsilon_equals_opacus_recomputed_from_the_report(dp_fed_cfg, tmp_path):
-    cfg = dp_fed_cfg("fl.rounds=3", "dp.target_epsilon=4", "dp.accountant=rdp")
+    cfg = dp_fed_cfg("fl.rounds=3", "dp.target_epsilon=4", "dp.accountant=rdp", "secagg.enabled=false")
     summary = run_federated_simulation(cfg, tmp_path / "run", show_progress=False)
     p = summary["privacy"]
     assert p["accountant"] == "rdp" and p["delta"] == 1e-5
@@ -169,7 +221,7 @@ def test_reported_epsilon_equals_opacus_recomputed_from_the_report(dp_fed_cfg, t
 
 
 @pytest.mark.parametrize("secagg", ["false", "true"])
-def test_a_client_over_budget_declines_and_the_run_goes_on(dp_fed_cfg, tmp_path, secagg):
+def test_a_node_over_budget_declines_and_the_run_goes_on(dp_fed_cfg, tmp_path, secagg):
     # fixed noise; batch 4: aa (10 rows, q=0.4) takes 2 steps a round, cc (18 rows) 4.
     sigma = 1.5
     eps_aa_2_rounds = epsilon_of([(sigma, 0.4, 4)], 1e-5, "prv")
@@ -180,9 +232,9 @@ def test_a_client_over_budget_declines_and_the_run_goes_on(dp_fed_cfg, tmp_path,
                      f"secagg.enabled={secagg}")
     summary = run_federated_simulation(cfg, tmp_path / "run", show_progress=False)
     r1, r2 = summary["rounds"]
-    assert not r2["aborted"]  # with SecAgg+ the share graph shrinks to the two remaining clients
+    assert not r2["aborted"]  # with SecAgg+ the share graph shrinks to the two remaining nodes
     assert r1["participants"] == ["aa", "bb", "cc"] and r1["declined"] == {}
-    assert "privacy budget" in r2["declined"]["aa"]
+    assert r2["declined"]["aa"].startswith("budget-exhausted")
     assert "aa" not in r2["participants"] and "cc" in r2["participants"]
     assert summary["privacy"]["steps"]["aa"] == 2 and summary["privacy"]["steps"]["cc"] == 8
     assert summary["privacy"]["epsilon"]["aa"] <= budget

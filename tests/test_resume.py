@@ -2,14 +2,14 @@
 
 import json
 
-import numpy as np
 import pytest
 
-from securefpt.attestation import load_public
-from securefpt.audit import read_entries, verify_log
+from securefpt.protocol.attestation import load_public
+from securefpt.protocol.audit import read_entries, verify_log
 from securefpt.errors import FederationError
-from securefpt.results import load_arrays
-from securefpt.simulation import run_federated_simulation
+from securefpt.learning.artifacts import load_arrays
+from securefpt.protocol.records import encoder_hash
+from securefpt.engines.simulation import run_federated_simulation
 from tests.test_privacy import dp_fed_cfg  # noqa: F401  (fixture)
 
 pytestmark = pytest.mark.slow
@@ -19,25 +19,36 @@ class CoordinatorCrash(Exception):
     pass
 
 
-def crash_after_round(out, completed: int):
-    """An `on_receive` hook that kills the run once round `completed` is checkpointed."""
+@pytest.fixture
+def crash_after_round(monkeypatch):
+    """The coordinator dies right after it checkpointed round `completed` (before the next round
+    reaches any node: a node that already trained on an encoder never trains on it again)."""
+    import securefpt.coordinator.app as coordinator
 
-    def hook(_msg):
-        state = out / "checkpoint" / "state.json"
-        if state.is_file() and json.loads(state.read_text())["completed"] >= completed:
-            raise CoordinatorCrash(f"coordinator lost after round {completed}")
+    def arm(completed: int):
+        real = coordinator.save_checkpoint
 
-    return hook
+        def save_then_die(out_dir, cfg, state):
+            path = real(out_dir, cfg, state)
+            if state.completed >= completed:
+                monkeypatch.setattr(coordinator, "save_checkpoint", real)  # the restarted one lives
+                raise CoordinatorCrash(f"coordinator lost after round {completed}")
+            return path
+
+        monkeypatch.setattr(coordinator, "save_checkpoint", save_then_die)
+
+    return arm
 
 
-def test_a_run_resumed_after_round_1_equals_the_uninterrupted_run_and_nothing_is_overwritten(dp_fed_cfg, tmp_path):  # noqa: F811
+def test_a_run_resumed_after_round_1_continues_from_its_checkpoint_and_ledgers(
+        dp_fed_cfg, tmp_path, crash_after_round):  # noqa: F811
     cfg = dp_fed_cfg("fl.rounds=2", "dp.target_epsilon=4", "secagg.enabled=false")
-    whole = run_federated_simulation(cfg, tmp_path / "whole", show_progress=False)
-
     out = tmp_path / "crashed"
+    crash_after_round(1)
     with pytest.raises(CoordinatorCrash):
-        run_federated_simulation(cfg, out, show_progress=False, on_receive=crash_after_round(out, 1))
+        run_federated_simulation(cfg, out, show_progress=False)
     assert not (out / "summary.json").exists()
+    after_round_1 = encoder_hash(load_arrays(next((out / "checkpoint").glob("round-0001.global.safetensors"))))
     other = dp_fed_cfg("fl.rounds=3", "dp.target_epsilon=4", "secagg.enabled=false")
     with pytest.raises(FederationError, match="checkpoint of a different experiment"):
         run_federated_simulation(other, out, show_progress=False)
@@ -51,12 +62,15 @@ def test_a_run_resumed_after_round_1_equals_the_uninterrupted_run_and_nothing_is
     assert next(e for e in entries if e["event"] == "run_resumed")["after_round"] == 1
     verdict = verify_log(out / "audit.jsonl", load_public(resumed["audit_public_key"]), resumed["audit_head"])
     assert verdict.ok, verdict.reason
-    # the clients' ledgers carried on: the same steps and epsilon as without the crash
-    assert resumed["privacy"]["steps"] == whole["privacy"]["steps"]
-    assert resumed["privacy"]["epsilon"] == pytest.approx(whole["privacy"]["epsilon"])
-    a, b = load_arrays(out / "prompt_encoder.safetensors"), load_arrays(tmp_path / "whole" / "prompt_encoder.safetensors")
-    for name in b:
-        np.testing.assert_allclose(a[name], b[name], atol=1e-6, err_msg=name)
-    assert resumed["final"]["accuracy"] == whole["final"]["accuracy"]
+    # every node trained round 2 of the new run on the checkpointed encoder (its own record)
+    for lang in ("aa", "bb", "cc"):
+        runs = [json.loads(p.read_text()) for p in (out / "nodes" / lang / "runs").glob("*.json")]
+        assert len(runs) == 2 and sorted(r["trained"] for r in runs) == [[1], [2]]
+        assert next(r for r in runs if r["trained"] == [2])["offered"]["2"] == after_round_1
+    # the nodes' ledgers carried on: two rounds spent in all, the whole run's budget, as without a crash
+    p = resumed["privacy"]
+    for lang in ("aa", "bb", "cc"):
+        assert p["steps"][lang] == 2 * int(1 / p["sample_rate"][lang])
+        assert p["epsilon"][lang] == pytest.approx(4.0, rel=0.02)
     with pytest.raises(FederationError, match="finished run"):  # nothing overwritten
         run_federated_simulation(cfg, out, show_progress=False)

@@ -1,0 +1,451 @@
+"""The Flower ServerApp: Federated Prompt Averaging (Algorithm 1) over the engine's Grid.
+
+A run: `setup` (every node gets the experiment request and an identity challenge; the
+policy's eligibility decisions and the nodes' own answers decide who takes part), then
+an evaluation of the initial encoder that also offers round 1. One round: select
+m = max(C*K, 1) of the nodes that accepted the offer, train (SecAgg+ or plaintext),
+form the new global encoder, and send it to every node in one `evaluate` message that
+also offers the next round. The coordinator only proposes: every node checks every
+message against its own rules, and a malformed or missing reply counts as a dropout.
+"""
+
+from __future__ import annotations
+
+import shlex
+import time
+from collections import OrderedDict
+from dataclasses import asdict
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.common import FitIns, ndarrays_to_parameters, parameters_to_ndarrays
+from flwr.compat.common import recorddict_compat as compat
+from flwr.serverapp import Grid, ServerApp
+
+from securefpt.config import load_config
+from securefpt.coordinator.aggregation import select_clients, weighted_average
+from securefpt.coordinator.checkpoint import RunState, load_checkpoint, save_checkpoint
+from securefpt.coordinator.eligibility import participants
+from securefpt.coordinator.metering import MeteredGrid, exchange
+from securefpt.coordinator.progress import RunProgress
+from securefpt.coordinator.run_dir import ClientRecord, RoundRecord, RunRecorder
+from securefpt.coordinator.secure_aggregation import SecAggSettings, resolve_settings, secure_fit_round
+from securefpt.errors import FederationError
+from securefpt.learning.data import label_space
+from securefpt.learning.modeling import build_model, count_params, get_trainable
+from securefpt.protocol import records as R
+from securefpt.protocol.experiment import ExperimentConfig
+from securefpt.protocol.identity import check_proof, new_challenge
+from securefpt.protocol.policy import load_policy
+from securefpt.protocol.refusals import MESSAGES, parse
+
+
+def privacy_summary(cfg: ExperimentConfig, reports: dict[str, dict]) -> dict:
+    """`summary.json` privacy section from the nodes' latest released reports (null where not released)."""
+    langs = cfg.data.languages
+    get = lambda key: {lang: reports.get(lang, {}).get(key) for lang in langs}  # noqa: E731
+    return {
+        "enabled": cfg.dp.enabled,
+        "epsilon": get("epsilon"),
+        "delta": cfg.dp.delta if cfg.dp.enabled else None,
+        "noise_multiplier": get("noise-multiplier") if cfg.dp.enabled else None,
+        "sample_rate": get("sample-rate") if cfg.dp.enabled else None,
+        "steps": get("steps"),
+        "accountant": cfg.dp.accountant if cfg.dp.enabled else None,
+        "target_epsilon": cfg.dp.target_epsilon if cfg.dp.enabled else None,
+        "max_grad_norm": cfg.dp.max_grad_norm if cfg.dp.enabled else None,
+    }
+
+
+def describe(code: Optional[str], fallback: str) -> str:
+    """A node's answer, for the audit log and the summary: `code: message`."""
+    return f"{code}: {MESSAGES[code]}" if code in MESSAGES else fallback
+
+
+def _error_reason(msg: Message) -> str:
+    code = parse(msg.error.reason)
+    return describe(code, f"error code {msg.error.code}")
+
+
+class FederatedPromptAveraging:
+    """Runs one federated experiment on a Grid and writes its run directory."""
+
+    def __init__(self, cfg: ExperimentConfig, out_dir: Path, grid: Grid, context: Context,
+                 show_progress: bool = True, on_receive: Optional[Callable[[Message], None]] = None) -> None:
+        self.cfg = cfg
+        self.context = context
+        self.secagg: Optional[SecAggSettings] = None  # sized in run() for the nodes that take part
+        self.grid = MeteredGrid(grid, on_receive=on_receive)
+        self.participants = participants(cfg)  # the residency policy's decisions, before any training
+        self.policy = load_policy(cfg.policy) if cfg.policy is not None else None  # as at the start of the run
+        self.labels = list(cfg.data.labels) if cfg.data.labels else label_space(cfg.data)
+        self.request = cfg.request(self.labels)
+        self.resumed = load_checkpoint(out_dir, cfg)  # a restarted coordinator goes on from here
+        self.recorder = RunRecorder(out_dir, cfg, self.labels, resumed=self.resumed.rounds if self.resumed else None)
+        self.progress = RunProgress(enabled=show_progress)
+        self.rng = np.random.default_rng(cfg.seed)
+        self.languages: dict[int, str] = {}  # node id -> language, fixed at setup (authenticated identity)
+
+    # ------------------------------------------------------------------ setup
+    def _wait_for_nodes(self, expected: int, timeout: float = 120.0) -> list[int]:
+        deadline = time.monotonic() + timeout
+        nodes: list[int] = []
+        while time.monotonic() < deadline:
+            nodes = sorted(self.grid.get_node_ids())
+            if len(nodes) >= expected:
+                return nodes
+            time.sleep(0.1)
+        if not nodes:
+            raise FederationError(f"no node connected within {timeout:.0f}s")
+        return nodes
+
+    def _setup(self, nodes: list[int]) -> dict[int, str]:
+        """Hand each node the request and an identity challenge; learn who it is and whether it accepts.
+
+        A node whose identity does not hold (identity.py), a second node for a language
+        already served, a node that refuses the request and a malformed reply are each
+        left out, with the reason in the audit log.
+        """
+        challenge = new_challenge()
+        content = RecordDict({R.SETUP: ConfigRecord({"request": self.request.to_json(), "challenge": challenge})})
+        msgs = [Message(content, dst_node_id=n, message_type=MessageType.QUERY) for n in nodes]
+        replies = exchange(self.grid, msgs, timeout=self.cfg.fl.round_timeout)
+        self.setup_errors: list[str] = []
+        self.refused: dict[str, str] = {}  # language -> why its node(s) were left out
+        for node, reply in sorted(replies, key=lambda pair: pair[0]):
+            if reply.has_error():
+                self.setup_errors.append(_error_reason(reply))
+                continue
+            identity = reply.content.config_records.get(R.IDENTITY)
+            answer = reply.content.config_records.get(R.ANSWER)
+            if identity is None or answer is None or "accept" not in answer:
+                self.setup_errors.append("malformed setup reply")
+                continue
+            language, why = self._identify(node, identity, challenge)
+            if why is None and language in self.languages.values():
+                why = f"language '{language}' is already served by another node"
+            if why is None and not bool(answer["accept"]):
+                why = "refused the experiment: " + describe(str(answer.get("code")), "no reason code")
+            if self.policy is not None:
+                self.recorder.audit.append("identity", node=node, language=language,
+                                           client=str(identity.get("client-id", "")) or None,
+                                           accepted=why is None, reason=why or "identity holds")
+            if why is not None:
+                if language is not None:
+                    self.refused.setdefault(language, why)
+                continue
+            self.languages[node] = language
+        for reason in self.setup_errors:
+            self.recorder.audit.append("node_failed_setup", reason=reason)
+        if not self.languages:
+            raise FederationError("every node failed setup: "
+                                  + "; ".join(sorted(set(self.setup_errors) | set(self.refused.values()))[:3]))
+        return self.languages
+
+    def _identify(self, node: int, identity: ConfigRecord, challenge: str) -> tuple[Optional[str], Optional[str]]:
+        """(language, None) when this node may act for the institution it names; else (language?, why not).
+
+        With a policy the language is the one the registered, attested manifest serves,
+        never the node's own claim; without one (local trials) the node's word is taken.
+        """
+        claimed = str(identity.get("client-id", ""))
+        if self.policy is None:
+            return str(identity.get("language", "")) or None, None
+        who = next((p for p in self.participants.values() if p.client_id == claimed and p.manifest), None)
+        if who is None:
+            return None, f"client '{claimed}' is not registered for this experiment"
+        language = who.manifest.language
+        why = check_proof(who.manifest, claimed, str(identity.get("proof", "")), self.context.run_id, node, challenge,
+                          self.policy.server.require_key_proof)
+        return language, why
+
+    def _recheck_policy(self, server_round: int, eligible: list[int]) -> list[int]:
+        """Decide again before this round (an attestation may have expired since the last)."""
+        try:
+            now = participants(self.cfg)
+        except FederationError as exc:
+            now, reason = {}, str(exc)
+        keep = [n for n in eligible if self.languages[n] in now and now[self.languages[n]].decision.included]
+        for n in eligible:
+            if n not in keep:
+                lang = self.languages[n]
+                why = now[lang].decision.reason if lang in now else reason
+                self.recorder.audit.append("eligibility", round=server_round, client=lang, included=False, reason=why)
+        return keep
+
+    def _artifact_region(self) -> Optional[str]:
+        """Where the final artifact is stored: the coordinator's region, which the policy must allow."""
+        if self.policy is None:
+            return None
+        server = self.policy.server
+        if server.region not in server.artifact_regions:
+            raise FederationError(f"policy forbids storing the artifact in the coordinator's region '{server.region}'")
+        return server.region
+
+    def _in_order(self, langs) -> list[str]:
+        chosen = set(langs)
+        return [lang for lang in self.cfg.data.languages if lang in chosen]
+
+    # ------------------------------------------------------------------ rounds
+    def _train_round(self, server_round: int, selected: list[int], global_arrays) -> tuple:
+        """Plaintext round: each selected node returns h_k and |D_k| (Algorithm 1)."""
+        parameters = ndarrays_to_parameters(list(global_arrays.values()))
+        fitins = FitIns(parameters, {"server-round": server_round})
+        msgs = [
+            Message(compat.fitins_to_recorddict(fitins, True), dst_node_id=n, message_type=MessageType.TRAIN)
+            for n in selected
+        ]
+        task = self.progress.clients(f"round {server_round}: training", len(selected))
+        replies = exchange(self.grid, msgs, timeout=self.cfg.fl.round_timeout, on_reply=lambda _: task.advance())
+        task.done()
+        updates, failures, losses, answered = [], [], [], set()
+        for node, reply in replies:
+            answered.add(node)
+            if reply.has_error():
+                failures.append((node, _error_reason(reply)))
+                continue
+            update = _plaintext_update(reply, global_arrays, self.secagg_max_weight())
+            if update is None:
+                failures.append((node, "malformed training reply"))
+                continue
+            updates.append(update[:2])
+            if update[2] is not None:
+                losses.append(update[2])
+        failures += [(n, "no reply before fl.round_timeout") for n in selected if n not in answered]
+        new_global = weighted_average(updates) if updates else None
+        failed = dict(failures)
+        return new_global, [n for n in selected if n in answered and n not in failed], failures, losses, None
+
+    def secagg_max_weight(self) -> float:
+        return float(self.cfg.secagg.max_weight or self.cfg.data.max_train_per_client or float("inf"))
+
+    def _secure_train_round(self, server_round: int, selected: list[int], global_arrays) -> tuple:
+        """Secure round: the coordinator learns only sum_k w_k (h_k - h_g) (see secure_aggregation.py)."""
+        task = self.progress.clients(f"round {server_round}: secure aggregation", 1)
+        outcome = secure_fit_round(self.grid, self.context, self.secagg, server_round, selected, global_arrays,
+                                   {"server-round": server_round})
+        task.advance()
+        task.done()
+        contributors = [n for n in selected if n in set(outcome.contributors)]
+        failures = [(n, outcome.failures.get(n, "dropped out of the secure round")) for n in selected
+                    if n not in set(contributors)]
+        if outcome.aborted:
+            failures = [(n, f"round aborted: {outcome.why}") for n in selected]
+            self.recorder.audit.append("secure_round_aborted", round=server_round, reason=outcome.why)
+            return None, [], failures, [], outcome.why
+        new_global = OrderedDict(
+            (name, (global_arrays[name] + outcome.average_change[name]).astype(np.float32)) for name in global_arrays
+        )
+        return new_global, contributors, failures, [], None
+
+    def _evaluate(self, server_round: int, nodes: list[int], global_arrays, next_round: int) -> tuple:
+        """Send the round's aggregate to every node: released accuracies, privacy reports, and each
+        node's answer to the offer of `next_round` (0: none), keyed by the node's authenticated id."""
+        content = lambda: RecordDict({  # noqa: E731
+            R.GLOBAL: R.arrays_to_record(global_arrays),
+            R.ROUND: ConfigRecord({"server-round": server_round, "next-round": next_round})})
+        msgs = [Message(content(), dst_node_id=n, message_type=MessageType.EVALUATE) for n in nodes]
+        task = self.progress.clients(f"round {server_round}: evaluating", len(nodes))
+        replies = exchange(self.grid, msgs, timeout=self.cfg.fl.round_timeout, on_reply=lambda _: task.advance())
+        task.done()
+        accuracy, privacy, willing, declined = {}, {}, [], {}
+        answered = set()
+        for node, reply in replies:
+            language = self.languages[node]
+            answered.add(node)
+            if reply.has_error():
+                declined[language] = f"no answer: {_error_reason(reply)}"
+                continue
+            metrics = reply.content.metric_records.get(R.EVAL)
+            answer = reply.content.config_records.get(R.ANSWER)
+            report = reply.content.config_records.get(R.PRIVACY)
+            if metrics is None or answer is None or "accept" not in answer:
+                declined[language] = "malformed evaluation reply"
+                continue
+            if isinstance(metrics.get("accuracy"), float) and 0.0 <= metrics["accuracy"] <= 1.0:
+                accuracy[language] = float(metrics["accuracy"])
+            if report is not None and len(report):
+                privacy[language] = dict(report)
+            if bool(answer["accept"]):
+                willing.append(node)
+            elif next_round:
+                declined[language] = describe(str(answer.get("code")), "declined without a reason code")
+        for node in nodes:
+            if node not in answered:
+                declined[self.languages[node]] = "no answer before fl.round_timeout"
+        order = self.cfg.data.languages
+        return ({lang: accuracy[lang] for lang in order if lang in accuracy},
+                {lang: privacy[lang] for lang in order if lang in privacy}, sorted(willing),
+                {lang: declined[lang] for lang in order if lang in declined})
+
+    def _initial_state(self, global_arrays: OrderedDict) -> RunState:
+        """A fresh start, or the checkpoint of a run whose coordinator restarted; its
+        rounds are the recorder's (one list, which every completed round extends)."""
+        if self.resumed is None:
+            return RunState(global_arrays=global_arrays, rounds=self.recorder.rounds)
+        state = self.resumed
+        state.rounds = self.recorder.rounds
+        order = list(global_arrays)  # the model's parameter order, which the nodes share
+        state.global_arrays = OrderedDict((k, state.global_arrays[k]) for k in order)
+        if state.best_arrays is not None:
+            state.best_arrays = OrderedDict((k, state.best_arrays[k]) for k in order)
+        self.rng.bit_generator.state = state.rng_state
+        self.progress.console.print(f"resuming after round {state.completed} (checkpoint in {self.recorder.out_dir})")
+        return state
+
+    def _admit(self) -> tuple[dict[str, ClientRecord], list[int]]:
+        """Each institution's record (included or why not) and the nodes that take part."""
+        why_missing = "failed setup: " + ("; ".join(sorted(set(self.setup_errors))) or "no reply")
+        clients: dict[str, ClientRecord] = {}
+        for lang, who in self.participants.items():
+            answered = lang in self.languages.values()
+            included = who.decision.included and answered
+            missing = f"left out at setup: {self.refused[lang]}" if lang in self.refused else why_missing
+            reason = who.decision.reason if not who.decision.included else ("eligible" if answered else missing)
+            clients[who.client_id] = ClientRecord(region=who.region, language=lang, included=included, reason=reason)
+        admitted = {c.language for c in clients.values() if c.included}
+        return clients, sorted(n for n, lang in self.languages.items() if lang in admitted)
+
+    def run(self) -> dict:
+        cfg = self.cfg
+        audit = self.recorder.audit
+        assembled = build_model(cfg.model, cfg.peft, len(self.labels), cfg.seed)
+        state = self._initial_state(get_trainable(assembled.model))
+        trainable, total = count_params(assembled.model)
+        del assembled
+
+        self._setup(self._wait_for_nodes(len(cfg.data.languages)))
+        clients, eligible = self._admit()
+        audit.append("eligibility", round=state.completed, clients={k: asdict(v) for k, v in clients.items()})
+        if not eligible:
+            raise FederationError("no eligible node answered: " + "; ".join(f"{k}: {v.reason}" for k, v in clients.items()))
+        if cfg.secagg.enabled:  # the protocol is sized for the nodes that actually take part
+            self.secagg = resolve_settings(cfg, len(eligible))
+
+        last_round = state.completed if state.stopped else cfg.fl.rounds
+        self.progress.start(last_round - state.completed)
+        # the current encoder, evaluated once more; its message offers the first round to train
+        _, _, willing, declined = self._evaluate(state.completed, eligible, state.global_arrays,
+                                                 state.completed + 1 if state.completed < last_round else 0)
+        for server_round in range(state.completed + 1, last_round + 1):
+            start = time.perf_counter()
+            up0, down0 = self.grid.snapshot()
+            if cfg.policy is not None and server_round > 1:
+                eligible = self._recheck_policy(server_round, eligible)
+            willing = [n for n in willing if n in eligible]
+            for lang, why in declined.items():
+                audit.append("declined", round=server_round, client=lang, reason=why)
+            if not willing:
+                audit.append("no_willing_nodes", round=server_round)
+                self.progress.console.print(f"round {server_round}: every node declined; stopping")
+                break
+            selected = select_clients(willing, cfg.fl.fraction_fit, self.rng, population=len(eligible))
+            train = self._secure_train_round if self.secagg is not None else self._train_round
+            train_start = time.perf_counter()
+            if self.secagg is not None and len(selected) < max(2, self.secagg.min_cohort):
+                new_global, contributors, failures, losses, why = None, [], [
+                    (n, f"secure aggregation needs {max(2, self.secagg.min_cohort)} nodes") for n in selected], [], None
+            else:
+                new_global, contributors, failures, losses, why = train(server_round, selected, state.global_arrays)
+            train_seconds = time.perf_counter() - train_start
+            aborted = new_global is None
+            if not aborted:
+                state.global_arrays = new_global
+            state.secure_rounds.append({"round": server_round, "participants": self._in_order(
+                self.languages[n] for n in contributors), "dropouts": self._in_order(self.languages[n] for n, _ in failures),
+                "aborted": aborted})
+            next_round = server_round + 1 if server_round < last_round else 0
+            round_declined = declined
+            accuracy, privacy, willing, declined = self._evaluate(server_round, eligible, state.global_arrays,
+                                                                  next_round)
+            if privacy:
+                state.latest_privacy.update(privacy)
+                audit.append("privacy", round=server_round,
+                             epsilon={lang: p.get("epsilon") for lang, p in privacy.items()})
+            up1, down1 = self.grid.snapshot()
+            record = RoundRecord(
+                round=server_round, accuracy=accuracy, seconds=time.perf_counter() - start,
+                train_seconds=train_seconds, participants=self._in_order(self.languages[n] for n in contributors),
+                failures=sorted(f"{self.languages.get(n, n)}: {why}" for n, why in failures),
+                train_loss=float(np.mean(losses)) if losses else None, bytes_up=up1 - up0, bytes_down=down1 - down0,
+                aborted=aborted, declined=round_declined,
+                epsilon={lang: p["epsilon"] for lang, p in privacy.items() if "epsilon" in p} or None,
+            )
+            self.recorder.add_round(record)
+            self.progress.round_done(record)
+            state.stopped = state.observe(record, state.global_arrays, cfg.fl.patience)
+            state.completed, state.rng_state = server_round, self.rng.bit_generator.state
+            save_checkpoint(self.recorder.out_dir, cfg, state)
+            if state.stopped:
+                audit.append("early_stop", round=server_round, best_round=state.best_round)
+                break
+        self.progress.stop()
+        if not self.recorder.rounds:
+            raise FederationError("no round completed: every node declined the first round")
+
+        final_record, final_arrays = self.recorder.rounds[-1], state.global_arrays
+        if cfg.fl.patience is not None and state.best_round is not None:
+            final_record, final_arrays = state.best_record(), state.best_arrays
+        self.recorder.save_artifact(final_arrays, region=self._artifact_region())
+        secure = {"enabled": self.secagg is not None}
+        if self.secagg is not None:
+            secure.update(settings=asdict(self.secagg), rounds=state.secure_rounds,
+                          aborted_rounds=[r["round"] for r in state.secure_rounds if r["aborted"]])
+        return self.recorder.write_summary(final_record, trainable, total, clients, secure_aggregation=secure,
+                                           privacy=privacy_summary(cfg, state.latest_privacy))
+
+
+def _plaintext_update(reply: Message, global_arrays, max_weight: float):
+    """(arrays, |D_k|, loss or None) of a plaintext training reply, or None when it is malformed:
+    wrong names or shapes, non-finite values, or a weight that is not a positive count."""
+    try:
+        fitres = compat.recorddict_to_fitres(reply.content, keep_input=False)
+        values = parameters_to_ndarrays(fitres.parameters)
+    except Exception:  # a reply the codec cannot read is that node dropping out
+        return None
+    names = list(global_arrays)
+    if len(values) != len(names) or any(v.shape != global_arrays[n].shape for n, v in zip(names, values)):
+        return None
+    if not all(np.isfinite(v).all() for v in values):
+        return None
+    weight = fitres.num_examples
+    if isinstance(weight, bool) or not isinstance(weight, int) or not 0 < weight <= max_weight:
+        return None
+    loss = fitres.metrics.get("loss")
+    return OrderedDict(zip(names, values)), float(weight), float(loss) if isinstance(loss, float) else None
+
+
+def build_server_app(
+    cfg: Optional[ExperimentConfig] = None,
+    out_dir: Optional[Path] = None,
+    show_progress: bool = True,
+    on_error: Optional[Callable[[BaseException], None]] = None,
+    on_receive: Optional[Callable[[Message], None]] = None,
+) -> ServerApp:
+    """A ServerApp bound to an experiment, or reading it from the run config (`flwr run`):
+    `experiment` (a YAML path), `overrides` ("key=value ..." as `securefpt run --set`), `out-dir`.
+
+    `on_error` receives an exception raised by the run, so an in-process caller can
+    re-raise it after the engine has shut down; `on_receive` sees every message the
+    coordinator receives (for audits and tests).
+    """
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        try:
+            overrides = shlex.split(str(context.run_config.get("overrides", "")))
+            run_cfg = cfg or load_config(str(context.run_config["experiment"]), overrides)
+            run_out = out_dir or Path(str(context.run_config.get("out-dir", "runs/flwr")))
+            FederatedPromptAveraging(run_cfg, run_out, grid, context, show_progress, on_receive).run()
+        except BaseException as exc:
+            if on_error is None:
+                raise
+            on_error(exc)
+
+    return app
+
+
+app = build_server_app()

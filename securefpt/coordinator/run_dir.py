@@ -1,0 +1,185 @@
+"""A run directory: summary.json, per-round CSV, accuracy plot, trainable parameters.
+
+Layout (the interface other tools rely on, see DESIGN):
+    summary.json              figures of the run
+    metrics.csv               one row per round
+    accuracy.png              accuracy per language over rounds
+    prompt_encoder.safetensors  final trainable parameters, keyed by name
+    config.yaml, labels.json  what `securefpt predict` needs beside the parameters
+    audit.jsonl, server.pub   the run's decisions, hash-chained and signed; the key to verify them
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import yaml
+
+from securefpt.coordinator.audit_key import coordinator_key
+from securefpt.protocol.audit import AuditLog, file_sha256
+from securefpt.learning.artifacts import save_arrays
+from securefpt.protocol.experiment import ExperimentConfig
+
+ARTIFACT = "prompt_encoder.safetensors"
+
+
+@dataclass
+class RoundRecord:
+    round: int
+    accuracy: dict[str, float]
+    seconds: float
+    train_seconds: Optional[float] = None  # the training (and aggregation) part of `seconds`
+    participants: list[str] = field(default_factory=list)
+    failures: list[str] = field(default_factory=list)
+    train_loss: Optional[float] = None
+    bytes_up: int = 0
+    bytes_down: int = 0
+    aborted: bool = False
+    declined: dict[str, str] = field(default_factory=dict)  # client -> why it sat this round out
+    epsilon: Optional[dict[str, float]] = None  # cumulative, per client, after this round
+
+    def avg(self) -> float:
+        return float(np.mean(list(self.accuracy.values()))) if self.accuracy else float("nan")
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["accuracy"] = {**self.accuracy, "avg": self.avg()}
+        return out
+
+
+@dataclass
+class ClientRecord:
+    region: Optional[str]
+    language: str
+    included: bool
+    reason: str
+
+
+class RunRecorder:
+    """Collects a run's rounds and writes the run directory."""
+
+    def __init__(self, out_dir: Path, cfg: ExperimentConfig, labels: list[str],
+                 resumed: Optional[list[RoundRecord]] = None) -> None:
+        """`resumed`: the rounds a restarted run already completed (checkpoint.py)."""
+        self.out_dir = Path(out_dir)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.cfg = cfg
+        self.labels = labels
+        self.rounds: list[RoundRecord] = list(resumed or [])
+        key, self.audit_public_key = coordinator_key(cfg, self.out_dir)
+        self.audit = AuditLog(self.out_dir / "audit.jsonl", key)
+        digest = cfg.sha256()
+        if resumed is not None:
+            self.audit.append("run_resumed", after_round=self.rounds[-1].round if self.rounds else 0,
+                              config_sha256=digest)
+        else:
+            self.audit.append(
+                "run_start", name=cfg.name, paradigm=cfg.paradigm, config_sha256=digest,
+                policy=str(cfg.policy) if cfg.policy else None,
+                policy_sha256=file_sha256(cfg.policy) if cfg.policy and cfg.policy.is_file() else None,
+                config=json.loads(cfg.to_json()),
+            )
+        (self.out_dir / "config.yaml").write_text(
+            yaml.safe_dump(json.loads(cfg.to_json()), sort_keys=False), encoding="utf-8"
+        )
+        (self.out_dir / "labels.json").write_text(json.dumps(labels), encoding="utf-8")
+
+    def add_round(self, record: RoundRecord) -> None:
+        self.rounds.append(record)
+        self.audit.append("round", **record.to_dict())
+        self._write_csv()
+
+    def _write_csv(self) -> None:
+        languages = self.cfg.data.languages
+        with (self.out_dir / "metrics.csv").open("w", newline="", encoding="utf-8") as fh:
+            writer = csv.writer(fh)
+            writer.writerow(["round", *languages, "avg", "seconds", "bytes_up", "bytes_down", "aborted"])
+            for r in self.rounds:
+                writer.writerow(
+                    [r.round, *[r.accuracy.get(lang, "") for lang in languages], r.avg(),
+                     round(r.seconds, 3), r.bytes_up, r.bytes_down, r.aborted]
+                )
+
+    def plot(self) -> Path:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(7, 4.2))
+        xs = [r.round for r in self.rounds]
+        for lang in self.cfg.data.languages:
+            if any(lang in r.accuracy for r in self.rounds):  # excluded clients have no curve
+                ax.plot(xs, [r.accuracy.get(lang, np.nan) for r in self.rounds], marker="o", label=lang)
+        ax.plot(xs, [r.avg() for r in self.rounds], "k--", linewidth=2, label="average")
+        ax.set_xlabel("round" if self.cfg.paradigm == "federated" else "round (local epochs block)")
+        ax.set_ylabel("accuracy (held-out)")
+        ax.set_ylim(0, 1)
+        ax.set_title(f"{self.cfg.name}: {self.cfg.paradigm} {self.cfg.peft.method}")
+        ax.grid(alpha=0.3)
+        ax.legend(loc="lower right", ncol=3, fontsize=8)
+        fig.tight_layout()
+        path = self.out_dir / "accuracy.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        return path
+
+    def write_summary(
+        self,
+        final: RoundRecord,
+        trainable_params: int,
+        total_params: int,
+        clients: dict[str, ClientRecord],
+        privacy: Optional[dict[str, Any]] = None,
+        secure_aggregation: Optional[dict[str, Any]] = None,
+        extra: Optional[dict[str, Any]] = None,
+    ) -> dict[str, Any]:
+        languages = self.cfg.data.languages
+        summary: dict[str, Any] = {
+            "name": self.cfg.name,
+            "paradigm": self.cfg.paradigm,
+            "peft_method": self.cfg.peft.method,
+            "model": self.cfg.model.name,
+            "labels": self.labels,
+            "final": {"round": final.round, "accuracy": {**final.accuracy, "avg": final.avg()}},
+            "rounds": [r.to_dict() for r in self.rounds],
+            "trainable_params": trainable_params,
+            "total_params": total_params,
+            "communication": {
+                "bytes_up": int(sum(r.bytes_up for r in self.rounds)),
+                "bytes_down": int(sum(r.bytes_down for r in self.rounds)),
+                "measured_from": "serialized Flower messages (protobuf)",
+            },
+            "privacy": privacy
+            or {
+                "epsilon": {lang: None for lang in languages},
+                "delta": None,
+                "noise_multiplier": None,
+                "sample_rate": None,
+                "steps": {lang: None for lang in languages},
+                "accountant": None,
+            },
+            "secure_aggregation": secure_aggregation or {"enabled": False},
+            "clients": {k: asdict(v) for k, v in clients.items()},
+            "audit_log": str(self.audit.path),
+            "audit_public_key": str(self.audit_public_key),
+            "artifact": str(self.out_dir / ARTIFACT) if (self.out_dir / ARTIFACT).exists() else None,
+        }
+        if extra:
+            summary.update(extra)
+        self.plot()
+        summary["audit_head"] = self.audit.append("run_end", final_avg=final.avg(), rounds=len(self.rounds))
+        (self.out_dir / "summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
+        return summary
+
+    def save_artifact(self, arrays: "dict[str, np.ndarray]", name: str = ARTIFACT,
+                      region: Optional[str] = None) -> Path:
+        path = self.out_dir / name
+        save_arrays(path, arrays, metadata={"peft_method": self.cfg.peft.method, "model": self.cfg.model.name})
+        self.audit.append("artifact", path=str(path), sha256=file_sha256(path), storage_region=region)
+        return path

@@ -1,0 +1,76 @@
+"""Checks before an engine starts, on the operator's machine: one line per mistake, in seconds.
+
+On the simulation engine every node's files are on this machine, so each node's
+configuration, its data binding for the task, its data and labels, and the model it
+would load are checked here first. A node still checks all of it again itself (it
+trusts no one); this only makes a mistake fail fast, with the file and field named,
+before anything is started or written.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from securefpt.errors import ConfigError, DataError, ModelUnavailableError
+from securefpt.learning.data import label_space, load_examples, read_rows
+from securefpt.node.config import Node, load_node
+from securefpt.protocol.experiment import ExperimentConfig
+
+
+def _binding(node: Node, path: Path, task: str):
+    binding = node.data.get(task)
+    if binding is None:
+        raise ConfigError(f"{path}: data: no binding for the experiment's task '{task}' "
+                          f"(binds {sorted(node.data)})")
+    return binding
+
+
+def _nodes(cfg: ExperimentConfig) -> list[tuple[Path, Node]]:
+    from securefpt.engines.simulation import federation_nodes
+
+    return [(p, load_node(p, state_base=Path("unused"))) for p in federation_nodes(cfg)]
+
+
+def task_labels(cfg: ExperimentConfig) -> list[str]:
+    """The experiment's label space: declared, else the union of the labels on this machine
+    (the federation's node data on the simulation engine, or the trial data)."""
+    if cfg.data.labels:
+        return list(cfg.data.labels)
+    if cfg.clients is None:
+        return label_space(cfg.data)
+    labels: set[str] = set()
+    for path, node in _nodes(cfg):
+        binding = _binding(node, path, cfg.data.task)
+        language = binding.language or node.language
+        try:
+            for split in (binding.train_split, binding.eval_split):
+                labels.update(binding.label_map.get(label, label) for _, label in read_rows(binding, language, split))
+        except DataError as exc:
+            raise DataError(f"{path}: {exc}") from None
+    return sorted(labels)
+
+
+def check_nodes(paths: list[Path], cfg: ExperimentConfig) -> None:
+    """Each node's configuration, data, labels and model, as its node would read them."""
+    from securefpt.learning.modeling import load_tokenizer
+
+    labels = list(cfg.data.labels or task_labels(cfg))
+    if len(labels) < 2:
+        raise DataError(f"the task '{cfg.data.task}' needs at least 2 labels, the data has {labels}")
+    checked_models: set[str] = set()
+    for path in paths:
+        node = load_node(path, state_base=Path("unused"))  # its state is not touched here
+        binding = _binding(node, path, cfg.data.task)
+        source = node.model_source(cfg.model.name)
+        if source is None:
+            raise ConfigError(f"{path}: models: this node does not load '{cfg.model.name}' (add it to models:)")
+        try:
+            load_examples(binding, binding.language or node.language, labels, None, None, cfg.seed, binding.label_map)
+        except DataError as exc:
+            raise DataError(f"{path}: {exc}") from None
+        if source not in checked_models:
+            try:
+                load_tokenizer(cfg.model.model_copy(update={"name": source}))
+            except ModelUnavailableError as exc:
+                raise ModelUnavailableError(f"{path}: {exc}") from None
+            checked_models.add(source)

@@ -1,0 +1,18 @@
+"""One entry point for an experiment, whatever its paradigm."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from securefpt.protocol.experiment import ExperimentConfig
+
+
+def run_experiment(cfg: ExperimentConfig, out_dir: Path, show_progress: bool = True, verbose: bool = False) -> dict:
+    """Run `cfg` and return its summary (also written to `out_dir/summary.json`)."""
+    if cfg.paradigm == "federated":
+        from securefpt.engines.simulation import run_federated_simulation
+
+        return run_federated_simulation(cfg, out_dir, show_progress=show_progress, verbose=verbose)
+    from securefpt.engines.paradigms import run_local_paradigm
+
+    return run_local_paradigm(cfg, out_dir, show_progress=show_progress)

@@ -1,0 +1,210 @@
+"""Private text data: readers, label space, deterministic sampling.
+
+Sources: `masakhanews_tsv` (a root of language folders holding the upstream TSVs),
+`hf` (a hub dataset through `datasets.load_dataset`), `csv` / `jsonl` (a root of
+language folders with `<split>.csv` / `<split>.jsonl` holding `text` and `label`), and
+`demo` (the small multilingual set shipped inside the package, see
+docs/demo_data.md).
+
+A *binding* says where one language's data lives: a node's `DataBinding` (its own
+configuration) or, for local trials and baselines, the experiment's `DataConfig`; both
+carry `source`, `root`, `train_split`, `eval_split` and `hf`.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Iterable
+
+from securefpt.errors import DataError
+from securefpt.protocol.experiment import DataConfig
+from securefpt.offline import datasets_offline
+
+
+@dataclass(frozen=True)
+class Example:
+    text: str
+    label: int
+
+
+@dataclass
+class ClientData:
+    """One client's private data (never leaves the client)."""
+
+    language: str
+    train: list[Example]
+    eval: list[Example]
+
+
+# ---------------------------------------------------------------- file readers
+
+
+def read_masakhanews_tsv(path: Path) -> list[tuple[str, str]]:
+    """(text, label) pairs of a MasakhaNEWS TSV; text is headline + body.
+
+    The body may hold quoted newlines and tabs, so a real CSV parser reads it.
+    """
+    import pandas as pd
+
+    if not path.is_file():
+        raise DataError(f"{path}: file not found")
+    try:
+        frame = pd.read_csv(path, sep="\t", dtype=str, keep_default_na=False)
+    except Exception as exc:  # pandas raises several parser error types
+        raise DataError(f"{path}: cannot parse as TSV ({exc})") from None
+    for column in ("category", "text"):
+        if column not in frame.columns:
+            raise DataError(f"{path}: missing column '{column}' (has {list(frame.columns)})")
+    headline = frame["headline"] if "headline" in frame.columns else [""] * len(frame)
+    rows = []
+    for head, body, label in zip(headline, frame["text"], frame["category"]):
+        text = f"{head.strip()}. {body.strip()}" if head.strip() else body.strip()
+        rows.append((text, label.strip()))
+    return rows
+
+
+def read_labeled_file(path: Path) -> list[tuple[str, str]]:
+    """(text, label) pairs of a `.csv` (columns text,label) or `.jsonl` file."""
+    if not path.is_file():
+        raise DataError(f"{path}: file not found")
+    if path.suffix == ".csv":
+        import pandas as pd
+
+        try:
+            frame = pd.read_csv(path, dtype=str, keep_default_na=False)
+        except Exception as exc:
+            raise DataError(f"{path}: cannot parse as CSV ({exc})") from None
+        records: Iterable[dict] = frame.to_dict("records")
+    else:
+        records = []
+        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                raise DataError(f"{path}:{number}: not a JSON object") from None
+    rows = []
+    for number, rec in enumerate(records, 1):
+        if "text" not in rec or "label" not in rec:
+            raise DataError(f"{path}: record {number} needs 'text' and 'label'")
+        rows.append((str(rec["text"]), str(rec["label"])))
+    return rows
+
+
+def _demo_file(language: str) -> Path:
+    ref = resources.files("securefpt") / "demo_data" / f"{language}.jsonl"
+    path = Path(str(ref))
+    if not path.is_file():
+        raise DataError(f"demo data has no language '{language}' (has {demo_languages()})")
+    return path
+
+
+def demo_languages() -> list[str]:
+    folder = Path(str(resources.files("securefpt") / "demo_data"))
+    return sorted(p.stem for p in folder.glob("*.jsonl"))
+
+
+# ---------------------------------------------------------------- splits
+
+
+def read_rows(cfg: DataConfig, language: str, split: str) -> list[tuple[str, str]]:
+    if cfg.source == "masakhanews_tsv":
+        return read_masakhanews_tsv(Path(cfg.root) / language / f"{split}.tsv")
+    if cfg.source in ("csv", "jsonl"):
+        return read_labeled_file(Path(cfg.root) / language / f"{split}.{cfg.source}")
+    if cfg.source == "demo":
+        rows = [json.loads(x) for x in _demo_file(language).read_text(encoding="utf-8").splitlines() if x]
+        wanted = "train" if split == cfg.train_split else "eval"
+        return [(r["text"], r["label"]) for r in rows if r["split"] == wanted]
+    return _hf_rows(cfg, language, split)
+
+
+def _hf_rows(cfg: DataConfig, language: str, split: str) -> list[tuple[str, str]]:
+    hf = cfg.hf
+    assert hf is not None
+    real_split = hf.train_split if split == cfg.train_split else hf.eval_split
+    name = hf.name.format(lang=language) if hf.name else None
+    try:
+        import datasets
+
+        datasets_offline()
+        ds = datasets.load_dataset(hf.path, name, split=real_split)
+    except Exception as exc:  # offline, missing config, unknown split ...
+        raise DataError(
+            f"data.hf: cannot load {hf.path}"
+            + (f" ({name})" if name else "")
+            + f" split {real_split}: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+        ) from None
+    if hf.language_field:
+        ds = ds.filter(lambda r: r[hf.language_field] == language)
+    for field in (hf.text_field, hf.label_field):
+        if field not in ds.column_names:
+            raise DataError(f"data.hf: field '{field}' not in {ds.column_names}")
+    label_names = None
+    feature = ds.features[hf.label_field]
+    if hasattr(feature, "names"):
+        label_names = feature.names
+    rows = []
+    for rec in ds:
+        label = rec[hf.label_field]
+        rows.append((str(rec[hf.text_field]), label_names[label] if label_names else str(label)))
+    return rows
+
+
+def label_space(cfg: DataConfig) -> list[str]:
+    """The union of the participating languages' labels, sorted (one shared head)."""
+    labels: set[str] = set()
+    for language in cfg.languages:
+        listed = Path(cfg.root) / language / "labels.txt" if cfg.root is not None else None
+        if cfg.source == "masakhanews_tsv" and listed is not None and listed.is_file():
+            labels.update(x.strip() for x in listed.read_text(encoding="utf-8").split() if x.strip())
+        else:
+            for split in (cfg.train_split, cfg.eval_split):
+                labels.update(label for _, label in read_rows(cfg, language, split))
+    return sorted(labels)
+
+
+def _sample(rows: list[tuple[str, str]], cap: int | None, seed: int, tag: str) -> list[tuple[str, str]]:
+    rows = list(rows)
+    random.Random(f"{seed}:{tag}").shuffle(rows)
+    return rows[:cap] if cap is not None else rows
+
+
+class LabelError(DataError):
+    """A row's label is outside the task's label space."""
+
+
+def load_examples(binding, language: str, labels: list[str], max_train: int | None, max_eval: int | None,
+                  seed: int, label_map: dict[str, str] | None = None) -> ClientData:
+    """One language's train/eval examples from a binding, labels mapped onto the task's label
+    space (`label_map`: own label -> task label), capped and shuffled deterministically."""
+    index = {name: i for i, name in enumerate(labels)}
+    label_map = label_map or {}
+
+    def encode(rows: list[tuple[str, str]], split: str) -> list[Example]:
+        out = []
+        for text, label in rows:
+            label = label_map.get(label, label)
+            if label not in index:
+                raise LabelError(f"{language}/{split}: label '{label}' is not in the label space {labels}")
+            out.append(Example(text=text, label=index[label]))
+        return out
+
+    train = _sample(read_rows(binding, language, binding.train_split), max_train, seed, f"{language}:train")
+    evals = _sample(read_rows(binding, language, binding.eval_split), max_eval, seed, f"{language}:eval")
+    if not train:
+        raise DataError(f"{language}: no training examples in split '{binding.train_split}'")
+    if not evals:
+        raise DataError(f"{language}: no evaluation examples in split '{binding.eval_split}'")
+    return ClientData(language=language, train=encode(train, binding.train_split),
+                      eval=encode(evals, binding.eval_split))
+
+
+def load_client_data(cfg: DataConfig, language: str, labels: list[str], seed: int) -> ClientData:
+    """A language's data as an experiment's local-trial section describes it (baselines, trial nodes)."""
+    return load_examples(cfg, language, labels, cfg.max_train_per_client, cfg.max_eval_per_client, seed)

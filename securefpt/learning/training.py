@@ -1,0 +1,118 @@
+"""Local training and evaluation of the assembled classifier (the frozen PLM stays frozen)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from securefpt.protocol.experiment import FLConfig
+from securefpt.learning.data import Example
+from securefpt.learning.modeling import AssembledModel
+
+
+def _collate(assembled: AssembledModel) -> Callable[[list[Example]], dict[str, torch.Tensor]]:
+    def collate(batch: list[Example]) -> dict[str, torch.Tensor]:
+        enc = assembled.tokenizer(
+            [ex.text for ex in batch],
+            truncation=True,
+            max_length=assembled.max_text_tokens,
+            padding=True,
+            return_tensors="pt",
+        )
+        return {
+            "input_ids": enc["input_ids"],
+            "attention_mask": enc["attention_mask"],
+            "labels": torch.tensor([ex.label for ex in batch], dtype=torch.long),
+        }
+
+    return collate
+
+
+def make_loader(
+    assembled: AssembledModel, examples: list[Example], batch_size: int, shuffle: bool, seed: int
+) -> DataLoader:
+    generator = torch.Generator().manual_seed(seed)
+    return DataLoader(
+        examples,  # type: ignore[arg-type]
+        batch_size=batch_size,
+        shuffle=shuffle,
+        generator=generator,
+        collate_fn=_collate(assembled),
+    )
+
+
+def make_optimizer(model: nn.Module, fl: FLConfig) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    return torch.optim.AdamW(params, lr=fl.lr, weight_decay=fl.weight_decay)
+
+
+@dataclass
+class TrainResult:
+    num_examples: int
+    steps: int
+    loss: float
+    seconds: float
+
+
+def train_local(
+    assembled: AssembledModel,
+    examples: list[Example],
+    fl: FLConfig,
+    seed: int,
+    on_step: Optional[Callable[[int], None]] = None,
+) -> TrainResult:
+    """`fl.local_epochs` epochs of AdamW on the trainable parameters (Algorithm 1, client side)."""
+    import time
+
+    model = assembled.model
+    model.train()
+    torch.manual_seed(seed)
+    loader = make_loader(assembled, examples, fl.batch_size, shuffle=True, seed=seed)
+    optimizer = make_optimizer(model, fl)
+    loss_fn = nn.CrossEntropyLoss()
+    start = time.perf_counter()
+    steps, total_loss = 0, 0.0
+    for _ in range(fl.local_epochs):
+        for batch in loader:
+            optimizer.zero_grad(set_to_none=True)
+            logits = model(batch["input_ids"], batch["attention_mask"])
+            loss = loss_fn(logits, batch["labels"])
+            loss.backward()
+            optimizer.step()
+            steps += 1
+            total_loss += float(loss.detach())
+            if on_step is not None:
+                on_step(len(batch["labels"]))
+    return TrainResult(
+        num_examples=len(examples),
+        steps=steps,
+        loss=total_loss / max(steps, 1),
+        seconds=time.perf_counter() - start,
+    )
+
+
+@dataclass
+class EvalResult:
+    accuracy: float
+    loss: float
+    num_examples: int
+
+
+@torch.no_grad()
+def evaluate(assembled: AssembledModel, examples: list[Example], batch_size: int) -> EvalResult:
+    model = assembled.model
+    was_training = model.training
+    model.eval()
+    correct, total_loss, n = 0, 0.0, 0
+    loss_fn = nn.CrossEntropyLoss(reduction="sum")
+    for batch in make_loader(assembled, examples, batch_size, shuffle=False, seed=0):
+        logits = model(batch["input_ids"], batch["attention_mask"])
+        total_loss += float(loss_fn(logits, batch["labels"]))
+        correct += int((logits.argmax(-1) == batch["labels"]).sum())
+        n += len(batch["labels"])
+    model.train(was_training)
+    return EvalResult(accuracy=correct / max(n, 1), loss=total_loss / max(n, 1), num_examples=n)

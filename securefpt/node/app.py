@@ -1,0 +1,171 @@
+"""The Flower ClientApp: one institution's node. It trusts its own configuration only.
+
+Handlers (each runs inside `hygiene_mod`: a refusal or failure leaves as a reason code):
+- `query` (setup): the coordinator's experiment request and an identity challenge; the
+  node proves who it is (identity.py) and accepts the request or refuses it with a code,
+  checked against its own rules, data and budget (guards.py);
+- `train`: train on the node's own data from the offered global encoder; in a secure
+  round the reply is the change h_k - h_g, which `secure_aggregation_mod` masks;
+- `evaluate`: the round's aggregate, evaluated once, released only as the node's rules
+  say, and the node's answer to the next round's offer.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Optional
+
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
+from flwr.compat.common import recorddict_compat as compat
+from pydantic import ValidationError
+
+from securefpt.node import guards
+from securefpt.node.budget import Ledger
+from securefpt.node.config import Node, this_node
+from securefpt.node.secagg import secure_aggregation_mod
+from securefpt.node.state import NodeState, RunRecord
+from securefpt.protocol import records as R
+from securefpt.protocol.experiment import ExperimentRequest
+from securefpt.protocol.identity import prove
+from securefpt.protocol.refusals import NodeRefusal
+
+app = ClientApp(mods=[guards.hygiene_mod, guards.fault_injection_mod, secure_aggregation_mod])
+
+
+def _accepted(node: Node, context: Context) -> tuple[RunRecord, ExperimentRequest]:
+    run = NodeState(node.state_dir).run(context.run_id)
+    if run.request_json is None:
+        raise NodeRefusal("no-setup", f"run {context.run_id}")
+    return run, ExperimentRequest.from_json(run.request_json)
+
+
+def _runtime(node: Node, request: ExperimentRequest):
+    """Data and model (torch is imported here, not at module level: each ClientApp message
+    of the deployment engine is a fresh process, and the SecAgg+ key stages need neither)."""
+    from securefpt.node.runtime import get_runtime
+
+    return get_runtime(node, request)
+
+
+def _ledger(node: Node, runtime) -> Optional[Ledger]:
+    return Ledger(node.state_dir, runtime.dataset, node.budget) if runtime.privacy_plan is not None else None
+
+
+def _coarse(value: float, decimals: Optional[int]) -> float:
+    return float(value) if decimals is None else round(float(value), decimals)
+
+
+def _answer(accept: bool, code: str) -> ConfigRecord:
+    return ConfigRecord({"accept": accept, "code": code})
+
+
+@app.query()
+def setup(msg: Message, context: Context) -> Message:
+    node = this_node(context.node_config)
+    incoming = msg.content.config_records.get(R.SETUP)
+    if incoming is None or "request" not in incoming or "challenge" not in incoming:
+        raise NodeRefusal("malformed-request", "setup without request or challenge")
+    identity = ConfigRecord({"client-id": node.client_id, "language": node.language,
+                             "proof": prove(node.key, context.run_id, context.node_id, str(incoming["challenge"]),
+                                            node.client_id)})
+    try:
+        request = ExperimentRequest.from_json(str(incoming["request"]))
+    except ValidationError as exc:
+        raise NodeRefusal("malformed-request", str(exc)) from None
+    state = NodeState(node.state_dir)
+    run = state.run(context.run_id)
+    codes = guards.check_request(node, request, run)
+    if not codes:
+        try:
+            runtime = _runtime(node, request)  # the task, model, data and labels
+            if runtime.privacy_plan is not None:
+                _ledger(node, runtime).check_plan(request.sha256(), runtime.privacy_plan)
+        except NodeRefusal as exc:
+            codes, detail = [exc.code], exc.detail
+        else:
+            run.accept(request.to_json())
+    if codes:
+        state.log("setup-refused", run=context.run_id, codes=codes, detail=locals().get("detail", ""))
+    answer = _answer(not codes, codes[0] if codes else "ok")
+    return Message(RecordDict({R.IDENTITY: identity, R.ANSWER: answer}), reply_to=msg)
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    """Fit on local data. In a secure round the reply is the *change* h_k - h_g, which
+    `secure_aggregation_mod` masks; otherwise it is h_k itself (Algorithm 1)."""
+    node = this_node(context.node_config)
+    run, request = _accepted(node, context)
+    fitins = compat.recorddict_to_fitins(msg.content, keep_input=True)
+    server_round, secure = int(fitins.config["server-round"]), bool(fitins.config.get("secure", False))
+    runtime = _runtime(node, request)
+    names = runtime.assembled.trainable_names()
+    global_arrays = OrderedDict(zip(names, parameters_to_ndarrays(fitins.parameters), strict=True))
+    encoder = R.encoder_hash(global_arrays)
+    plan, ledger = runtime.privacy_plan, _ledger(node, runtime)
+    guards.check_training(node, run, request, server_round, encoder, secure, ledger, plan)
+    run.mark("trained", server_round)  # before anything leaves: a replay of this round is refused
+    NodeState(node.state_dir).record_encoder(encoder)
+    updated, result = runtime.fit(global_arrays, seed=request.seed * 100_003 + server_round)
+    if plan is not None:
+        ledger.spend(request.sha256(), plan, result.steps)
+    if secure:
+        values = [updated[n] - global_arrays[n] for n in names]
+        metrics = {}  # nothing per node in the clear
+    else:
+        values = [updated[n] for n in names]
+        metrics = {"loss": result.loss, "steps": result.steps} if node.rules.release.training_metrics else {}
+    fitres = FitRes(Status(Code.OK, "ok"), ndarrays_to_parameters(values), result.num_examples, metrics)
+    return Message(compat.fitres_to_recorddict(fitres, keep_input=False), reply_to=msg)
+
+
+def privacy_report(node: Node, request: ExperimentRequest, runtime) -> ConfigRecord:
+    """What this node has spent in this experiment, in the form its rules release (empty without DP)."""
+    plan, release = runtime.privacy_plan, node.rules.release
+    if plan is None:
+        return ConfigRecord({})
+    ledger = _ledger(node, runtime)
+    out: dict = {}
+    if release.epsilon:
+        out["epsilon"] = _coarse(ledger.epsilon(request.sha256(), plan), release.epsilon_decimals)
+    if release.privacy_details:
+        out.update({"steps": ledger.steps(request.sha256()), "noise-multiplier": plan.noise_multiplier,
+                    "sample-rate": plan.sample_rate, "delta": plan.delta, "accountant": plan.accountant})
+    return ConfigRecord(out)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    """The round's aggregate: evaluated once (released as the rules say), then the next round's offer."""
+    node = this_node(context.node_config)
+    run, request = _accepted(node, context)
+    try:
+        rnd = msg.content.config_records[R.ROUND]
+        server_round, next_round = int(rnd["server-round"]), int(rnd["next-round"])
+        arrays = R.record_to_arrays(msg.content.array_records[R.GLOBAL])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise NodeRefusal("malformed-request", repr(exc)) from None
+    if not 0 <= server_round <= request.training.rounds:
+        raise NodeRefusal("round-out-of-plan", f"evaluate round {server_round}")
+    if run.done("evaluated", server_round):
+        raise NodeRefusal("evaluation-repeated", f"round {server_round}")
+    runtime = _runtime(node, request)
+    release = node.rules.release
+    metrics = {}
+    if release.eval_metrics:
+        result = runtime.evaluate(arrays)
+        metrics = {"accuracy": _coarse(result.accuracy, release.metric_decimals)}
+    run.mark("evaluated", server_round)
+    answer = _answer(False, "round-out-of-plan")
+    if next_round:
+        encoder = R.encoder_hash(arrays)
+        code = "round-out-of-plan" if next_round != server_round + 1 else guards.check_offer(
+            node, request, next_round, encoder, _ledger(node, runtime), runtime.privacy_plan)
+        if code == "ok":
+            run.offer(next_round, encoder)
+        answer = _answer(code == "ok", code)
+    content = RecordDict({R.EVAL: MetricRecord(metrics), R.ANSWER: answer,
+                          R.PRIVACY: privacy_report(node, request, runtime)})
+    return Message(content, reply_to=msg)

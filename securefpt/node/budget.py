@@ -1,0 +1,142 @@
+"""Where epsilon is spent: the node's privacy plan and its lifetime ledger per dataset.
+
+- `plan_privacy` fixes, once per experiment, the sampling rate q = B / |D_k|, the steps
+  per round and the noise multiplier (given, or derived with Opacus from the whole
+  run's planned steps so that the request's target covers the experiment). |D_k| stays
+  on the node.
+- `Ledger` keeps every spend of one dataset in the node's state folder, across
+  experiments and restarts: (experiment, sigma, q, steps). Epsilon is always recomputed
+  by Opacus's accountant from that history, for the experiment (against the request's
+  target) and for the dataset's whole lifetime (against the node's own budget).
+- `authorize` is called where budget is spent (the train handler), offer or no offer:
+  a round that would exceed either budget is refused.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+from securefpt.node.config import Budget
+from securefpt.node.state import read_json, write_json
+from securefpt.protocol.experiment import ExperimentRequest
+from securefpt.protocol.refusals import NodeRefusal
+
+TOLERANCE = 1.01  # the noise multiplier is derived to hit the target within 1%
+
+
+@dataclass(frozen=True)
+class PrivacyPlan:
+    noise_multiplier: float
+    sample_rate: float
+    steps_per_round: int
+    planned_rounds: int
+    delta: float
+    target_epsilon: Optional[float]
+    max_grad_norm: float
+    accountant: str
+
+    def round_spend(self) -> tuple[float, float, int]:
+        return (self.noise_multiplier, self.sample_rate, self.steps_per_round)
+
+
+def plan_privacy(request: ExperimentRequest, num_examples: int) -> PrivacyPlan:
+    """The node's DP plan for the whole experiment (computed locally: |D_k| stays private)."""
+    dp, plan = request.dp, request.training
+    if num_examples < 1:
+        raise NodeRefusal("data-unavailable", "no training examples to account")
+    sample_rate = min(1.0, plan.batch_size / num_examples)
+    steps_per_round = plan.local_epochs * max(1, int(1 / sample_rate))  # Opacus: 1/q Poisson batches an epoch
+    if dp.noise_multiplier is not None:
+        sigma = dp.noise_multiplier
+    else:
+        from opacus.accountants.utils import get_noise_multiplier
+
+        sigma = get_noise_multiplier(target_epsilon=dp.target_epsilon, target_delta=dp.delta,
+                                     sample_rate=sample_rate, steps=steps_per_round * plan.rounds,
+                                     accountant=dp.accountant)
+    return PrivacyPlan(noise_multiplier=float(sigma), sample_rate=sample_rate, steps_per_round=steps_per_round,
+                       planned_rounds=plan.rounds, delta=dp.delta, target_epsilon=dp.target_epsilon,
+                       max_grad_norm=dp.max_grad_norm, accountant=dp.accountant)
+
+
+def epsilon_of(history: list[tuple[float, float, int]], delta: float, accountant: str) -> float:
+    """Opacus's epsilon for a (noise multiplier, sample rate, steps) history."""
+    if not history:
+        return 0.0
+    from opacus.accountants import create_accountant
+
+    acc = create_accountant(mechanism=accountant)
+    acc.history = [(float(s), float(q), int(n)) for s, q, n in history]
+    return float(acc.get_epsilon(delta=delta))
+
+
+class Ledger:
+    """Every DP spend on one dataset of this node, kept in its state folder."""
+
+    def __init__(self, state_dir: Path, dataset: str, budget: Budget) -> None:
+        self.path = Path(state_dir) / f"ledger-{re.sub(r'[^A-Za-z0-9_.-]', '_', dataset)}.json"
+        self.budget = budget
+        self.entries: list[dict] = read_json(self.path, {"entries": []})["entries"]
+
+    def history(self, experiment: Optional[str] = None) -> list[tuple[float, float, int]]:
+        return [(e["sigma"], e["q"], e["steps"]) for e in self.entries
+                if experiment is None or e["experiment"] == experiment]
+
+    def steps(self, experiment: str) -> int:
+        return sum(n for _, _, n in self.history(experiment))
+
+    def epsilon(self, experiment: str, plan: PrivacyPlan, extra: list = ()) -> float:
+        """This experiment's epsilon (at its delta and accountant), with `extra` spends added."""
+        return epsilon_of(self.history(experiment) + list(extra), plan.delta, plan.accountant)
+
+    def lifetime_epsilon(self, extra: list = ()) -> float:
+        """The dataset's epsilon over every experiment (at the node's own delta and accountant)."""
+        return epsilon_of(self.history() + list(extra), self.budget.delta, self.budget.accountant)
+
+    def _check(self, experiment: str, plan: PrivacyPlan, rounds: int) -> Optional[str]:
+        extra = [plan.round_spend()] * rounds
+        if plan.target_epsilon is not None and self.epsilon(experiment, plan, extra) > plan.target_epsilon * TOLERANCE:
+            return "the experiment's target epsilon"
+        if self.budget.epsilon is not None and self.lifetime_epsilon(extra) > self.budget.epsilon * TOLERANCE:
+            return "the node's lifetime budget"
+        return None
+
+    def rounds_left(self, experiment: str, plan: PrivacyPlan) -> int:
+        """How many more rounds the experiment may spend: what is left of its plan, and no more than
+        its own target allows (the largest such count; epsilon grows with every round)."""
+        done = self.steps(experiment) // max(plan.steps_per_round, 1)
+        low, high = 0, max(plan.planned_rounds - done, 0)
+        if plan.target_epsilon is None:
+            return high
+        while low < high:
+            mid = (low + high + 1) // 2
+            if self.epsilon(experiment, plan, [plan.round_spend()] * mid) <= plan.target_epsilon * TOLERANCE:
+                low = mid
+            else:
+                high = mid - 1
+        return low
+
+    def check_plan(self, experiment: str, plan: PrivacyPlan) -> None:
+        """At setup: whatever the experiment may still spend must fit the dataset's lifetime budget."""
+        if self.budget.epsilon is None:
+            return
+        extra = [plan.round_spend()] * self.rounds_left(experiment, plan)
+        if self.lifetime_epsilon(extra) > self.budget.epsilon * TOLERANCE:
+            raise NodeRefusal("budget-exhausted", f"the experiment could exceed the lifetime budget {self.budget.epsilon}")
+
+    def allows_round(self, experiment: str, plan: PrivacyPlan) -> bool:
+        return self._check(experiment, plan, 1) is None
+
+    def authorize(self, experiment: str, plan: PrivacyPlan) -> None:
+        """Refuse a round that would exceed the experiment's target or the lifetime budget."""
+        which = self._check(experiment, plan, 1)
+        if which is not None:
+            raise NodeRefusal("budget-exhausted", f"one more round would exceed {which}")
+
+    def spend(self, experiment: str, plan: PrivacyPlan, steps: int) -> None:
+        self.entries.append({"experiment": experiment, "sigma": plan.noise_multiplier, "q": plan.sample_rate,
+                             "steps": int(steps)})
+        write_json(self.path, {"entries": self.entries})

@@ -1,0 +1,194 @@
+"""What a node trusts: its own configuration file, never anything the coordinator sends.
+
+An institution starts its node with `node.yaml` (Flower node config `config="..."` on
+the deployment engine; one file per virtual node on the simulation engine). It names:
+- `manifest` and `key`: who the node is (its registered manifest and attestation) and
+  the attested private key it signs with;
+- `policy` (its own copy of the federation's policy: its region's rules, the trust store
+  of authority keys, the coordinator's region and pinned audit key), or, for a node
+  outside any federation (local trials), inline `rules` and `trust`;
+- `data`: the node's own data binding per task; the coordinator names only a task;
+- `models`: the models it loads, by name (the packaged ones are always allowed);
+- `budget`: its lifetime privacy budget per dataset;
+- `state_dir`: where its ledger, replay records and witnessed audit heads live.
+
+`load_node` reads and checks all of it, including the node's own attestation, and
+returns the `Node` that every handler works with.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal, Optional
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from pydantic import Field, ValidationError, model_validator
+
+from securefpt.config import first_error, read_yaml_mapping
+from securefpt.errors import ConfigError
+from securefpt.protocol.attestation import (Attestation, attested_key, check_attestation, load_private, load_public,
+                                            public_raw)
+from securefpt.protocol.experiment import HFDataConfig, Strict
+from securefpt.protocol.policy import ClientManifest, NodeRules, load_manifest, load_policy
+
+STATE_ENV = "SECUREFPT_NODE_STATE"  # engine-given base folder of nodes without a `state_dir`
+SIM_NODES_ENV = "SECUREFPT_SIM_NODES"  # simulation engine: a JSON list of node.yaml paths, by partition id
+PACKAGED_MODELS = ("builtin:minilm", "builtin:tiny")
+
+
+class DataBinding(Strict):
+    """Where this node's data for one task lives and how to read it."""
+
+    source: Literal["demo", "masakhanews_tsv", "hf", "csv", "jsonl"]
+    root: Optional[Path] = None  # a folder of language folders holding <split>.<ext>
+    language: Optional[str] = None  # the language folder / filter value (default: the node's language)
+    train_split: str = "train"
+    eval_split: str = "dev"
+    hf: Optional[HFDataConfig] = None
+    label_map: dict[str, str] = Field(default_factory=dict)  # the node's label -> the task's label
+    max_train: Optional[int] = Field(None, ge=1)
+    max_eval: Optional[int] = Field(None, ge=1)
+    dataset: Optional[str] = None  # what the lifetime budget is kept for (default: the task's name)
+
+    @model_validator(mode="after")
+    def _source_needs(self) -> "DataBinding":
+        if self.source in ("masakhanews_tsv", "csv", "jsonl") and self.root is None:
+            raise ValueError(f"root is required for source={self.source}")
+        if self.source == "hf" and self.hf is None:
+            raise ValueError("hf is required for source=hf")
+        return self
+
+
+class Budget(Strict):
+    """The node's lifetime privacy budget per dataset, accounted over every experiment it joins."""
+
+    epsilon: Optional[float] = Field(None, gt=0)  # None: no lifetime cap (each request's target still binds)
+    delta: float = Field(1e-5, gt=0, lt=1)
+    accountant: Literal["prv", "rdp"] = "prv"
+
+
+class NodeConfig(Strict):
+    manifest: Path
+    key: Path
+    policy: Optional[Path] = None
+    rules: Optional[NodeRules] = None
+    trust: dict[str, Path] = Field(default_factory=dict)  # region -> authority public key (without a policy)
+    data: dict[str, DataBinding]
+    models: dict[str, str] = Field(default_factory=dict)  # model name -> local folder or cached hub id
+    budget: Budget = Budget()
+    state_dir: Optional[Path] = None
+
+    @model_validator(mode="after")
+    def _one_source_of_rules(self) -> "NodeConfig":
+        if (self.policy is None) == (self.rules is None):
+            raise ValueError("set exactly one of policy (a federation's policy) or rules (a node outside one)")
+        if self.rules is not None and not self.trust:
+            raise ValueError("trust: a node without a policy needs its own trust store (region: authority key)")
+        if not self.data:
+            raise ValueError("data: bind at least one task")
+        return self
+
+
+@dataclass(frozen=True)
+class Node:
+    """A node's checked configuration: everything its handlers may rely on."""
+
+    path: Path
+    client_id: str
+    region: str
+    language: str
+    attestation: Attestation  # its own, verified against its own trust store
+    key: Ed25519PrivateKey
+    rules: NodeRules
+    authorities: dict[str, Ed25519PublicKey]  # the trust store
+    coordinator_region: Optional[str]  # None outside a federation
+    audit_key: Optional[Ed25519PublicKey]  # the coordinator's pinned audit key
+    data: dict[str, DataBinding]
+    models: dict[str, str]
+    budget: Budget
+    state_dir: Path
+
+    def model_source(self, name: str) -> Optional[str]:
+        """Where this node loads model `name` from (None: it does not load it)."""
+        if name in PACKAGED_MODELS:
+            return name
+        return self.models.get(name)
+
+
+def _resolve(base: Path, path: Optional[Path]) -> Optional[Path]:
+    return None if path is None else (path if path.is_absolute() else (base / path).resolve())
+
+
+def _binding(base: Path, binding: DataBinding) -> DataBinding:
+    return binding.model_copy(update={"root": _resolve(base, binding.root)})
+
+
+def load_node(path: Path, now: Optional[datetime] = None, state_base: Optional[Path] = None) -> Node:
+    """Read and check a node configuration (ConfigError: the node cannot start). Without its own
+    `state_dir` the node keeps its state in `<state_base>/<client id>`, the base given by its engine."""
+    path = Path(path).resolve()
+    try:
+        cfg = NodeConfig.model_validate(read_yaml_mapping(path))
+    except ValidationError as exc:
+        raise ConfigError(f"{path}: {first_error(exc)}") from None
+    base = path.parent
+    manifest: ClientManifest = load_manifest(_resolve(base, cfg.manifest))
+    key = load_private(_resolve(base, cfg.key))
+    if cfg.policy is not None:
+        policy = load_policy(_resolve(base, cfg.policy))
+        rule = policy.regions.get(manifest.region)
+        if rule is None:
+            raise ConfigError(f"{path}: region '{manifest.region}' is not in {cfg.policy}")
+        rules = NodeRules.model_validate(rule.model_dump(exclude={"authority_key"}))
+        authorities, coordinator_region = policy.authorities(), policy.server.region
+        audit_key: Optional[Ed25519PublicKey] = load_public(policy.server.audit_key)
+    else:
+        rules = cfg.rules
+        authorities = {region: load_public(_resolve(base, p)) for region, p in cfg.trust.items()}
+        coordinator_region, audit_key = None, None
+    why = check_attestation(manifest.attestation, manifest.client_id, manifest.region,
+                            authorities.get(manifest.region), now or datetime.now(timezone.utc), manifest.language)
+    if why is None and public_raw(attested_key(manifest.attestation)) != public_raw(key):
+        why = "the key is not the one the attestation names"
+    if why is not None:
+        raise ConfigError(f"{path}: the node's own identity does not verify: {why}")
+    state = _resolve(base, cfg.state_dir)
+    if state is None:
+        engine_base = state_base or os.environ.get(STATE_ENV)
+        if engine_base is None:
+            raise ConfigError(f"{path}: state_dir is required (no engine gives this node a state folder)")
+        state = Path(engine_base) / manifest.client_id
+    return Node(path=path, client_id=manifest.client_id, region=manifest.region, language=manifest.language,
+                attestation=manifest.attestation, key=key, rules=rules, authorities=authorities, coordinator_region=coordinator_region,
+                audit_key=audit_key, data={task: _binding(base, b) for task, b in cfg.data.items()},
+                models=dict(cfg.models), budget=cfg.budget, state_dir=state)
+
+
+@lru_cache(maxsize=16)
+def _cached(path: str, mtime: float, state_base: Optional[str]) -> Node:
+    return load_node(Path(path), state_base=Path(state_base) if state_base else None)
+
+
+def node_config_path(node_config: dict) -> Path:
+    """This node's configuration file: named in its Flower node config (deployment), or its
+    partition's entry in the simulation engine's list (set by the local operator's engine)."""
+    if "config" in node_config:
+        return Path(str(node_config["config"]))
+    listed = os.environ.get(SIM_NODES_ENV)
+    if listed is not None and "partition-id" in node_config:
+        return Path(json.loads(listed)[int(node_config["partition-id"])])
+    raise ConfigError("this node has no configuration: start it with --node-config 'config=\"node.yaml\"'")
+
+
+def this_node(node_config: dict) -> Node:
+    """The node's checked configuration, read once per process (and again if the file changes).
+    A node without its own `state_dir` keeps state under the base its engine gives: the SuperNode's
+    `state-dir` node config (deployment), or the simulation engine's run directory."""
+    path = node_config_path(node_config).resolve()
+    base = node_config.get("state-dir") or os.environ.get(STATE_ENV)
+    return _cached(str(path), path.stat().st_mtime if path.is_file() else 0.0, str(base) if base else None)

@@ -1,0 +1,116 @@
+"""What a node refuses, in one place: the checks its handlers run before anything leaves.
+
+- `check_request`: an experiment against the node's own rules and budget (setup);
+- `check_training`: a training round against what the node accepted, offered and did
+  before (no plaintext where secure aggregation was accepted or is required, no round
+  outside the plan, no replay of a round, no second contribution on the same global
+  encoder, the encoder offered for the round, the privacy budget);
+- `check_offer`: the next round, before the node says it will take part.
+
+And the outermost mod, `hygiene_mod`: every refusal and every failure leaves the node as
+a fixed reason code (protocol/refusals.py); the detail stays in the node's own log.
+`fault_injection_mod` makes a node die at a chosen point, for drills and tests.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import traceback
+from typing import Optional
+
+from flwr.app import Context, Error, Message
+from flwr.app.message_type import MessageType
+from flwr.clientapp.typing import ClientAppCallable
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
+
+from securefpt.node.budget import Ledger, PrivacyPlan
+from securefpt.node.config import Node, this_node
+from securefpt.node.state import NodeState, RunRecord
+from securefpt.protocol.experiment import ExperimentRequest
+from securefpt.protocol.refusals import REFUSAL_ERROR_CODE, NodeRefusal, reason
+from securefpt.protocol.rules import rule_violations
+
+
+def check_request(node: Node, request: ExperimentRequest, run: RunRecord) -> list[str]:
+    """Refusal codes for an experiment request (empty: the node accepts it)."""
+    if run.request_json is not None and run.request_json != request.to_json():
+        return ["setup-changed"]
+    return [v.code for v in rule_violations(node.rules, "this node", request.secure_aggregation, request.dp,
+                                            node.coordinator_region)]
+
+
+def check_training(node: Node, run: RunRecord, request: ExperimentRequest, server_round: int, encoder: str,
+                   secure: bool, ledger: Optional[Ledger], plan: Optional[PrivacyPlan]) -> None:
+    """Raise the refusal for a training request this node must not answer."""
+    if not secure and (request.secure_aggregation or node.rules.require_secure_aggregation):
+        raise NodeRefusal("secagg-required", "plaintext training request")
+    if not 1 <= server_round <= request.training.rounds:
+        raise NodeRefusal("round-out-of-plan", f"round {server_round} of {request.training.rounds}")
+    if run.done("trained", server_round):
+        raise NodeRefusal("round-replayed", f"round {server_round} was trained in this run")
+    offered = run.offered(server_round)
+    if (offered is not None or run.done("evaluated", server_round - 1)) and offered != encoder:
+        raise NodeRefusal("encoder-not-offered", f"round {server_round}")
+    if NodeState(node.state_dir).trained_on(encoder):
+        raise NodeRefusal("encoder-reused", encoder)
+    if plan is not None:
+        ledger.authorize(request.sha256(), plan)
+
+
+def check_offer(node: Node, request: ExperimentRequest, next_round: int, encoder: str,
+                ledger: Optional[Ledger], plan: Optional[PrivacyPlan]) -> str:
+    """Whether this node will train round `next_round` on `encoder`: "ok" or a refusal code."""
+    if not 1 <= next_round <= request.training.rounds:
+        return "round-out-of-plan"
+    if NodeState(node.state_dir).trained_on(encoder):
+        return "encoder-reused"
+    if plan is not None and not ledger.allows_round(request.sha256(), plan):
+        return "budget-exhausted"
+    return "ok"
+
+
+def _state_of(context: Context) -> Optional[NodeState]:
+    try:
+        return NodeState(this_node(context.node_config).state_dir)
+    except Exception:  # the configuration itself is broken: stderr is the node's only local log
+        return None
+
+
+def hygiene_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+    """Outermost: nothing read from the node's data or files reaches the coordinator in an error."""
+    try:
+        return call_next(msg, context)
+    except NodeRefusal as exc:
+        code, detail = exc.code, exc.detail
+    except Exception as exc:  # a bug, a broken file, a crash inside Flower's SecAgg+: details stay here
+        code, detail = "node-error", "".join(traceback.format_exception(exc))
+    state = _state_of(context)
+    if state is not None:
+        state.log("refused", code=code, message_type=msg.metadata.message_type, run=context.run_id, detail=detail)
+    else:
+        print(f"securefpt node refused ({code}): {detail}", file=sys.stderr)
+    return Message(Error(code=REFUSAL_ERROR_CODE, reason=reason(code)), reply_to=msg)
+
+
+def fault_injection_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+    """Die on purpose: SECUREFPT_FAULTS="lang@stage[:kill-node],..." (stage: setup, train,
+    collect, unmask, evaluate). Plain, the handler fails; with `:kill-node` the whole
+    SuperNode is killed (SIGKILL to its process group), for deployment drills only."""
+    spec = os.environ.get("SECUREFPT_FAULTS", "")
+    if spec:
+        language = this_node(context.node_config).language
+        stage = {MessageType.QUERY: "setup", MessageType.EVALUATE: "evaluate"}.get(msg.metadata.message_type, "train")
+        configs = msg.content.config_records.get(RECORD_KEY_CONFIGS)
+        if configs is not None:
+            stage = {Stage.COLLECT_MASKED_VECTORS: "collect", Stage.UNMASK: "unmask"}.get(
+                str(configs.get(Key.STAGE)), str(configs.get(Key.STAGE)))
+        for item in spec.split(","):
+            lang, _, at = item.strip().partition("@")
+            at, _, how = at.partition(":")
+            if lang == language and at == stage:
+                if how == "kill-node":
+                    os.killpg(os.getpgid(0), signal.SIGKILL)
+                raise RuntimeError(f"injected fault: {lang} dies at {at}")
+    return call_next(msg, context)

@@ -1,0 +1,92 @@
+"""A node's working copy: its own data (from its own binding) and its model, built once per process.
+
+Flower's simulation engine reuses actor processes across rounds; building MiniLM and
+re-reading data every round would dominate the round time, so runtimes are cached per
+(node, request). Nothing here comes from a path the coordinator named: the data comes
+from the node's binding for the requested task, the model from the node's own mapping
+of the requested name. The cache holds no global parameters between rounds: every
+round starts from the encoder the coordinator sent.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from securefpt.errors import DataError, ModelUnavailableError
+from securefpt.learning.data import ClientData, LabelError, load_examples
+from securefpt.learning.modeling import AssembledModel, build_model, get_trainable, set_trainable
+from securefpt.learning.training import EvalResult, TrainResult, evaluate, train_local
+from securefpt.node.budget import PrivacyPlan, plan_privacy
+from securefpt.node.config import Node
+from securefpt.protocol.experiment import ExperimentRequest
+from securefpt.protocol.refusals import NodeRefusal
+
+
+def _min(a: Optional[int], b: Optional[int]) -> Optional[int]:
+    return b if a is None else a if b is None else min(a, b)
+
+
+class NodeRuntime:
+    def __init__(self, node: Node, request: ExperimentRequest) -> None:
+        self.node, self.request = node, request
+        binding = node.data.get(request.task)
+        if binding is None:
+            raise NodeRefusal("unknown-task", f"no binding for task {request.task!r}")
+        self.dataset = binding.dataset or request.task  # what the lifetime budget is kept for
+        source = node.model_source(request.model.name)
+        if source is None:
+            raise NodeRefusal("model-not-allowed", f"model {request.model.name!r} is not in this node's models")
+        try:
+            self.data: ClientData = load_examples(
+                binding, binding.language or node.language, request.labels,
+                _min(binding.max_train, request.training.max_train), _min(binding.max_eval, request.training.max_eval),
+                request.seed, binding.label_map)
+        except LabelError as exc:
+            raise NodeRefusal("labels-outside-task", str(exc)) from None
+        except DataError as exc:
+            raise NodeRefusal("data-unavailable", str(exc)) from None
+        try:
+            model_cfg = request.model.model_copy(update={"name": source})
+            self.assembled: AssembledModel = build_model(model_cfg, request.peft, len(request.labels), request.seed)
+        except ModelUnavailableError as exc:
+            raise NodeRefusal("model-not-allowed", str(exc)) from None
+        self._plan: Optional[PrivacyPlan] = None
+
+    @property
+    def privacy_plan(self) -> Optional[PrivacyPlan]:
+        """This node's DP plan for the experiment (None without DP); |D_k| never leaves the node."""
+        if not self.request.dp.enabled:
+            return None
+        if self._plan is None:
+            self._plan = plan_privacy(self.request, len(self.data.train))
+        return self._plan
+
+    def fit(self, global_arrays, seed: int) -> tuple[dict, TrainResult]:
+        """Start from the global encoder and train locally: DP-SGD (randomness from the OS) when
+        the request asks for DP, plain epochs otherwise. Returns the new trainable parameters."""
+        set_trainable(self.assembled.model, global_arrays)
+        plan = self.privacy_plan
+        if plan is None:
+            result = train_local(self.assembled, self.data.train, self.request.training, seed)
+        else:
+            from securefpt.learning.dp_training import DPSchedule, dp_train
+
+            schedule = DPSchedule(plan.noise_multiplier, plan.sample_rate, plan.steps_per_round, plan.max_grad_norm)
+            result = dp_train(self.assembled, self.data.train, self.request.training, schedule)
+        return get_trainable(self.assembled.model), result
+
+    def evaluate(self, arrays) -> EvalResult:
+        set_trainable(self.assembled.model, arrays)
+        return evaluate(self.assembled, self.data.eval, self.request.training.eval_batch_size)
+
+
+_RUNTIMES: "dict[tuple[str, str], NodeRuntime]" = {}
+
+
+def get_runtime(node: Node, request: ExperimentRequest) -> NodeRuntime:
+    key = (str(node.path), request.sha256())
+    if key not in _RUNTIMES:
+        if len(_RUNTIMES) >= 4:
+            _RUNTIMES.pop(next(iter(_RUNTIMES)))
+        _RUNTIMES[key] = NodeRuntime(node, request)
+    return _RUNTIMES[key]

@@ -1,0 +1,91 @@
+"""A node's memory, in its own state folder: what it accepted, offered, trained on and witnessed.
+
+Files (each replaced atomically, so a crash leaves the previous version):
+- `runs/<run id>.json`: the experiment accepted in that run, the encoder offered for each
+  round, the rounds trained, evaluated and unmasked, the survivor sets signed;
+- `encoders.json`: every global encoder this node ever trained on (lifetime, by hash);
+- `ledger-<dataset>.json`: the privacy ledger (node/budget.py);
+- `witness.jsonl`: the signed audit heads it witnessed (node/witness.py);
+- `node.log`: details of refusals and failures, which never leave the node.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+
+def write_json(path: Path, value: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(value, sort_keys=True), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def read_json(path: Path, default: Any) -> Any:
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else default
+
+
+class RunRecord:
+    """What this node did in one Flower run (one experiment per run)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.data: dict[str, Any] = read_json(path, {"request": None, "offered": {}, "trained": [], "evaluated": [],
+                                                     "signed": {}, "unmasked": []})
+
+    def save(self) -> None:
+        write_json(self.path, self.data)
+
+    @property
+    def request_json(self) -> Optional[str]:
+        return self.data["request"]
+
+    def accept(self, request_json: str) -> None:
+        self.data["request"] = request_json
+        self.save()
+
+    def offered(self, server_round: int) -> Optional[str]:
+        return self.data["offered"].get(str(server_round))
+
+    def offer(self, server_round: int, encoder: str) -> None:
+        self.data["offered"][str(server_round)] = encoder
+        self.save()
+
+    def done(self, kind: str, server_round: int) -> bool:
+        return server_round in self.data[kind]
+
+    def mark(self, kind: str, server_round: int) -> None:
+        self.data[kind].append(server_round)
+        self.save()
+
+    def signed(self, server_round: int) -> Optional[list[int]]:
+        return self.data["signed"].get(str(server_round))
+
+    def sign(self, server_round: int, survivors: list[int]) -> None:
+        self.data["signed"][str(server_round)] = survivors
+        self.save()
+
+
+class NodeState:
+    def __init__(self, folder: Path) -> None:
+        self.folder = Path(folder)
+
+    def run(self, run_id: int) -> RunRecord:
+        return RunRecord(self.folder / "runs" / f"{int(run_id)}.json")
+
+    def trained_on(self, encoder: str) -> bool:
+        return encoder in read_json(self.folder / "encoders.json", [])
+
+    def record_encoder(self, encoder: str) -> None:
+        path = self.folder / "encoders.json"
+        write_json(path, [*read_json(path, []), encoder])
+
+    def log(self, event: str, **details: Any) -> None:
+        """Append to the node's own log (never sent anywhere)."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        with (self.folder / "node.log").open("a", encoding="utf-8") as fh:
+            fh.write(json.dumps({"time": time.time(), "event": event, **details}, default=str) + "\n")

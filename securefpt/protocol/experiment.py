@@ -1,0 +1,229 @@
+"""The experiment: what an operator writes (ExperimentConfig) and what a node is asked (ExperimentRequest).
+
+`ExperimentConfig` is the coordinator's experiment file. Besides the request it names
+coordinator-side things (policy, client registry, audit key, timeouts) and, for local
+trials on one machine, where the trial nodes' data lives (`data.source`, `data.root`,
+...). None of those paths ever travels: a node receives only `ExperimentRequest`,
+which names a task, a label space, a model by name and the training plan, and checks
+every field against its own rules (securefpt.node).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Literal, Optional
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelConfig(Strict):
+    """The frozen pre-trained language model, by name: each node maps the name to its own copy."""
+
+    name: str = "builtin:minilm"
+    max_length: int = Field(128, ge=8, le=4096)
+    pooling: Literal["mean", "cls"] = "mean"
+
+
+class PeftConfig(Strict):
+    """What is trained on top of the frozen model (the rest stays frozen)."""
+
+    method: Literal["prompt_tuning", "p_tuning", "lora", "full"] = "prompt_tuning"
+    num_virtual_tokens: int = Field(8, ge=1, le=512)
+    prompt_init: Literal["text", "random"] = "text"
+    init_text: str = "Predict the category given the following news article"
+    encoder_hidden_size: int = Field(128, ge=1)
+    lora_r: int = Field(8, ge=1)
+    lora_alpha: int = Field(16, ge=1)
+    lora_dropout: float = Field(0.1, ge=0.0, lt=1.0)
+    lora_target_modules: Optional[list[str]] = None
+
+
+class HFDataConfig(Strict):
+    """Fields of a hub dataset for `data.source: hf` (loaded with `datasets`)."""
+
+    path: str
+    name: Optional[str] = None
+    train_split: str = "train"
+    eval_split: str = "validation"
+    text_field: str = "text"
+    label_field: str = "label"
+    language_field: Optional[str] = None
+
+
+class DataConfig(Strict):
+    """The task (what every node is asked to train on) and, for local trials, where the data lives.
+
+    `task` and `labels` travel to the nodes. `source`, `root`, the splits and `hf` are
+    read on the operator's machine only: the simulation engine turns them into trial
+    nodes' own data bindings (securefpt.engines.trial_nodes); a real node binds its data
+    in its own node configuration.
+    """
+
+    task: str = "news-topic"
+    labels: Optional[list[str]] = None  # the task's label space; None: the union of the trial data's labels
+    source: Literal["demo", "masakhanews_tsv", "hf", "csv", "jsonl"] = "demo"
+    root: Optional[Path] = None
+    languages: list[str] = Field(default_factory=lambda: ["eng", "fra", "hau", "swa", "yor"])
+    train_split: str = "train"
+    eval_split: str = "dev"
+    max_train_per_client: Optional[int] = Field(None, ge=1)
+    max_eval_per_client: Optional[int] = Field(None, ge=1)
+    hf: Optional[HFDataConfig] = None
+
+    @model_validator(mode="after")
+    def _source_needs(self) -> "DataConfig":
+        if self.source in ("masakhanews_tsv", "csv", "jsonl") and self.root is None:
+            raise ValueError(f"data.root is required for data.source={self.source}")
+        if self.source == "hf" and self.hf is None:
+            raise ValueError("data.hf is required for data.source=hf")
+        if not self.languages:
+            raise ValueError("data.languages must name at least one language")
+        if len(set(self.languages)) != len(self.languages):
+            raise ValueError("data.languages has duplicates")
+        if self.labels is not None and (len(self.labels) < 2 or len(set(self.labels)) != len(self.labels)):
+            raise ValueError("data.labels must name at least 2 distinct labels")
+        return self
+
+
+class FLConfig(Strict):
+    """Federated Prompt Averaging (Algorithm 1) and the local training budget."""
+
+    rounds: int = Field(5, ge=1)
+    fraction_fit: float = Field(1.0, gt=0.0, le=1.0)
+    local_epochs: int = Field(1, ge=1)
+    batch_size: int = Field(16, ge=1)
+    lr: float = Field(5e-3, gt=0.0)
+    weight_decay: float = Field(0.0, ge=0.0)
+    patience: Optional[int] = Field(None, ge=1)
+    eval_batch_size: int = Field(64, ge=1)
+    round_timeout: float = Field(3600.0, gt=0.0)
+
+
+class DPConfig(Strict):
+    """Differential privacy with Opacus DP-SGD (per node, accounted over the whole run).
+
+    `target_epsilon` is each node's budget for the experiment: the noise multiplier
+    is derived from it, unless `noise_multiplier` is fixed, in which case it is only
+    the cap beyond which a node declines to train (null: no cap).
+    """
+
+    enabled: bool = False
+    target_epsilon: Optional[float] = Field(8.0, gt=0.0)
+    delta: float = Field(1e-5, gt=0.0, lt=1.0)
+    max_grad_norm: float = Field(1.0, gt=0.0)
+    noise_multiplier: Optional[float] = Field(None, ge=0.0)
+    accountant: Literal["prv", "rdp"] = "prv"
+
+
+class SecAggConfig(Strict):
+    """Secure aggregation with Flower's SecAgg+ (validated per cohort in coordinator/secure_aggregation.py)."""
+
+    enabled: bool = True
+    num_shares: Optional[int] = None  # None: every selected node holds a share (full graph)
+    reconstruction_threshold: Optional[int] = None  # None: the smallest count above 2/3 of the shares
+    clipping_range: float = 1.0  # |weight ratio x update change| must stay inside it
+    quantization_range: int = 2**22
+    modulus_range: int = 2**32
+    max_weight: Optional[float] = None  # public bound on |D_k|; None: data.max_train_per_client, else 1000
+    timeout: Optional[float] = None  # per protocol stage; None: fl.round_timeout
+    min_cohort: int = 2  # fewest surviving contributors the coordinator aggregates
+
+
+class ExperimentConfig(Strict):
+    """One experiment: everything `securefpt run` needs."""
+
+    name: str = "experiment"
+    model: ModelConfig = ModelConfig()
+    peft: PeftConfig = PeftConfig()
+    data: DataConfig = DataConfig()
+    paradigm: Literal["federated", "monolingual", "centralized"] = "federated"
+    fl: FLConfig = FLConfig()
+    dp: DPConfig = DPConfig()
+    secagg: SecAggConfig = SecAggConfig()
+    policy: Optional[Path] = None  # residency policy YAML (policies/)
+    clients: Optional[Path] = None  # the federation's institutions (clients/<id>/manifest.yaml, node.yaml)
+    server_key: Optional[Path] = None  # the coordinator's Ed25519 audit key (private); never in a run directory
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _dp_supported(self) -> "ExperimentConfig":
+        if self.dp.enabled and self.peft.method == "full":
+            raise ValueError(
+                "dp.enabled with peft.method=full: Opacus cannot compute per-sample gradients for the "
+                "PLM's shared position embeddings; use prompt_tuning, p_tuning or lora"
+            )
+        if self.policy is not None and self.clients is None:
+            raise ValueError("clients: a folder of client manifests is required with a policy")
+        if self.dp.enabled and self.dp.noise_multiplier is None and self.dp.target_epsilon is None:
+            raise ValueError("dp: set dp.target_epsilon or dp.noise_multiplier")
+        return self
+
+    def to_json(self) -> str:
+        return self.model_dump_json()
+
+    def sha256(self) -> str:
+        """Identifies the experiment (audit log, checkpoints)."""
+        return hashlib.sha256(self.to_json().encode()).hexdigest()
+
+    @classmethod
+    def from_json(cls, text: str) -> "ExperimentConfig":
+        return cls.model_validate_json(text)
+
+    def request(self, labels: list[str]) -> "ExperimentRequest":
+        """What the nodes are asked: no path, no coordinator-side setting."""
+        plan = TrainingPlan(rounds=self.fl.rounds, local_epochs=self.fl.local_epochs, batch_size=self.fl.batch_size,
+                            lr=self.fl.lr, weight_decay=self.fl.weight_decay, eval_batch_size=self.fl.eval_batch_size,
+                            max_train=self.data.max_train_per_client, max_eval=self.data.max_eval_per_client)
+        return ExperimentRequest(name=self.name, task=self.data.task, labels=list(labels), model=self.model,
+                                 peft=self.peft, training=plan, dp=self.dp, secure_aggregation=self.secagg.enabled,
+                                 seed=self.seed)
+
+
+class TrainingPlan(Strict):
+    """The local training a node is asked for (it may use less data than asked, never more)."""
+
+    rounds: int = Field(ge=1)
+    local_epochs: int = Field(ge=1)
+    batch_size: int = Field(ge=1)
+    lr: float = Field(gt=0.0)
+    weight_decay: float = Field(ge=0.0)
+    eval_batch_size: int = Field(ge=1)
+    max_train: Optional[int] = Field(None, ge=1)
+    max_eval: Optional[int] = Field(None, ge=1)
+
+
+class ExperimentRequest(Strict):
+    """The part of an experiment that reaches a node: every field is checked there against its own rules."""
+
+    name: str = Field(max_length=200)
+    task: str = Field(max_length=200)
+    labels: list[str]
+    model: ModelConfig
+    peft: PeftConfig
+    training: TrainingPlan
+    dp: DPConfig
+    secure_aggregation: bool
+    seed: int
+
+    @field_validator("labels")
+    @classmethod
+    def _labels(cls, labels: list[str]) -> list[str]:
+        if len(labels) < 2 or len(set(labels)) != len(labels):
+            raise ValueError("at least 2 distinct labels")
+        return labels
+
+    def to_json(self) -> str:
+        return self.model_dump_json()
+
+    def sha256(self) -> str:
+        return hashlib.sha256(json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()
+
+    @classmethod
+    def from_json(cls, text: str) -> "ExperimentRequest":
+        return cls.model_validate_json(text)
