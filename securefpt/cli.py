@@ -209,24 +209,60 @@ def policy_explain(
     console.print(table)
 
 
+def _pinned_key(log: Path, policy: Optional[Path], public_key: Optional[Path]) -> tuple[Path, str]:
+    """The key to verify with, and where it came from: given, pinned in a given policy, or pinned
+    in the policy the run's own config.yaml names (an institution should pass its own copy)."""
+    from securefpt.config import read_yaml_mapping
+    from securefpt.coordinator.audit_key import securefpt_home
+    from securefpt.protocol.policy import load_policy
+
+    if public_key is not None:
+        return public_key, "the given key"
+    if policy is None:
+        named = read_yaml_mapping(log.parent / "config.yaml").get("policy") if (log.parent / "config.yaml").is_file() \
+            else None
+        if named is None:  # a run without a federation: the operator's own key
+            return securefpt_home() / "coordinator" / "audit.pub", "the operator's own audit key"
+        policy = Path(named)
+    return load_policy(policy).server.audit_key, f"the key pinned in {policy}"
+
+
 @audit_app.command("verify")
 def audit_verify(
     log: Path,
-    public_key: Path = typer.Option(..., "--public-key", help="the server's Ed25519 public key (PEM)"),
-    head: Optional[str] = typer.Option(None, "--head", help="a head hash known from elsewhere (detects truncation)"),
+    policy: Optional[Path] = typer.Option(None, "--policy", help="your copy of the federation's policy: verify "
+                                                                 "with the coordinator key it pins (default: the "
+                                                                 "policy the run names)"),
+    public_key: Optional[Path] = typer.Option(None, "--public-key", help="verify with this Ed25519 key instead"),
+    witness: List[Path] = typer.Option([], "--witness", help="a node's state folder, or a folder of them "
+                                                            "(a simulation run's nodes/); repeatable"),
+    head: Optional[str] = typer.Option(None, "--head", help="a head hash known from elsewhere"),
 ) -> None:
-    """Exit 0 only for an intact log; name the first bad entry otherwise."""
+    """Exit 0 only for an intact log that every witness agrees with; name the first problem otherwise."""
     from securefpt.protocol.attestation import load_public
-    from securefpt.protocol.audit import verify_log
+    from securefpt.protocol.audit import check_witnesses, load_witnesses, read_entries, verify_log
 
     try:
-        verdict = verify_log(log, load_public(public_key), head)
-    except (SecureFPTError, OSError) as exc:
+        key_path, source = _pinned_key(log, policy, public_key)
+        verdict = verify_log(log, load_public(key_path), head)
+        entries = read_entries(log) if verdict.ok else []
+        records, problems = load_witnesses(witness, entries[0]["hash"] if entries else "")
+    except (SecureFPTError, OSError, ValueError) as exc:
         _fail(exc)
     if not verdict.ok:
-        err.print(f"TAMPERED: line {verdict.bad_line}: {verdict.reason}", highlight=False, soft_wrap=True)
+        err.print(f"TAMPERED: line {verdict.bad_line}: {verdict.reason} (checked with {source})", highlight=False,
+                  soft_wrap=True)
         raise typer.Exit(code=1)
-    console.print(f"intact: {verdict.entries} entries, head {verdict.head}")
+    why = problems[0] if problems else check_witnesses(entries, records)
+    if why is None and witness and not records:
+        why = "no node witnessed this log in the given folders"
+    if why is not None:
+        err.print(f"TAMPERED: {why}", highlight=False, soft_wrap=True)
+        raise typer.Exit(code=1)
+    seen = f"; {len({r['client_id'] for r in records})} witnesses agree up to entry " \
+           f"{max(r['seq'] for r in records)}" if records else ""
+    console.print(f"intact: {verdict.entries} entries, head {verdict.head} (checked with {source}){seen}",
+                  highlight=False)
 
 
 @audit_app.command("report")
@@ -234,25 +270,31 @@ def audit_report(log: Path) -> None:
     """A per-round table of the decisions in an audit log."""
     from securefpt.protocol.audit import read_entries
 
-    entries = read_entries(log)
+    try:
+        entries = read_entries(log)
+    except (OSError, ValueError) as exc:
+        _fail(SecureFPTError(f"{log}: not an audit log ({type(exc).__name__})"))
     table = Table(title=str(log))
     for column in ("round", "participants", "dropouts / declined", "epsilon (max)", "avg accuracy", "aborted"):
         table.add_column(column)
     for e in entries:
-        if e["event"] == "eligibility":
+        if e.get("event") == "eligibility" and "clients" in e:
             excluded = {k: v["reason"] for k, v in e["clients"].items() if not v["included"]}
             console.print(f"eligibility: {sum(v['included'] for v in e['clients'].values())} included"
                           + "".join(f"\n  excluded {k}: {why}" for k, why in excluded.items()), highlight=False)
-        if e["event"] == "round":
-            eps = e.get("epsilon") or {}
+        elif e.get("event") == "eligibility":
+            console.print(f"round {e['round']}: {e['client']} left out: {e['reason']}", highlight=False)
+        if e.get("event") == "round":
+            eps = [v for v in (e.get("epsilon") or {}).values() if v is not None]
             out = sorted(e.get("failures", [])) + [f"{k}: {v}" for k, v in (e.get("declined") or {}).items()]
             table.add_row(str(e["round"]), ", ".join(e.get("participants", [])), "\n".join(out) or "-",
-                          f"{max(eps.values()):.3f}" if eps else "-", f"{e['accuracy'].get('avg', float('nan')):.3f}",
+                          f"{max(eps):.3f}" if eps else "-", f"{e['accuracy'].get('avg', float('nan')):.3f}",
                           "yes" if e.get("aborted") else "no")
     console.print(table)
-    ends = [e for e in entries if e["event"] == "artifact"]
-    for e in ends:
-        console.print(f"artifact {e['path']} sha256 {e['sha256'][:16]}... stored in {e.get('storage_region')}")
+    for e in entries:
+        if e.get("event") == "artifact":
+            where = f" in region {e['storage_region']}" if e.get("storage_region") else ""
+            console.print(f"artifact {e['path']} sha256 {e['sha256'][:16]}...{where}", highlight=False)
 
 
 def main() -> None:

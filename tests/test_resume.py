@@ -1,6 +1,8 @@
 """A restarted coordinator resumes from the last completed round (simulation engine)."""
 
 import json
+import subprocess
+import sys
 
 import pytest
 
@@ -28,8 +30,8 @@ def crash_after_round(monkeypatch):
     def arm(completed: int):
         real = coordinator.save_checkpoint
 
-        def save_then_die(out_dir, cfg, state):
-            path = real(out_dir, cfg, state)
+        def save_then_die(out_dir, cfg, state, key):
+            path = real(out_dir, cfg, state, key)
             if state.completed >= completed:
                 monkeypatch.setattr(coordinator, "save_checkpoint", real)  # the restarted one lives
                 raise CoordinatorCrash(f"coordinator lost after round {completed}")
@@ -62,6 +64,14 @@ def test_a_run_resumed_after_round_1_continues_from_its_checkpoint_and_ledgers(
     assert next(e for e in entries if e["event"] == "run_resumed")["after_round"] == 1
     verdict = verify_log(out / "audit.jsonl", load_public(resumed["audit_public_key"]), resumed["audit_head"])
     assert verdict.ok, verdict.reason
+    # ... and every node witnessed the heads of both runs: the same chain, continued
+    check = subprocess.run([sys.executable, "-m", "securefpt.cli", "audit", "verify", str(out / "audit.jsonl"),
+                            "--witness", str(out / "nodes")], capture_output=True, text=True)
+    assert check.returncode == 0 and "3 witnesses agree up to entry" in check.stdout, check.stdout + check.stderr
+    records = [json.loads(x) for lang in ("aa", "bb", "cc")
+               for x in (out / "nodes" / lang / "witness.jsonl").read_text().splitlines()]
+    assert len({r["run_id"] for r in records}) == 2  # witnessed in the crashed run and in the resumed one
+    assert max(r["seq"] for r in records) == verdict.entries - 1  # up to the very last entry
     # every node trained round 2 of the new run on the checkpointed encoder (its own record)
     for lang in ("aa", "bb", "cc"):
         runs = [json.loads(p.read_text()) for p in (out / "nodes" / lang / "runs").glob("*.json")]

@@ -87,6 +87,7 @@ class FederatedPromptAveraging:
         self.progress = RunProgress(enabled=show_progress)
         self.rng = np.random.default_rng(cfg.seed)
         self.languages: dict[int, str] = {}  # node id -> language, fixed at setup (authenticated identity)
+        self.witnessed: dict[int, int] = {}  # node id -> the last audit entry it acknowledged witnessing
 
     # ------------------------------------------------------------------ setup
     def _wait_for_nodes(self, expected: int, timeout: float = 120.0) -> list[int]:
@@ -240,13 +241,26 @@ class FederatedPromptAveraging:
         )
         return new_global, contributors, failures, [], None
 
+    def _audit_head(self, node: int) -> ConfigRecord:
+        """The log's head for `node` to witness, with the digests since the last head it acknowledged."""
+        audit = self.recorder.audit
+        start = self.witnessed.get(node, -1) + 1
+        return ConfigRecord({"log-id": audit.log_id, "seq": audit.seq - 1, "head": audit.head, "from-seq": start,
+                             "digests": audit.digests[start:]})
+
+    def _acknowledged(self, node: int, reply: Message) -> None:
+        ack = reply.content.config_records.get(R.WITNESS)
+        if ack is not None and isinstance(ack.get("seq"), int):
+            self.witnessed[node] = int(ack["seq"])
+
     def _evaluate(self, server_round: int, nodes: list[int], global_arrays, next_round: int) -> tuple:
         """Send the round's aggregate to every node: released accuracies, privacy reports, and each
-        node's answer to the offer of `next_round` (0: none), keyed by the node's authenticated id."""
-        content = lambda: RecordDict({  # noqa: E731
-            R.GLOBAL: R.arrays_to_record(global_arrays),
+        node's answer to the offer of `next_round` (0: none), keyed by the node's authenticated id.
+        Each message carries the audit head for the node to witness."""
+        content = lambda node: RecordDict({  # noqa: E731
+            R.GLOBAL: R.arrays_to_record(global_arrays), R.AUDIT_HEAD: self._audit_head(node),
             R.ROUND: ConfigRecord({"server-round": server_round, "next-round": next_round})})
-        msgs = [Message(content(), dst_node_id=n, message_type=MessageType.EVALUATE) for n in nodes]
+        msgs = [Message(content(n), dst_node_id=n, message_type=MessageType.EVALUATE) for n in nodes]
         task = self.progress.clients(f"round {server_round}: evaluating", len(nodes))
         replies = exchange(self.grid, msgs, timeout=self.cfg.fl.round_timeout, on_reply=lambda _: task.advance())
         task.done()
@@ -264,6 +278,7 @@ class FederatedPromptAveraging:
             if metrics is None or answer is None or "accept" not in answer:
                 declined[language] = "malformed evaluation reply"
                 continue
+            self._acknowledged(node, reply)
             if isinstance(metrics.get("accuracy"), float) and 0.0 <= metrics["accuracy"] <= 1.0:
                 accuracy[language] = float(metrics["accuracy"])
             if report is not None and len(report):
@@ -308,7 +323,22 @@ class FederatedPromptAveraging:
         admitted = {c.language for c in clients.values() if c.included}
         return clients, sorted(n for n, lang in self.languages.items() if lang in admitted)
 
+    def _witness_end(self, nodes: list[int]) -> None:
+        """The final audit head, for every node to witness (the entries after the last evaluation)."""
+        msgs = [Message(RecordDict({R.AUDIT_HEAD: self._audit_head(n)}), dst_node_id=n,
+                        message_type=R.WITNESS_QUERY) for n in nodes]
+        for node, reply in exchange(self.grid, msgs, timeout=self.cfg.fl.round_timeout):
+            if not reply.has_error():
+                self._acknowledged(node, reply)
+
     def run(self) -> dict:
+        """The run, with the audit log open (and its writer's lock held) for as long as it lasts."""
+        try:
+            return self._run()
+        finally:
+            self.recorder.audit.close()
+
+    def _run(self) -> dict:
         cfg = self.cfg
         audit = self.recorder.audit
         assembled = build_model(cfg.model, cfg.peft, len(self.labels), cfg.seed)
@@ -377,7 +407,7 @@ class FederatedPromptAveraging:
             self.progress.round_done(record)
             state.stopped = state.observe(record, state.global_arrays, cfg.fl.patience)
             state.completed, state.rng_state = server_round, self.rng.bit_generator.state
-            save_checkpoint(self.recorder.out_dir, cfg, state)
+            save_checkpoint(self.recorder.out_dir, cfg, state, self.recorder.key)
             if state.stopped:
                 audit.append("early_stop", round=server_round, best_round=state.best_round)
                 break
@@ -393,8 +423,10 @@ class FederatedPromptAveraging:
         if self.secagg is not None:
             secure.update(settings=asdict(self.secagg), rounds=state.secure_rounds,
                           aborted_rounds=[r["round"] for r in state.secure_rounds if r["aborted"]])
-        return self.recorder.write_summary(final_record, trainable, total, clients, secure_aggregation=secure,
-                                           privacy=privacy_summary(cfg, state.latest_privacy))
+        summary = self.recorder.write_summary(final_record, trainable, total, clients, secure_aggregation=secure,
+                                              privacy=privacy_summary(cfg, state.latest_privacy))
+        self._witness_end(eligible)
+        return summary
 
 
 def _plaintext_update(reply: Message, global_arrays, max_weight: float):

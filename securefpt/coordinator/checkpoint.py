@@ -1,11 +1,13 @@
-"""The server's state between rounds, checkpointed so a restarted coordinator resumes.
+"""The coordinator's state between rounds, checkpointed so a restarted coordinator resumes.
 
 After every completed round the ServerApp writes `checkpoint/` in its run directory:
 the global encoder (and the best one so far), the completed rounds' records, and the
-selection RNG. A restarted coordinator given the same experiment and run directory
-continues with the next round, so no completed round is lost or repeated. The audit
-log continues its chain (audit.py) and the clients' privacy ledgers stay on the
-clients (privacy.py), so nothing here can reset a budget.
+selection RNG, signed with the coordinator's audit key together with the SHA-256 of
+each array file. A checkpoint whose signature, file names or files do not hold is
+refused before any engine starts. A restarted coordinator given the same experiment
+and run directory continues with the next round, so no completed round is lost or
+repeated. The audit log continues its chain (audit_log.py) and the nodes' privacy
+ledgers stay on the nodes (node/budget.py), so nothing here can reset a budget.
 
 Writes are atomic: arrays go to files named by round, then `state.json` is replaced
 in one step; a crash mid-write leaves the previous checkpoint intact.
@@ -15,17 +17,22 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections import OrderedDict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from securefpt.protocol.experiment import ExperimentConfig
-from securefpt.errors import FederationError
+from securefpt.coordinator.audit_key import coordinator_key
 from securefpt.coordinator.run_dir import RoundRecord
+from securefpt.errors import FederationError
 from securefpt.learning.artifacts import load_arrays, save_arrays
+from securefpt.protocol.attestation import b64, canonical, load_public, unb64, verify
+from securefpt.protocol.audit import file_sha256
+from securefpt.protocol.experiment import ExperimentConfig
 
 FOLDER = "checkpoint"
 
@@ -64,31 +71,54 @@ def _round_record(d: dict) -> RoundRecord:
     return RoundRecord(**{**d, "accuracy": accuracy})
 
 
-def save_checkpoint(out_dir: Path, cfg: ExperimentConfig, state: RunState) -> Path:
+def save_checkpoint(out_dir: Path, cfg: ExperimentConfig, state: RunState, key: Ed25519PrivateKey) -> Path:
+    """Write the state after a completed round, signed with the coordinator's audit key."""
     folder = Path(out_dir) / FOLDER
     folder.mkdir(parents=True, exist_ok=True)
     stem = f"round-{state.completed:04d}"
-    save_arrays(folder / f"{stem}.global.safetensors", state.global_arrays)
+    files = {"global": f"{stem}.global.safetensors"}
+    save_arrays(folder / files["global"], state.global_arrays)
     if state.best_arrays is not None:
-        save_arrays(folder / f"{stem}.best.safetensors", state.best_arrays)
-    meta = {
-        "config_sha256": cfg.sha256(), "completed": state.completed, "stem": stem,
+        files["best"] = f"{stem}.best.safetensors"
+        save_arrays(folder / files["best"], state.best_arrays)
+    meta = json.loads(json.dumps({
+        "config_sha256": cfg.sha256(), "completed": state.completed,
+        "files": {role: {"name": name, "sha256": file_sha256(folder / name)} for role, name in files.items()},
         "rounds": [asdict(r) for r in state.rounds], "secure_rounds": state.secure_rounds,
         "latest_privacy": state.latest_privacy, "best_round": state.best_round, "stale": state.stale,
         "stopped": state.stopped, "rng_state": state.rng_state,
-    }
+    }, default=str))
+    meta["signature"] = b64(key.sign(canonical(meta)))
     tmp = folder / "state.json.tmp"
-    tmp.write_text(json.dumps(meta, default=str), encoding="utf-8")
+    tmp.write_text(json.dumps(meta), encoding="utf-8")
     os.replace(tmp, folder / "state.json")
     for old in folder.glob("round-*.safetensors"):  # earlier rounds' arrays are superseded
-        if not old.name.startswith(stem + "."):
+        if old.name not in files.values():
             old.unlink()
     return folder / "state.json"
 
 
+def _verified(folder: Path, meta: dict, public) -> str:
+    """Why this checkpoint must not be trusted, or "" when its signature, paths and files hold."""
+    try:
+        signature = unb64(str(meta.pop("signature")))
+    except (KeyError, ValueError):
+        return "it is not signed"
+    if not verify(public, signature, canonical(meta)):
+        return "its signature does not verify with the coordinator's audit key (edited or swapped)"
+    for role, entry in meta["files"].items():
+        name = str(entry["name"])
+        if not re.fullmatch(r"round-\d{4}\.(global|best)\.safetensors", name) or \
+                not (folder / name).resolve().is_relative_to(folder.resolve()):
+            return f"its {role} file {name!r} is not a checkpoint file name"
+        if not (folder / name).is_file() or file_sha256(folder / name) != entry["sha256"]:
+            return f"its {role} file {name} is missing or was altered"
+    return ""
+
+
 def load_checkpoint(out_dir: Path, cfg: ExperimentConfig, check_experiment: bool = True) -> Optional[RunState]:
-    """The state to resume from, None for a fresh run; refuses a run directory that is
-    complete or (with `check_experiment`) that belongs to another experiment."""
+    """The state to resume from, None for a fresh run; refuses a run directory that is complete,
+    and (with `check_experiment`) a checkpoint of another experiment or one that does not verify."""
     out_dir = Path(out_dir)
     if (out_dir / "summary.json").is_file():
         raise FederationError(f"{out_dir} holds a finished run (summary.json); choose another run directory")
@@ -97,21 +127,25 @@ def load_checkpoint(out_dir: Path, cfg: ExperimentConfig, check_experiment: bool
         return None
     try:
         meta = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
-        raise FederationError(f"{path}: unreadable checkpoint ({exc})") from None
+        _, public_path = coordinator_key(cfg, out_dir)
+        why = _verified(out_dir / FOLDER, meta, load_public(public_path))
+    except (OSError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as exc:
+        why = f"it cannot be read ({type(exc).__name__})"
+    if why:
+        raise FederationError(f"{path}: checkpoint refused: {why}")
     if meta["config_sha256"] != cfg.sha256():
         raise FederationError(f"{out_dir} holds a checkpoint of a different experiment; "
                               "resume with the same experiment and overrides, or choose another run directory")
     folder = out_dir / FOLDER
-    best = folder / f"{meta['stem']}.best.safetensors"
+    files = meta["files"]
     return RunState(
-        global_arrays=OrderedDict(load_arrays(folder / f"{meta['stem']}.global.safetensors")),
+        global_arrays=OrderedDict(load_arrays(folder / files["global"]["name"])),
         completed=int(meta["completed"]),
         rounds=[_round_record(r) for r in meta["rounds"]],
         secure_rounds=meta["secure_rounds"],
         latest_privacy=meta["latest_privacy"],
         best_round=meta["best_round"],
-        best_arrays=OrderedDict(load_arrays(best)) if best.is_file() else None,
+        best_arrays=OrderedDict(load_arrays(folder / files["best"]["name"])) if "best" in files else None,
         stale=int(meta["stale"]),
         stopped=bool(meta["stopped"]),
         rng_state=meta["rng_state"],

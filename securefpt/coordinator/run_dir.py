@@ -21,7 +21,8 @@ import numpy as np
 import yaml
 
 from securefpt.coordinator.audit_key import coordinator_key
-from securefpt.protocol.audit import AuditLog, file_sha256
+from securefpt.coordinator.audit_log import AuditLog
+from securefpt.protocol.audit import file_sha256
 from securefpt.learning.artifacts import save_arrays
 from securefpt.protocol.experiment import ExperimentConfig
 
@@ -71,8 +72,8 @@ class RunRecorder:
         self.cfg = cfg
         self.labels = labels
         self.rounds: list[RoundRecord] = list(resumed or [])
-        key, self.audit_public_key = coordinator_key(cfg, self.out_dir)
-        self.audit = AuditLog(self.out_dir / "audit.jsonl", key)
+        self.key, self.audit_public_key = coordinator_key(cfg, self.out_dir)
+        self.audit = AuditLog(self.out_dir / "audit.jsonl", self.key)
         digest = cfg.sha256()
         if resumed is not None:
             self.audit.append("run_resumed", after_round=self.rounds[-1].round if self.rounds else 0,

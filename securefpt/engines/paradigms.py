@@ -27,6 +27,13 @@ def run_local_paradigm(cfg: ExperimentConfig, out_dir: Path, show_progress: bool
                               "it pools every client's raw data in one place")
     labels = label_space(cfg.data)
     recorder = RunRecorder(out_dir, cfg, labels)
+    try:
+        return _train(cfg, labels, recorder, show_progress)
+    finally:
+        recorder.audit.close()
+
+
+def _train(cfg: ExperimentConfig, labels: list[str], recorder: RunRecorder, show_progress: bool) -> dict:
     data = {lang: load_client_data(cfg.data, lang, labels, cfg.seed) for lang in cfg.data.languages}
     if cfg.paradigm == "monolingual":
         models = {lang: build_model(cfg.model, cfg.peft, len(labels), cfg.seed) for lang in data}

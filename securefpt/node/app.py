@@ -7,7 +7,9 @@ Handlers (each runs inside `hygiene_mod`: a refusal or failure leaves as a reaso
 - `train`: train on the node's own data from the offered global encoder; in a secure
   round the reply is the change h_k - h_g, which `secure_aggregation_mod` masks;
 - `evaluate`: the round's aggregate, evaluated once, released only as the node's rules
-  say, and the node's answer to the next round's offer.
+  say, and the node's answer to the next round's offer; first the node witnesses the
+  audit head the message carries (witness.py);
+- `query.witness`: the audit head at the end of a run, witnessed the same way.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from securefpt.node.budget import Ledger
 from securefpt.node.config import Node, this_node
 from securefpt.node.secagg import secure_aggregation_mod
 from securefpt.node.state import NodeState, RunRecord
+from securefpt.node.witness import witness
 from securefpt.protocol import records as R
 from securefpt.protocol.experiment import ExperimentRequest
 from securefpt.protocol.identity import prove
@@ -151,6 +154,7 @@ def evaluate(msg: Message, context: Context) -> Message:
         raise NodeRefusal("round-out-of-plan", f"evaluate round {server_round}")
     if run.done("evaluated", server_round):
         raise NodeRefusal("evaluation-repeated", f"round {server_round}")
+    witnessed = _witness(node, msg, context)
     runtime = _runtime(node, request)
     release = node.rules.release
     metrics = {}
@@ -167,5 +171,22 @@ def evaluate(msg: Message, context: Context) -> Message:
             run.offer(next_round, encoder)
         answer = _answer(code == "ok", code)
     content = RecordDict({R.EVAL: MetricRecord(metrics), R.ANSWER: answer,
-                          R.PRIVACY: privacy_report(node, request, runtime)})
+                          R.PRIVACY: privacy_report(node, request, runtime), **witnessed})
     return Message(content, reply_to=msg)
+
+
+def _witness(node: Node, msg: Message, context: Context) -> dict:
+    """Witness the audit head a message carries (a head that does not extend the last one is refused)."""
+    shown = msg.content.config_records.get(R.AUDIT_HEAD)
+    return {} if shown is None else {R.WITNESS: witness(node, context.run_id, shown)}
+
+
+@app.query("witness")
+def witness_head(msg: Message, context: Context) -> Message:
+    """The audit head at the end of a run."""
+    node = this_node(context.node_config)
+    _accepted(node, context)
+    witnessed = _witness(node, msg, context)
+    if not witnessed:
+        raise NodeRefusal("malformed-request", "witness query without an audit head")
+    return Message(RecordDict(witnessed), reply_to=msg)
