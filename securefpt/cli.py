@@ -133,6 +133,35 @@ audit_app = typer.Typer(no_args_is_help=True, help="The signed audit log.")
 app.add_typer(keys_app, name="keys")
 app.add_typer(policy_app, name="policy")
 app.add_typer(audit_app, name="audit")
+node_app = typer.Typer(no_args_is_help=True, help="An institution's own node.")
+app.add_typer(node_app, name="node")
+
+
+@node_app.command("report")
+def node_report(
+    config: Path = typer.Argument(..., help="the node's node.yaml"),
+    state: Optional[Path] = typer.Option(None, "--state", help="its state folder, where node.yaml names none "
+                                                               "(on the simulation engine: RUN/nodes/<client id>)"),
+) -> None:
+    """What this node has spent and witnessed, from its own state (none of it leaves the node)."""
+    from securefpt.node.report import node_report as report
+
+    try:
+        figures = report(config, state)
+    except SecureFPTError as exc:
+        _fail(exc)
+    console.print(f"{figures['client_id']} ({figures['region']}, {figures['language']}); state in "
+                  f"{figures['state_dir']}", highlight=False)
+    for dataset, d in figures["datasets"].items():
+        budget = f" of {d['budget']:g}" if d["budget"] is not None else " (no lifetime budget)"
+        console.print(f"dataset {dataset}: lifetime epsilon {d['lifetime_epsilon']:.3f}{budget} "
+                      f"(delta {d['delta']:g}, {d['accountant']})", highlight=False)
+        for key, e in d["experiments"].items():
+            console.print(f"  experiment {key}: epsilon {e['epsilon']:.3f}, {e['steps']} steps, noise multiplier "
+                          f"{', '.join(f'{s:.3f}' for s in e['noise_multipliers'])}, sample rate "
+                          f"{', '.join(f'{q:.4f}' for q in e['sample_rates'])}", highlight=False)
+    console.print(f"{figures['runs']} runs, {figures['rounds_trained']} rounds trained, "
+                  f"{figures['audit_heads_witnessed']} audit heads witnessed", highlight=False)
 
 
 @keys_app.command("demo")
@@ -188,6 +217,7 @@ def policy_explain(
     file: Path,
     clients: Path = typer.Option(..., "--clients", help="folder of client manifests"),
     config: Optional[Path] = typer.Option(None, "--config", help="experiment YAML (default: the defaults)"),
+    set_: List[str] = typer.Option([], "--set", help="override a key of the experiment: dotted.key=value"),
 ) -> None:
     """Who may take part in this experiment under this policy, and why not."""
     from securefpt.config import load_config
@@ -195,7 +225,7 @@ def policy_explain(
     from securefpt.protocol.policy import load_manifests, load_policy
 
     try:
-        cfg = load_config(config)
+        cfg = load_config(config, set_)
         manifests = load_manifests(clients)
         decisions = decide_eligibility(load_policy(file), cfg, manifests)
     except SecureFPTError as exc:

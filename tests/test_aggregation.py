@@ -15,12 +15,14 @@ def test_weighted_average_is_algorithm_1():
     assert list(out) == ["p", "h"]
 
 
-def test_dropped_client_is_left_out_of_the_weights():
+def test_a_dropped_client_leaves_the_weights_and_renormalises_the_rest():
     a = {"p": np.array([1.0], dtype=np.float32)}
     b = {"p": np.array([4.0], dtype=np.float32)}
-    # client c (weight 500) dropped out: weights renormalise over a and b only
-    out = weighted_average([(a, 1), (b, 3)])
-    np.testing.assert_allclose(out["p"], [(1 * 1 + 3 * 4) / 4])
+    c = {"p": np.array([100.0], dtype=np.float32)}
+    everyone = weighted_average([(a, 1), (b, 3), (c, 500)])
+    without_c = weighted_average([(a, 1), (b, 3)])  # c dropped out of the round
+    np.testing.assert_allclose(everyone["p"], [(1 * 1 + 3 * 4 + 500 * 100) / 504], rtol=1e-6)
+    np.testing.assert_allclose(without_c["p"], [(1 * 1 + 3 * 4) / 4], rtol=1e-6)  # not / 504: no trace of c
 
 
 def test_nothing_to_aggregate_and_mismatched_names():
@@ -35,5 +37,18 @@ def test_selection_size_follows_m_equals_max_c_k_1():
     nodes = list(range(10, 20))
     assert len(select_clients(nodes, 0.3, rng)) == 3
     assert len(select_clients(nodes, 0.01, rng)) == 1
-    picked = select_clients(nodes, 1.0, rng)
-    assert picked == nodes
+    assert select_clients(nodes, 1.0, rng) == nodes
+    assert select_clients([], 1.0, rng) == []
+
+
+def test_selection_is_sized_by_the_eligible_population_when_some_decline():
+    rng = np.random.default_rng(0)
+    # 10 eligible, C = 0.5: m = 5; only 3 are willing this round: all 3, never more than offered
+    assert select_clients([1, 2, 3], 0.5, rng, population=10) == [1, 2, 3]
+    # 8 willing of 10 eligible, C = 0.5: m = 5 (from the population), not 4 (from the willing)
+    picked = select_clients(list(range(8)), 0.5, rng, population=10)
+    assert len(picked) == 5 and set(picked) <= set(range(8)) and picked == sorted(picked)
+    # the draw is without replacement and follows the generator: same seed, same cohort
+    again = select_clients(list(range(8)), 0.5, np.random.default_rng(0), population=10)
+    first = select_clients(list(range(8)), 0.5, np.random.default_rng(0), population=10)
+    assert again == first and len(set(first)) == 5

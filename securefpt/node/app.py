@@ -158,7 +158,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     runtime = _runtime(node, request)
     release = node.rules.release
     metrics = {}
-    if release.eval_metrics:
+    if release.eval_metrics and server_round > 0:  # round 0's message only offers the first round
         result = runtime.evaluate(arrays)
         metrics = {"accuracy": _coarse(result.accuracy, release.metric_decimals)}
     run.mark("evaluated", server_round)
