@@ -150,19 +150,23 @@ def fitins(encoder: dict, server_round: int) -> FitIns:
     return FitIns(ndarrays_to_parameters(list(encoder.values())), {"server-round": server_round, "secure": True})
 
 
-def unmask_alone(masked: list, b_seed: bytes, sk1: bytes, peer_pk1: dict[int, bytes], target: int,
+def unmask_alone(masked: list, b_seed: bytes, pairwise: dict[int, bytes], target: int,
                  max_weight: float) -> tuple[list, float]:
-    """One node's update and weight from its masked vector, its self-mask seed, and its pairwise
-    mask secret: what a coordinator gets when it holds both of a node's secrets."""
+    """One node's update and weight from its masked vector, its self-mask seed and its pairwise
+    mask keys (by peer): what a coordinator gets when it holds both kinds of a node's secrets."""
     shapes = [a.shape for a in masked]
     vector = [np.asarray(a, dtype=np.int64) - m for a, m in zip(masked, pseudo_rand_gen(b_seed, MOD, shapes))]
-    for peer, pk1 in peer_pk1.items():
-        mask = pseudo_rand_gen(generate_shared_key(bytes_to_private_key(sk1), bytes_to_public_key(pk1)), MOD, shapes)
+    for peer, shared in pairwise.items():
+        mask = pseudo_rand_gen(shared, MOD, shapes)
         vector = [v - m if target > peer else v + m for v, m in zip(vector, mask)]
     q_ratio, rest = factor_extract(parameters_mod(vector, MOD))
     weight = int(q_ratio) / QRANGE
     change = [a * (QRANGE / int(q_ratio)) for a in dequantize(rest, CLIP, QRANGE)]
     return change, weight * max_weight
+
+
+def shared_key(secret: bytes, public: bytes) -> bytes:
+    return generate_shared_key(bytes_to_private_key(secret), bytes_to_public_key(public))
 
 
 def invented_peers(h: Hostile, step: str, target: str, server_round: int, encoder: dict, max_weight: float,
@@ -211,17 +215,23 @@ def invented_peers(h: Hostile, step: str, target: str, server_round: int, encode
     if reply.has_error():
         return {"refusal": parse(reply.error.reason)}
     masked = [bytes_to_ndarray(b) for b in reply.content.config_records[RECORD_KEY_CONFIGS][Key.MASKED_PARAMETERS]]
-    change, weight = unmask_alone(masked, combine_shares(b_shares), combine_shares(sk_shares),
-                                  {f: keys[f][1] for f in fake_ids}, t, max_weight)
+    sk1_t = combine_shares(sk_shares)
+    change, weight = unmask_alone(masked, combine_shares(b_shares),
+                                  {f: shared_key(sk1_t, keys[f][1]) for f in fake_ids}, t, max_weight)
     return {"refusal": None, "change": change, "weight": weight}
 
 
-def split_views(h: Hostile, step: str, target: str, server_round: int, encoder: dict, max_weight: float,
-                threshold: int) -> dict:
-    """An honest SecAgg+ round among all nodes until the unmask stage; then half of the target's
-    peers are told it survived and the other half that it dropped, so that the coordinator
-    collects shares of both of its secrets. With a consistency exchange, each half is shown the
-    survivor set meant for it. Returns the refusals, or the target's recovered update."""
+def lie_at_unmask(h: Hostile, step: str, target: str, server_round: int, encoder: dict, max_weight: float,
+                  threshold: int, lie: str) -> dict:
+    """An honest SecAgg+ round among all nodes until the unmask stage, where the coordinator lies
+    about who survived so that it collects both kinds of the target's secrets:
+    - `split`: half of the target's peers are told it survived (they reveal its self-mask seed),
+      the other half that it dropped (they reveal its pairwise-mask key);
+    - `alone`: every peer is told that only the target survived (they would reveal its self-mask
+      seed, and each other's pairwise-mask keys, from which the target's pairwise masks follow;
+      Flower's client refuses a survivor set below its threshold, securefpt's below its minimum).
+    Each peer is shown, at the consistency stage, the survivor set meant for it.
+    Returns the refusals, or the target's recovered update and |D_k|."""
     nodes, t = h.ids(), h.ids([target])[0]
     n = len(nodes)
     answers = h.send(f"{step}: setup", [stage_message(x, server_round, setup_configs(n, n, threshold, max_weight))
@@ -249,9 +259,12 @@ def split_views(h: Hostile, step: str, target: str, server_round: int, encoder: 
               next(r for r in replies.values() if r.metadata.src_node_id == t)
               .content.config_records[RECORD_KEY_CONFIGS][Key.MASKED_PARAMETERS]]
     others = [x for x in nodes if x != t]
-    half = len(others) // 2
-    told_alive, told_dead = others[:half], others[half:2 * half]
-    views = {x: sorted(nodes) for x in [t, *told_alive]} | {x: sorted(others) for x in told_dead}
+    if lie == "split":
+        half = len(others) // 2
+        told = {x: (sorted(nodes), []) for x in others[:half]} | {x: (others, [t]) for x in others[half:2 * half]}
+    else:
+        told = {x: ([t], others) for x in others}
+    views = {x: active for x, (active, _) in told.items()}
     signatures = {}
     survivors = h.send(f"{step}: consistency", [Message(RecordDict({R.SURVIVORS: ConfigRecord({"survivors": v})}),
                                                         dst_node_id=x, message_type=MessageType.TRAIN,
@@ -259,24 +272,29 @@ def split_views(h: Hostile, step: str, target: str, server_round: int, encoder: 
     for reply in survivors.values():
         if not reply.has_error():
             signatures[reply.metadata.src_node_id] = reply.content.config_records[R.SURVIVORS]["signature"]
-    unmask = lambda active, dead: {Key.STAGE: Stage.UNMASK, Key.ACTIVE_NODE_ID_LIST: active,  # noqa: E731
-                                   Key.DEAD_NODE_ID_LIST: dead}
-    sig_for = lambda view: ConfigRecord({str(x): s for x, s in signatures.items() if views[x] == view})  # noqa
-    msgs = [stage_message(x, server_round, unmask(sorted(nodes), []), {R.SURVIVOR_SIGNATURES: sig_for(sorted(nodes))})
-            for x in told_alive]
-    msgs += [stage_message(x, server_round, unmask(sorted(others), [t]), {R.SURVIVOR_SIGNATURES: sig_for(sorted(others))})
-             for x in told_dead]
-    b_shares, sk_shares, refusals = [], [], {}
+    msgs = [stage_message(x, server_round, {Key.STAGE: Stage.UNMASK, Key.ACTIVE_NODE_ID_LIST: active,
+                                            Key.DEAD_NODE_ID_LIST: dead},
+                          {R.SURVIVOR_SIGNATURES: ConfigRecord({str(y): s for y, s in signatures.items()
+                                                                if views[y] == active})})
+            for x, (active, dead) in told.items()]
+    shares: dict[int, list] = {x: [] for x in nodes}
+    b_shares, refusals = [], {}
     for reply in h.send(f"{step}: unmask", msgs).values():
         if reply.has_error():
             refusals[reply.metadata.src_node_id] = parse(reply.error.reason)
             continue
         configs = reply.content.config_records[RECORD_KEY_CONFIGS]
+        active = told[reply.metadata.src_node_id][0]
         for owner, share in zip(configs[Key.NODE_ID_LIST], configs[Key.SHARE_LIST]):
-            if owner == t:
-                (b_shares if reply.metadata.src_node_id in told_alive else sk_shares).append(share)
-    if len(b_shares) < threshold or len(sk_shares) < threshold:
-        return {"refusal": refusals, "shares": (len(b_shares), len(sk_shares))}
-    change, weight = unmask_alone(masked, combine_shares(b_shares), combine_shares(sk_shares),
-                                  {x: pks[x][0] for x in others}, t, max_weight)
+            (b_shares if owner == t and t in active else shares[owner]).append(share)
+    # the target's pairwise masks: from its own key (split) or from each peer's (alone)
+    holders = [t] if lie == "split" else others
+    if len(b_shares) < threshold or any(len(shares[x]) < threshold for x in holders):
+        return {"refusal": refusals, "shares": (len(b_shares), min(len(shares[x]) for x in holders))}
+    if lie == "split":
+        sk1_t = combine_shares(shares[t])
+        pairwise = {x: shared_key(sk1_t, pks[x][0]) for x in others}
+    else:
+        pairwise = {x: shared_key(combine_shares(shares[x]), pks[t][0]) for x in others}
+    change, weight = unmask_alone(masked, combine_shares(b_shares), pairwise, t, max_weight)
     return {"refusal": refusals, "change": change, "weight": weight}

@@ -1,3 +1,4 @@
+import json
 import os
 from pathlib import Path
 
@@ -45,7 +46,8 @@ def masakhanews_root() -> Path:
 
 
 def make_masakhanews_like(root, languages, missing=(), sizes=None):
-    """A small MasakhaNEWS-shaped tree (training rows 10, 14, 18, ... unless `sizes` says);
+    """A small MasakhaNEWS-shaped tree (training rows 10, 14, 18, ... unless `sizes` says;
+    evaluation rows 6, 7, 8, ...: every language a different count, so a leaked size shows);
     languages in `missing` have labels but no TSVs."""
     words = {"sports": "match goal coach", "politics": "vote election minister", "health": "hospital vaccine"}
     for li, lang in enumerate(languages):
@@ -55,7 +57,7 @@ def make_masakhanews_like(root, languages, missing=(), sizes=None):
         if lang in missing:
             continue
         n_train = sizes[li] if sizes else 10 + 4 * li
-        for split, n in (("test", n_train), ("dev", 6)):
+        for split, n in (("test", n_train), ("dev", 6 + li)):
             rows = [TSV_HEAD]
             for i in range(n):
                 label = list(words)[i % 3]
@@ -76,3 +78,26 @@ def quantization_bound(cfg, cohort: int, total_ratio: float) -> float:
     sum_k |D_k| / max_weight."""
     step = 2 * cfg.secagg.clipping_range / cfg.secagg.quantization_range
     return cohort * step / total_ratio
+
+
+def expected_predictions(run: Path, texts, artifact="prompt_encoder.safetensors"):
+    """(label, probability) of each text, computed here from the run's saved artifact; and what
+    the same model gives without it (so a predict that ignored the artifact would be caught)."""
+    import torch
+
+    from securefpt.config import load_config
+    from securefpt.learning.artifacts import load_arrays
+    from securefpt.learning.modeling import build_model, set_trainable
+
+    cfg = load_config(run / "config.yaml")
+    labels = json.loads((run / "labels.json").read_text())
+    model = build_model(cfg.model, cfg.peft, len(labels), cfg.seed)
+    model.model.eval()
+    enc = model.tokenizer(list(texts), truncation=True, max_length=model.max_text_tokens, padding=True,
+                          return_tensors="pt")
+    with torch.no_grad():
+        untrained = torch.softmax(model.model(enc["input_ids"], enc["attention_mask"]), -1)
+        set_trainable(model.model, load_arrays(run / artifact))
+        trained = torch.softmax(model.model(enc["input_ids"], enc["attention_mask"]), -1)
+    pick = lambda probs: [(labels[int(p.argmax())], float(p.max())) for p in probs]  # noqa: E731
+    return pick(trained), pick(untrained)

@@ -7,12 +7,8 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
-from securefpt.config import load_config
-from securefpt.learning.artifacts import load_arrays
-from securefpt.learning.modeling import build_model, set_trainable
-from tests.conftest import TINY, make_masakhanews_like, tsv_cfg_overrides
+from tests.conftest import TINY, expected_predictions, make_masakhanews_like, tsv_cfg_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -45,23 +41,6 @@ def test_missing_config_and_missing_data(tmp_path):
     cfg.write_text(f"data:\n  source: masakhanews_tsv\n  root: {tmp_path / 'absent'}\n  languages: [eng]\n")
     res = securefpt("run", str(cfg), "--set", "paradigm=centralized", *[f"--set={x}" for x in TINY])
     assert res.returncode == 2 and "eng/train.tsv: file not found" in one_line(res.stderr)
-
-
-def expected_predictions(run: Path, texts, artifact="prompt_encoder.safetensors"):
-    """(label, probability) of each text, computed here from the run's saved artifact; and what
-    the same model gives without it (so a predict that ignored the artifact would be caught)."""
-    cfg = load_config(run / "config.yaml")
-    labels = json.loads((run / "labels.json").read_text())
-    model = build_model(cfg.model, cfg.peft, len(labels), cfg.seed)
-    model.model.eval()
-    enc = model.tokenizer(list(texts), truncation=True, max_length=model.max_text_tokens, padding=True,
-                          return_tensors="pt")
-    with torch.no_grad():
-        untrained = torch.softmax(model.model(enc["input_ids"], enc["attention_mask"]), -1)
-        set_trainable(model.model, load_arrays(run / artifact))
-        trained = torch.softmax(model.model(enc["input_ids"], enc["attention_mask"]), -1)
-    pick = lambda probs: [(labels[int(p.argmax())], float(p.max())) for p in probs]  # noqa: E731
-    return pick(trained), pick(untrained)
 
 
 @pytest.fixture(scope="module")

@@ -1,11 +1,11 @@
 """End to end with the packaged MiniLM on a slice of the real MasakhaNEWS data."""
 
-
 import pytest
 
 from securefpt.config import load_config
-from securefpt.learning.predict import predict
 from securefpt.engines.runner import run_experiment
+from securefpt.learning.predict import predict
+from tests.conftest import expected_predictions
 
 pytestmark = pytest.mark.slow
 
@@ -22,13 +22,17 @@ def test_federated_prompt_tuning_on_masakhanews_with_minilm(masakhanews_root, tm
     assert len(summary["labels"]) == 7
     acc = summary["final"]["accuracy"]
     assert set(acc) == {"eng", "hau", "yor", "avg"}
-    # 3 rounds of 48 examples per client: the English client, whose language MiniLM
-    # knows, must beat the 1/7 chance level clearly
+    # 3 rounds of 48 examples per node: the English node, whose language MiniLM knows, must
+    # beat the 1/7 chance level clearly (0.3 is over 4 standard deviations above it on 48 rows)
     assert acc["eng"] > 0.3
-    # secure aggregation is on by default: no client's training loss reaches the server
+    # secure aggregation is on by default: no node's training loss reaches the coordinator
     assert summary["secure_aggregation"]["enabled"] is True
     assert all(r["train_loss"] is None for r in summary["rounds"])
     assert summary["secure_aggregation"]["aborted_rounds"] == []
     assert summary["trainable_params"] == 8 * 384 + 384 * 7 + 7
-    [(label, prob)] = predict(tmp_path / "run", ["Manchester United win the league after a late goal"])
-    assert label in summary["labels"] and prob > 1 / 7
+    texts = ["Manchester United win the league after a late goal", "Parliament passes the budget"]
+    trained, untrained = expected_predictions(tmp_path / "run", texts)
+    got = predict(tmp_path / "run", texts)
+    assert [label for label, _ in got] == [label for label, _ in trained]
+    assert [p for _, p in got] == pytest.approx([p for _, p in trained], abs=1e-5)
+    assert [p for _, p in got] != pytest.approx([p for _, p in untrained], abs=1e-3)

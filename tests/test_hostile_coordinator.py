@@ -47,7 +47,7 @@ regions:
 """
 MEMBERS = [("strict-a", "hub", "aa", "hub"), ("open-b", "open", "bb", "open"), ("shares-c", "shares", "cc", "shares")]
 LABELS = ["health", "politics", "sports"]
-SIZES = {"aa": 10, "bb": 14, "cc": 18}  # training rows; 6 evaluation rows each
+SIZES = {"aa": 10, "bb": 14, "cc": 18}  # training rows; 6, 7 and 8 evaluation rows
 BATCH = 4
 CANARY = "CANARY"  # every row of every private file holds it
 
@@ -190,7 +190,8 @@ def test_evaluation_happens_once_per_round_and_is_released_only_as_the_rules_say
 def test_no_byte_the_coordinator_received_derives_from_a_nodes_data_unless_its_rules_release_it(played, federation):
     root, _ = federation
     private = [str(root), "/etc", CANARY, "sports", "medical-notes"]  # paths, file lines, a label, a task
-    counts = {lang: {n, n / 32, BATCH / n, 6} for lang, n in SIZES.items()}  # |D_k|, ratios, sampling rate, eval rows
+    # |D_k|, its weight ratio, the sampling rate, the evaluation rows
+    counts = {lang: {n, n / 32, BATCH / n, 6 + i} for i, (lang, n) in enumerate(SIZES.items())}
     lang_of = {"strict-a": "aa", "open-b": "bb", "shares-c": "cc"}
     assert len(played["bytes"]) > 30
     for step, client, kind, raw, records in played["bytes"]:

@@ -27,7 +27,8 @@ from securefpt.node.guards import fault_injection_mod, hygiene_mod
 from securefpt.node.secagg import secure_aggregation_mod
 from securefpt.protocol import records as R
 from securefpt.protocol.audit import read_entries
-from tests.attacks import CLIP, QRANGE, hostile_app, invented_peers, split_views
+from tests.attacks import (CLIP, QRANGE, hostile_app, invented_peers, lie_at_unmask, setup_configs,
+                           stage_message)
 from tests.conftest import make_masakhanews_like, tsv_cfg_overrides
 
 pytestmark = pytest.mark.slow
@@ -94,18 +95,24 @@ def played(tmp_path_factory):
     from tests.conftest import TINY
 
     tmp = tmp_path_factory.mktemp("malicious")
-    cfg = experiment(tmp, list(TINY))
-    e = encoders(cfg, 5)
+    cfg = experiment(tmp, list(TINY), "fl.rounds=8", "secagg.min_cohort=3")  # every node: a minimum cohort of 3
+    e = encoders(cfg, 8)
 
     def control(h, log):
         log["invented"] = invented_peers(h, "invented peers", "aa", 1, e[1], MAX_WEIGHT)
-        log["split"] = split_views(h, "split views", "aa", 2, e[2], MAX_WEIGHT, threshold=2)
+        log["split"] = lie_at_unmask(h, "split views", "aa", 2, e[2], MAX_WEIGHT, threshold=2, lie="split")
 
     def hardened(h, log):
         log["invented"] = invented_peers(h, "invented peers", "aa", 1, e[1], MAX_WEIGHT)
         log["substituted"] = invented_peers(h, "substituted keys", "aa", 2, e[2], MAX_WEIGHT, peers=["bb", "cc", "dd"])
-        log["low threshold"] = split_views(h, "threshold 2 of 5", "aa", 3, e[3], MAX_WEIGHT, threshold=2)
-        log["split"] = split_views(h, "split views", "aa", 4, e[4], MAX_WEIGHT, threshold=4)
+        log["low threshold"] = lie_at_unmask(h, "threshold 2 of 5", "aa", 3, e[3], MAX_WEIGHT, threshold=2,
+                                             lie="split")
+        log["split"] = lie_at_unmask(h, "split views", "aa", 4, e[4], MAX_WEIGHT, threshold=4, lie="split")
+        log["alone"] = lie_at_unmask(h, "a cohort of one", "aa", 5, e[5], MAX_WEIGHT, threshold=4, lie="alone")
+        pair = h.send("a cohort of two", [stage_message(x, 6, setup_configs(2, 2, 2, MAX_WEIGHT))
+                                          for x in h.ids(["aa", "bb"])])
+        log["pair"] = sorted(outcome for outcome in h.log["steps"]["a cohort of two"].values())
+        assert len(pair) == 2
 
     return cfg, e, attack(cfg, tmp / "control", control, flower_client_app()), attack(cfg, tmp / "hardened", hardened)
 
@@ -134,6 +141,16 @@ def test_split_survivor_views_reveal_nothing(played):
     assert set(split["refusal"].values()) == {"views-inconsistent"} and len(split["refusal"]) == 4
     assert split["shares"] == (0, 0)
     assert not recovered_exactly(split, cfg, "aa", e[4], 4)
+
+
+def test_a_cohort_of_one_or_two_is_refused(played):
+    """Unmasking a cohort of one (Flower's client refuses it too, below its threshold) or setting up
+    a cohort of two where the nodes' minimum is three."""
+    cfg, e, _, hardened = played
+    alone = hardened["alone"]
+    assert set(alone["refusal"].values()) == {"cohort-below-minimum"} and len(alone["refusal"]) == 4
+    assert alone["shares"] == (0, 0) and not recovered_exactly(alone, cfg, "aa", e[5], 5)
+    assert hardened["pair"] == ["cohort-below-minimum", "cohort-below-minimum"]
 
 
 def misbehaving_app(sizes: dict) -> ClientApp:

@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 import yaml
 from securefpt.protocol.attestation import check_attestation, issue, load_private, new_key, public_raw, save_public
+from securefpt.protocol.audit import read_entries
 from securefpt.config import load_config
 from securefpt.coordinator.eligibility import decide_eligibility
 from securefpt.errors import ConfigError, FederationError
@@ -199,4 +200,53 @@ def test_a_policy_forbids_pooling_raw_data(federation, tmp_path):
 
     with pytest.raises(FederationError, match="forbids the centralized paradigm"):
         run_experiment(cfg_for(federation, "paradigm=centralized"), tmp_path / "never", show_progress=False)
+    assert not (tmp_path / "never").exists()
+
+
+
+def test_an_expiring_attestation_drops_its_node_mid_run_and_withheld_metrics_stay_withheld(
+        federation, tmp_path, tiny_overrides, monkeypatch):
+    """fra's attestation expires mid-2030, and from round 2 on the coordinator's clock reads July
+    2030: fra is decided out again before round 2. Kenya's rules release no evaluation metric:
+    swa takes part in every round, and its accuracy never appears."""
+    import securefpt.coordinator.app as coordinator
+    from securefpt.coordinator.eligibility import participants as real_participants
+
+    authority = load_private(federation / "clients" / "keys" / "eu-west-authority.key")
+    fra_key = load_private(federation / "clients" / "keys" / "fra-agence.key")
+    soon = issue(authority, "fra-agence", "eu-west", "fra", public_raw(fra_key), datetime(2030, 6, 1, tzinfo=timezone.utc))
+    _rewrite(federation / "clients" / "fra-agence", attestation=soon.to_dict())
+    policy_path = federation / "policies" / "masakhanews.yaml"
+    policy = yaml.safe_load(policy_path.read_text())
+    policy["regions"]["ke"]["release"] = {"eval_metrics": False, "epsilon": True}
+    policy_path.write_text(yaml.safe_dump(policy))
+    calls = []
+
+    def participants_later(cfg, now=None):  # the ServerApp's first call is its start; then each round
+        calls.append(1)
+        return real_participants(cfg, now or (datetime(2030, 7, 1, tzinfo=timezone.utc) if len(calls) > 1 else None))
+
+    monkeypatch.setattr(coordinator, "participants", participants_later)
+    from securefpt.engines.simulation import run_federated_simulation
+
+    cfg = load_config(None, tiny_overrides + fed_overrides(federation) + ["dp.enabled=true", "dp.target_epsilon=8"])
+    summary = run_federated_simulation(cfg, tmp_path / "run", show_progress=False)
+    r1, r2 = summary["rounds"]
+    assert r1["participants"] == ["eng", "fra", "hau", "swa"] and r2["participants"] == ["eng", "hau", "swa"]
+    dropped = [e for e in read_entries(summary["audit_log"]) if e["event"] == "eligibility" and e.get("round") == 2]
+    assert [(e["client"], e["included"]) for e in dropped] == [("fra", False)]
+    assert "attestation expired on 2030-06-01" in dropped[0]["reason"]
+    assert all("swa" not in r["accuracy"] for r in summary["rounds"]) and "eng" in r2["accuracy"]
+    assert summary["privacy"]["epsilon"]["swa"] is not None  # what ke's rules do release
+
+
+def test_a_policy_that_forbids_keeping_the_artifact_is_refused_before_training(federation, tmp_path):
+    from securefpt.engines.simulation import run_federated_simulation
+
+    policy_path = federation / "policies" / "masakhanews.yaml"
+    policy = yaml.safe_load(policy_path.read_text())
+    policy["server"]["artifact_regions"] = ["uk"]
+    policy_path.write_text(yaml.safe_dump(policy))
+    with pytest.raises(FederationError, match="forbids storing the artifact in the coordinator's region 'eu-west'"):
+        run_federated_simulation(cfg_for(federation), tmp_path / "never", show_progress=False)
     assert not (tmp_path / "never").exists()

@@ -20,13 +20,6 @@ from securefpt.protocol.refusals import NodeRefusal
 from tests.conftest import make_masakhanews_like, tsv_cfg_overrides
 
 
-def test_opacus_reference_values_from_its_test_suite():
-    # sigma=1.5, q=0.04, 2250 steps, delta=1e-5: RDP 7.329, PRV 6.777 (DESIGN, Opacus tests)
-    history = [(1.5, 0.04, 2250)]
-    assert epsilon_of(history, 1e-5, "rdp") == pytest.approx(7.329, abs=0.01)
-    assert epsilon_of(history, 1e-5, "prv") == pytest.approx(6.777, abs=0.05)
-
-
 def _request(*extra, labels=("a", "b")):
     return load_config(None, ["dp.enabled=true", *extra]).request(list(labels))
 

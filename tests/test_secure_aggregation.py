@@ -78,8 +78,8 @@ def test_the_coordinator_sees_neither_an_update_nor_a_dataset_size(tmp_path, tin
     h_g, truth = round_one_by_hand(cfg)
     sizes = {n for _, n in truth.values()}
     assert sizes == {10, 14, 18}
-    # |D_k|, its weight ratio, and the evaluation rows (6 each here, but a count is a count)
-    forbidden = sizes | {n / 32 for n in sizes} | {6}
+    # |D_k|, its weight ratio, and each node's evaluation rows (6, 7, 8)
+    forbidden = sizes | {n / 32 for n in sizes} | {6, 7, 8}
 
     masked = []
     for msg in received:
@@ -154,3 +154,16 @@ def test_invalid_settings_fail_before_any_training(tmp_path, override, field):
     with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
         run_federated_simulation(cfg, tmp_path / "never", show_progress=False)
     assert not (tmp_path / "never").exists()
+
+
+def test_an_update_the_quantizer_would_clip_fails_loudly_instead_of_corrupting_the_sum(tmp_path, tiny_overrides):
+    """clipping_range 1e-5: every weighted update is larger, so every node refuses to mask it; the
+    round aborts and the encoder stays, rather than a silently clipped sum being averaged in."""
+    cfg = secure_cfg(tmp_path, tiny_overrides, LANGS, "secagg.clipping_range=0.00001")
+    summary = run_federated_simulation(cfg, tmp_path / "run", show_progress=False)
+    [r1] = summary["rounds"]
+    assert r1["aborted"] and r1["participants"] == []
+    assert sorted(r1["failures"]) == [f"{lang}: update-out-of-range: the weighted update would be clipped by the "
+                                      "quantizer" for lang in LANGS]
+    h_g, _ = round_one_by_hand(cfg)
+    assert max_abs_diff(load_arrays(tmp_path / "run" / "prompt_encoder.safetensors"), h_g) == 0.0

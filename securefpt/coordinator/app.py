@@ -177,13 +177,9 @@ class FederatedPromptAveraging:
         return keep
 
     def _artifact_region(self) -> Optional[str]:
-        """Where the final artifact is stored: the coordinator's region, which the policy must allow."""
-        if self.policy is None:
-            return None
-        server = self.policy.server
-        if server.region not in server.artifact_regions:
-            raise FederationError(f"policy forbids storing the artifact in the coordinator's region '{server.region}'")
-        return server.region
+        """Where the final artifact is stored: the coordinator's region (the policy allows it:
+        `participants` refuses a run whose policy does not, before any round)."""
+        return self.policy.server.region if self.policy is not None else None
 
     def _in_order(self, langs) -> list[str]:
         chosen = set(langs)
@@ -232,8 +228,8 @@ class FederatedPromptAveraging:
         contributors = [n for n in selected if n in set(outcome.contributors)]
         failures = [(n, outcome.failures.get(n, "dropped out of the secure round")) for n in selected
                     if n not in set(contributors)]
-        if outcome.aborted:
-            failures = [(n, f"round aborted: {outcome.why}") for n in selected]
+        if outcome.aborted:  # each node's own refusal where it sent one
+            failures = [(n, outcome.failures.get(n) or f"round aborted: {outcome.why}") for n in selected]
             self.recorder.audit.append("secure_round_aborted", round=server_round, reason=outcome.why)
             return None, [], failures, [], outcome.why
         new_global = OrderedDict(

@@ -73,6 +73,9 @@ def participants(cfg: ExperimentConfig, now: Optional[datetime] = None) -> dict[
         return {lang: Participant(lang, None, Decision(True, "eligible (no residency policy)"))
                 for lang in cfg.data.languages}
     policy = load_policy(cfg.policy)
+    if policy.server.region not in policy.server.artifact_regions:  # the run's result could not be kept
+        raise FederationError(f"{cfg.policy}: the policy forbids storing the artifact in the coordinator's region "
+                              f"'{policy.server.region}' (server.artifact_regions)")
     manifests = load_manifests(cfg.clients)
     decisions = decide_eligibility(policy, cfg, manifests, now)
     out: dict[str, Participant] = {}
