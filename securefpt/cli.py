@@ -22,6 +22,20 @@ console = Console()
 err = Console(stderr=True)
 
 
+def _version(value: bool) -> None:
+    if value:
+        from securefpt import __version__
+
+        typer.echo(f"securefpt {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                       help="print the version and exit")) -> None:
+    """Privacy-hardened federated prompt tuning."""
+
+
 def _fail(exc: BaseException) -> None:
     err.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
     raise typer.Exit(code=2)
@@ -68,6 +82,8 @@ def _run(config: Optional[Path], out: Optional[Path], overrides: List[str], quie
     try:
         cfg = load_config(config, overrides)
         out = out or _default_out(cfg.name)
+        if out.exists() and not out.is_dir():
+            raise SecureFPTError(f"--out {out}: a file is there; a run directory is a folder")
         summary = run_experiment(cfg, out, show_progress=not quiet, verbose=verbose)
     except SecureFPTError as exc:
         _fail(exc)
@@ -113,12 +129,14 @@ def demo(
 @app.command()
 def predict(
     run_dir: Path = typer.Argument(..., help="a finished run directory"),
-    texts: List[str] = typer.Argument(..., help="text(s) to classify"),
+    texts: List[str] = typer.Argument(..., help="text(s) to classify; - reads one text a line from stdin"),
     language: Optional[str] = typer.Option(None, "--language", help="for monolingual runs: whose model"),
 ) -> None:
     """Classify text with a run's trained prompt encoder and head."""
     from securefpt.learning.predict import predict as do_predict
 
+    if texts == ["-"]:
+        texts = [line.rstrip("\n") for line in sys.stdin if line.strip()]
     try:
         results = do_predict(run_dir, texts, language)
     except SecureFPTError as exc:

@@ -89,6 +89,10 @@ def load_config(path: Path | str | None, overrides: list[str] | None = None) -> 
     try:
         cfg = ExperimentConfig.model_validate(raw)
     except ValidationError as exc:
+        loc = ".".join(str(p) for p in exc.errors()[0]["loc"])
+        given = [o.split("=", 1)[0].strip() for o in overrides or []]
+        if any(loc == key or loc.startswith(key + ".") for key in given):  # the mistake is in a --set
+            where = "--set"
         raise ConfigError(f"{where}: {first_error(exc)}") from None
     return _resolve_paths(cfg, base)
 

@@ -74,7 +74,7 @@ def test_predict_for_one_language_of_a_monolingual_run(tmp_path, trial_data):
     res = securefpt("predict", str(out), "--language", "bb", "vote election minister")
     assert res.returncode == 0, res.stderr
     label, prob, _ = res.stdout.strip().split("\t")
-    [(want, p)], _ = expected_predictions(out, ["vote election minister"], "prompt_encoder.bb.safetensors")
+    [(want, p)], _ = expected_predictions(out, ["vote election minister"], "languages/bb/prompt_encoder.safetensors")
     assert label == want and float(prob) == pytest.approx(p, abs=1e-3)
     res = securefpt("predict", str(out), "hello")  # which language's model? the error says how to choose
     assert res.returncode == 2 and "pass --language" in one_line(res.stderr)

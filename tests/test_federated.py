@@ -118,7 +118,7 @@ def test_local_paradigms_train_what_they_say(paradigm, fed_cfg, tmp_path):
             ref = build_model(cfg.model, cfg.peft, len(labels), cfg.seed)
             for block in (1, 2):
                 train_local(ref, data[lang].train, cfg.fl, cfg.seed * 100_003 + block * 1_009 + pid)
-            got = load_arrays(tmp_path / paradigm / f"prompt_encoder.{lang}.safetensors")
+            got = load_arrays(tmp_path / paradigm / "languages" / lang / "prompt_encoder.safetensors")
             for name, value in get_trainable(ref.model).items():
                 np.testing.assert_allclose(got[name], value, atol=1e-5, err_msg=f"{lang} {name}")
     else:  # one model on the pooled data of every language

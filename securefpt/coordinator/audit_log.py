@@ -99,5 +99,6 @@ class AuditLog:
     def close(self) -> None:
         """Release the writer's lock (the process ending releases it too)."""
         if not self._lock.closed:
+            Path(self._lock.name).unlink(missing_ok=True)
             fcntl.flock(self._lock, fcntl.LOCK_UN)
             self._lock.close()

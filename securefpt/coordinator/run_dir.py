@@ -1,12 +1,19 @@
 """A run directory: summary.json, per-round CSV, accuracy plot, trainable parameters.
 
 Layout (the interface other tools rely on, see DESIGN):
-    summary.json              figures of the run
-    metrics.csv               one row per round
-    accuracy.png              accuracy per language over rounds
-    prompt_encoder.safetensors  final trainable parameters, keyed by name
-    config.yaml, labels.json  what `securefpt predict` needs beside the parameters
-    audit.jsonl, server.pub   the run's decisions, hash-chained and signed; the key to verify them
+    summary.json                  figures of the run
+    metrics.csv                   one row per round
+    accuracy.png                  accuracy per language over rounds
+    prompt_encoder.safetensors    final trainable parameters, keyed by name
+    adapter_config.json,          the same as a standard PEFT adapter (PeftModel.from_pretrained)
+      adapter_model.safetensors
+    classifier_head.safetensors,  the head and its labels (securefpt.load_classifier)
+      classifier.json
+    languages/<language>/         the same, per language, for a monolingual run
+    config.yaml, labels.json      the experiment and its label space
+    audit.jsonl                   the run's decisions, hash-chained, signed with the coordinator's key
+    checkpoint/                   the state after the last completed round (resume)
+    nodes/                        the simulation engine's node state (and trial nodes' files)
 """
 
 from __future__ import annotations
@@ -22,11 +29,12 @@ import yaml
 
 from securefpt.coordinator.audit_key import coordinator_key
 from securefpt.coordinator.audit_log import AuditLog
+from securefpt.learning.artifacts import ARTIFACT
 from securefpt.protocol.audit import file_sha256
+from securefpt.learning.adapter import save_classifier
 from securefpt.learning.artifacts import save_arrays
 from securefpt.protocol.experiment import ExperimentConfig
 
-ARTIFACT = "prompt_encoder.safetensors"
 
 
 @dataclass
@@ -178,9 +186,17 @@ class RunRecorder:
         (self.out_dir / "summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
         return summary
 
-    def save_artifact(self, arrays: "dict[str, np.ndarray]", name: str = ARTIFACT,
+    def save_artifact(self, arrays: "dict[str, np.ndarray]", language: Optional[str] = None,
                       region: Optional[str] = None) -> Path:
-        path = self.out_dir / name
+        """The final trainable parameters (securefpt's file, keyed by name) and the same as a PEFT adapter
+        with its head (learning/adapter.py): in the run directory, or `languages/<language>/` for one
+        language of a monolingual run."""
+        folder = self.out_dir if language is None else self.out_dir / "languages" / language
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / ARTIFACT
         save_arrays(path, arrays, metadata={"peft_method": self.cfg.peft.method, "model": self.cfg.model.name})
-        self.audit.append("artifact", path=str(path), sha256=file_sha256(path), storage_region=region)
+        save_classifier(folder, self.cfg.model, self.cfg.peft, arrays, self.labels, self.cfg.seed)
+        adapter = folder / "adapter_model.safetensors"
+        self.audit.append("artifact", path=str(path), sha256=file_sha256(path), storage_region=region,
+                          adapter_sha256=file_sha256(adapter) if adapter.is_file() else None)
         return path

@@ -66,7 +66,7 @@ def _train(cfg: ExperimentConfig, labels: list[str], recorder: RunRecorder, show
 
     if cfg.paradigm == "monolingual":
         for lang, assembled in models.items():
-            recorder.save_artifact(get_trainable(assembled.model), name=f"prompt_encoder.{lang}.safetensors")
+            recorder.save_artifact(get_trainable(assembled.model), language=lang)
     else:
         recorder.save_artifact(get_trainable(shared.model))
     trainable, total = count_params(next(iter(models.values())).model)

@@ -7,6 +7,8 @@ from typing import Mapping, Optional
 
 import numpy as np
 
+ARTIFACT = "prompt_encoder.safetensors"  # a run's trainable parameters, keyed by name
+
 
 def save_arrays(path: Path, arrays: "Mapping[str, np.ndarray]", metadata: Optional[dict] = None) -> None:
     from safetensors.numpy import save_file

@@ -196,17 +196,21 @@ def build_model(
     return AssembledModel(model=model, tokenizer=tokenizer, max_text_tokens=max_text)
 
 
+def lora_targets(backbone: nn.Module, peft_cfg: PeftConfig) -> list[str]:
+    """The modules LoRA adapts: as configured, else the attention query and value of BERT-like models."""
+    targets = peft_cfg.lora_target_modules
+    if targets is None and getattr(backbone.config, "model_type", "") in ("bert", "xlm-roberta", "roberta"):
+        targets = ["query", "value"]
+    if targets is None:
+        raise ConfigError("peft.lora_target_modules: required for this model type")
+    return targets
+
+
 def _inject_lora(backbone: nn.Module, peft_cfg: PeftConfig) -> nn.Module:
     from peft import LoraConfig, inject_adapter_in_model
 
     kwargs = dict(r=peft_cfg.lora_r, lora_alpha=peft_cfg.lora_alpha, lora_dropout=peft_cfg.lora_dropout)
-    targets = peft_cfg.lora_target_modules
-    if targets is None:
-        model_type = getattr(backbone.config, "model_type", "")
-        targets = ["query", "value"] if model_type in ("bert", "xlm-roberta", "roberta") else None
-    if targets is None:
-        raise ConfigError("peft.lora_target_modules: required for this model type")
-    backbone = inject_adapter_in_model(LoraConfig(target_modules=targets, **kwargs), backbone)
+    backbone = inject_adapter_in_model(LoraConfig(target_modules=lora_targets(backbone, peft_cfg), **kwargs), backbone)
     for name, p in backbone.named_parameters():
         p.requires_grad_("lora_" in name)
     return backbone

@@ -1,0 +1,66 @@
+"""A run's result in standard formats: a PEFT adapter PeftModel loads, a model a pipeline runs."""
+
+import json
+
+import pytest
+import torch
+
+import securefpt
+from securefpt.config import load_config
+from securefpt.engines.runner import run_experiment
+from securefpt.learning.adapter import HEAD_FILE
+from securefpt.learning.artifacts import load_arrays
+from securefpt.learning.modeling import load_backbone, load_tokenizer
+from securefpt.learning.predict import predict
+from tests.conftest import TINY, make_masakhanews_like, tsv_cfg_overrides
+
+TEXTS = ["match goal coach 3", "vote election minister 4", "hospital vaccine 5"]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """A short centralized run per PEFT method (no federation needed to make an artifact)."""
+    tmp = tmp_path_factory.mktemp("artifacts")
+    root = make_masakhanews_like(tmp / "data", ["aa", "bb"])
+    out = {}
+    for method in ("prompt_tuning", "p_tuning", "lora"):
+        cfg = load_config(None, TINY + tsv_cfg_overrides(root, ["aa", "bb"]) + [
+            "paradigm=centralized", f"peft.method={method}", "fl.lr=0.3"])
+        run_experiment(cfg, tmp / method, show_progress=False)
+        out[method] = (cfg, tmp / method)
+    return out
+
+
+@pytest.mark.parametrize("method", ["prompt_tuning", "p_tuning", "lora"])
+def test_the_adapter_loads_with_peft_and_classifies_as_securefpt_predict_does(runs, method):
+    from peft import PeftModel
+
+    cfg, run = runs[method]
+    adapter = json.loads((run / "adapter_config.json").read_text())
+    assert adapter["peft_type"] == {"prompt_tuning": "PROMPT_TUNING", "p_tuning": "P_TUNING", "lora": "LORA"}[method]
+    tokenizer = load_tokenizer(cfg.model)
+    model = PeftModel.from_pretrained(load_backbone(cfg.model, len(tokenizer), cfg.seed), str(run)).eval()
+    head = load_arrays(run / HEAD_FILE)
+    virtual = 0 if method == "lora" else cfg.peft.num_virtual_tokens
+    enc = tokenizer(TEXTS, truncation=True, max_length=cfg.model.max_length - virtual, padding=True,
+                    return_tensors="pt")
+    with torch.no_grad():  # mean pooling over the virtual tokens and the text, then the head: by hand
+        hidden = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).last_hidden_state
+        mask = torch.cat([torch.ones(len(TEXTS), virtual), enc["attention_mask"]], dim=1).unsqueeze(-1)
+        pooled = (hidden * mask).sum(1) / mask.sum(1)
+        probs = torch.softmax(pooled @ torch.as_tensor(head["head.weight"]).T + torch.as_tensor(head["head.bias"]), -1)
+    labels = json.loads((run / "labels.json").read_text())
+    by_hand = [(labels[int(p.argmax())], float(p.max())) for p in probs]
+    got = predict(run, TEXTS)
+    assert [label for label, _ in got] == [label for label, _ in by_hand]
+    assert [p for _, p in got] == pytest.approx([p for _, p in by_hand], abs=1e-5)
+
+
+def test_load_classifier_works_in_a_transformers_pipeline(runs):
+    from transformers import pipeline
+
+    _, run = runs["prompt_tuning"]
+    clf = securefpt.load_classifier(run)
+    results = pipeline("text-classification", model=clf, tokenizer=clf.tokenizer)(TEXTS)
+    assert [(r["label"], pytest.approx(r["score"], abs=1e-5)) for r in results] == predict(run, TEXTS)
+    assert clf.config.id2label == dict(enumerate(json.loads((run / "labels.json").read_text())))
