@@ -41,6 +41,13 @@ def _fail(exc: BaseException) -> None:
     raise typer.Exit(code=2)
 
 
+def _folder(path: Path) -> Path:
+    """A folder argument: one line if a file is in the way."""
+    if path.exists() and not path.is_dir():
+        _fail(SecureFPTError(f"{path}: a file is there, a folder is needed"))
+    return path
+
+
 def _default_out(name: str) -> Path:
     return Path("runs") / f"{name}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
 
@@ -194,7 +201,7 @@ def keys_demo(
     from securefpt.coordinator.audit_key import securefpt_home
     from securefpt.operators.keys import make_federation
 
-    folder = folder or securefpt_home() / "demo-federation"
+    folder = _folder(folder or securefpt_home() / "demo-federation")
     try:
         written = make_federation(folder, policy=policy, force=force)
     except SecureFPTError as exc:
@@ -213,7 +220,7 @@ def certs(
     """TLS material for a test federation: a CA and a SuperLink certificate."""
     from securefpt.operators.certs import make_tls
 
-    for role, path in make_tls(out, host).items():
+    for role, path in make_tls(_folder(out), host).items():
         console.print(f"{role}: {path}")
 
 

@@ -97,3 +97,38 @@ def test_hf_source_offline_gives_a_clear_error():
     cfg = DataConfig(source="hf", languages=["en"], hf={"path": "securefpt-test/does-not-exist"})
     with pytest.raises(DataError, match="data.hf: cannot load securefpt-test/does-not-exist"):
         load_client_data(cfg, "en", ["a", "b"], 0)
+
+
+def test_hf_source_reads_local_files_in_hub_formats(tmp_path):
+    """`data_files` for a builder (json here, one file per language and split), and a folder
+    written by `save_to_disk`: the real `datasets` loading code, offline."""
+    import datasets
+
+    for lang in ("xx", "yy"):
+        for split, n in (("train", 6), ("validation", 3)):
+            with open(tmp_path / f"{lang}.{split}.jsonl", "w") as fh:
+                for i in range(n):
+                    fh.write(json.dumps({"news": f"{lang} {i}", "topic": ["sport", "health"][i % 2]}) + "\n")
+    hf = {"path": "json", "text_field": "news", "label_field": "topic",
+          "data_files": {"train": str(tmp_path / "{lang}.train.jsonl"), "validation": str(tmp_path / "{lang}.validation.jsonl")}}
+    cfg = DataConfig(source="hf", languages=["xx", "yy"], hf=hf)
+    assert label_space(cfg) == ["health", "sport"]
+    data = load_client_data(cfg, "yy", ["health", "sport"], 0)
+    assert len(data.train) == 6 and len(data.eval) == 3 and all(e.text.startswith("yy ") for e in data.train)
+
+    disk = datasets.DatasetDict({split: datasets.Dataset.from_dict(
+        {"text": [f"t{i}" for i in range(4)], "label": [0, 1, 0, 1], "lang": ["xx"] * 4},
+        features=datasets.Features({"text": datasets.Value("string"), "lang": datasets.Value("string"),
+                                    "label": datasets.ClassLabel(names=["neg", "pos"])}))
+        for split in ("train", "validation")})
+    disk.save_to_disk(str(tmp_path / "saved"))
+    cfg = DataConfig(source="hf", languages=["xx"], hf={"path": str(tmp_path / "saved"), "from_disk": True,
+                                                        "language_field": "lang"})
+    assert label_space(cfg) == ["neg", "pos"]  # class names, not indices
+    assert len(load_client_data(cfg, "xx", ["neg", "pos"], 0).train) == 4
+
+
+def test_hf_source_offline_says_how_to_allow_downloads_or_read_local_files():
+    cfg = DataConfig(source="hf", languages=["en"], hf={"path": "securefpt-test/does-not-exist"})
+    with pytest.raises(DataError, match="SECUREFPT_ALLOW_DOWNLOAD=1 allows downloads; local files load with"):
+        load_client_data(cfg, "en", ["a", "b"], 0)

@@ -149,8 +149,10 @@ def test_too_many_dropouts_abort_the_round_and_leave_the_model_unchanged(tmp_pat
     ("fl.fraction_fit=0.2", "at least 2 clients"),
 ])
 def test_invalid_settings_fail_before_any_training(tmp_path, override, field):
-    cfg = load_config(None, [f"data.root={tmp_path}", "data.source=masakhanews_tsv",
-                             "data.languages=[aa, bb, cc, dd, ee]", "data.max_train_per_client=8", override])
+    root = make_masakhanews_like(tmp_path / "data", ["aa", "bb", "cc", "dd", "ee"])
+    cfg = load_config(None, [f"data.root={root}", "data.source=masakhanews_tsv", "data.train_split=test",
+                             "data.eval_split=dev", "data.languages=[aa, bb, cc, dd, ee]",
+                             "data.max_train_per_client=8", "model.name=builtin:tiny", override])
     with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
         run_federated_simulation(cfg, tmp_path / "never", show_progress=False)
     assert not (tmp_path / "never").exists()

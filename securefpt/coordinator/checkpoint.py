@@ -116,6 +116,21 @@ def _verified(folder: Path, meta: dict, public) -> str:
     return ""
 
 
+def _check_log_of(out_dir: Path, cfg: ExperimentConfig) -> None:
+    """A run directory with a log but no checkpoint: a run that failed before its first round. Only
+    the same experiment may start again there (its log goes on); another one is refused."""
+    log = out_dir / "audit.jsonl"
+    if not log.is_file():
+        return
+    try:
+        first = json.loads(log.read_text(encoding="utf-8").splitlines()[0])
+    except (IndexError, json.JSONDecodeError):
+        return  # an empty or torn log: the audit log writer repairs or refuses it
+    if first.get("config_sha256") not in (None, cfg.sha256()):
+        raise FederationError(f"{out_dir} holds the log of another experiment that stopped before its first "
+                              "round; choose another run directory")
+
+
 def load_checkpoint(out_dir: Path, cfg: ExperimentConfig, check_experiment: bool = True) -> Optional[RunState]:
     """The state to resume from, None for a fresh run; refuses a run directory that is complete,
     and (with `check_experiment`) a checkpoint of another experiment or one that does not verify."""
@@ -123,7 +138,10 @@ def load_checkpoint(out_dir: Path, cfg: ExperimentConfig, check_experiment: bool
     if (out_dir / "summary.json").is_file():
         raise FederationError(f"{out_dir} holds a finished run (summary.json); choose another run directory")
     path = out_dir / FOLDER / "state.json"
-    if not path.is_file() or not check_experiment:
+    if not check_experiment:
+        return None
+    if not path.is_file():
+        _check_log_of(out_dir, cfg)
         return None
     try:
         meta = json.loads(path.read_text(encoding="utf-8"))

@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
@@ -29,7 +30,8 @@ from securefpt.coordinator.eligibility import participants
 from securefpt.coordinator.secure_aggregation import resolve_settings
 from securefpt.engines.preflight import check_nodes, task_labels
 from securefpt.engines.trial_nodes import write_trial_nodes
-from securefpt.errors import ConfigError, FederationError
+from securefpt.coordinator.audit_key import coordinator_key
+from securefpt.errors import ConfigError, FederationError, SecureFPTError
 from securefpt.node.config import SIM_NODES_ENV, STATE_ENV
 from securefpt.protocol.experiment import ExperimentConfig
 from securefpt.protocol.policy import load_manifests
@@ -82,6 +84,24 @@ def node_environment(nodes: list[Path], state_base: Path):
                 os.environ[key] = value
 
 
+def _preflight(cfg: ExperimentConfig, out_dir: Path, nodes: Optional[list[Path]]) -> tuple:
+    """A finished run directory or one of another experiment, a node whose files, data, labels or
+    model are wrong, a policy that admits nobody, bad secagg.* settings, a wrong audit key: in
+    that order. The experiment (with its label space filled in) and the nodes' files."""
+    load_checkpoint(out_dir, cfg, check_experiment=False)
+    cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"labels": task_labels(cfg)})})
+    load_checkpoint(out_dir, cfg)
+    nodes = nodes or prepare_nodes(cfg, out_dir)
+    if not nodes:
+        raise FederationError("no institution of the federation serves the experiment's languages")
+    check_nodes(nodes, cfg)
+    admitted = sum(p.decision.included for p in participants(cfg).values())
+    if cfg.secagg.enabled:
+        resolve_settings(cfg, admitted)
+    coordinator_key(cfg, out_dir)
+    return cfg, nodes
+
+
 def run_federated_simulation(cfg: ExperimentConfig, out_dir: Path, show_progress: bool = True,
                              verbose: bool = False, on_receive=None, server_app=None, client_app=None,
                              nodes: Optional[list[Path]] = None) -> dict:
@@ -99,18 +119,13 @@ def run_federated_simulation(cfg: ExperimentConfig, out_dir: Path, show_progress
 
     out_dir = Path(out_dir)
     failure: list[BaseException] = []
-    # a finished run directory, a checkpoint of another experiment, bad secagg.* settings,
-    # a policy that admits nobody, a node whose files are wrong: fail before the engine starts
-    load_checkpoint(out_dir, cfg, check_experiment=False)
-    admitted = sum(p.decision.included for p in participants(cfg).values())
-    if cfg.secagg.enabled:
-        resolve_settings(cfg, admitted)
-    cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"labels": task_labels(cfg)})})
-    load_checkpoint(out_dir, cfg)
-    nodes = nodes or prepare_nodes(cfg, out_dir)
-    if not nodes:
-        raise FederationError("no institution of the federation serves the experiment's languages")
-    check_nodes(nodes, cfg)
+    fresh = not out_dir.exists()
+    try:  # every mistake fails here, in seconds, before the engine starts; a new run directory is removed
+        cfg, nodes = _preflight(cfg, out_dir, nodes)
+    except SecureFPTError:
+        if fresh:
+            shutil.rmtree(out_dir, ignore_errors=True)
+        raise
     custom_server = server_app is not None
     if server_app is None:
         server_app = build_server_app(cfg, out_dir, show_progress, on_error=failure.append, on_receive=on_receive)

@@ -22,7 +22,7 @@ from typing import Iterable
 
 from securefpt.errors import DataError
 from securefpt.protocol.experiment import DataConfig
-from securefpt.offline import datasets_offline
+from securefpt.offline import datasets_offline, downloads_allowed
 
 
 @dataclass(frozen=True)
@@ -133,12 +133,19 @@ def _hf_rows(cfg: DataConfig, language: str, split: str) -> list[tuple[str, str]
         import datasets
 
         datasets_offline()
-        ds = datasets.load_dataset(hf.path, name, split=real_split)
+        if hf.from_disk:
+            ds = datasets.load_from_disk(hf.path)[real_split]
+        else:
+            files = {k: [v.format(lang=language) for v in ([f] if isinstance(f, str) else f)]
+                     for k, f in (hf.data_files or {}).items()} or None
+            ds = datasets.load_dataset(hf.path, name, data_files=files, split=real_split)
     except Exception as exc:  # offline, missing config, unknown split ...
+        hint = "" if downloads_allowed() else (" (offline: SECUREFPT_ALLOW_DOWNLOAD=1 allows downloads; local files "
+                                               "load with data.hf.data_files or from_disk)")
         raise DataError(
             f"data.hf: cannot load {hf.path}"
             + (f" ({name})" if name else "")
-            + f" split {real_split}: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+            + f" split {real_split}: {type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}{hint}"
         ) from None
     if hf.language_field:
         ds = ds.filter(lambda r: r[hf.language_field] == language)

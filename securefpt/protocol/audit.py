@@ -76,6 +76,8 @@ def check_entry(entry: dict, count: int, prev: str, public: Ed25519PublicKey) ->
     except ValueError:
         return "signature is not base64"
     if not verify(public, signature, entry["hash"].encode("ascii")):
+        if count == 0:  # nothing verifies: most likely not the key that signed this log
+            return "the first entry's signature does not verify with this key: the wrong key, or a log re-signed"
         return "signature does not verify with the coordinator's key (forged or re-signed)"
     return None
 

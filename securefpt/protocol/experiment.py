@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -45,10 +45,14 @@ class PeftConfig(Strict):
 
 
 class HFDataConfig(Strict):
-    """Fields of a hub dataset for `data.source: hf` (loaded with `datasets`)."""
+    """A dataset read with `datasets` for `data.source: hf`: a hub id (cached, or downloaded where
+    SECUREFPT_ALLOW_DOWNLOAD=1), a builder with local `data_files` in hub formats (`path: json`,
+    `csv`, `parquet`), or a folder written by `save_to_disk` (`from_disk: true`)."""
 
     path: str
-    name: Optional[str] = None
+    name: Optional[str] = None  # a config name; "{lang}" is replaced by the language
+    data_files: Optional[dict[str, Union[str, list[str]]]] = None  # split -> file(s), for a builder
+    from_disk: bool = False
     train_split: str = "train"
     eval_split: str = "validation"
     text_field: str = "text"
