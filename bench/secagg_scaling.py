@@ -64,7 +64,7 @@ def make_client_app(size: int, request_json: str) -> ClientApp:
 
     @app.query()
     def accept(msg: Message, context: Context) -> Message:  # the experiment's setup, without data
-        NodeState(this_node(context.node_config).state_dir).run(context.run_id).accept(request_json)
+        NodeState(this_node(context).state_dir).run(context.run_id).accept(request_json)
         return Message(RecordDict(), reply_to=msg)
 
     @app.train()

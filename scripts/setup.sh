@@ -2,6 +2,10 @@
 # Create .venv and install securefpt with its test extras, offline-safe: only PyPI is used.
 # torch: the CPU build from this machine's wheel folder when present (a plain `torch`
 # requirement would pull a multi-GB CUDA build).
+# It also prepares Flower's own CLI for this checkout (`flwr run .`): a Flower home in .flwr/
+# whose local connection starts one virtual node per institution of the default experiment,
+# and, in .venv/bin/activate, FLWR_HOME and no runtime dependency installation (Flower would
+# otherwise `uv sync` the dependencies into a fresh environment: a CUDA torch).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -16,4 +20,12 @@ if ! python -c "import torch" 2>/dev/null; then
   fi
 fi
 python -m pip install -q -e ".[test]"
+python -m securefpt.engines.flower_home "$PWD/.flwr" securefpt/configs/demo.yaml
+if ! grep -q "securefpt: Flower" .venv/bin/activate; then
+  cat >> .venv/bin/activate <<ACTIVATE
+# securefpt: Flower's CLI for this checkout (flwr run .)
+export FLWR_HOME="$PWD/.flwr"
+export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1
+ACTIVATE
+fi
 echo "securefpt installed in .venv ($(python -c 'import securefpt; print(securefpt.__version__)'))"

@@ -15,7 +15,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from securefpt.errors import SecureFPTError
+from securefpt.errors import RunInterrupted, SecureFPTError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Privacy-hardened federated prompt tuning.")
 console = Console()
@@ -52,36 +52,6 @@ def _default_out(name: str) -> Path:
     return Path("runs") / f"{name}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
 
 
-def _print_summary(summary: dict, out: Path) -> None:
-    table = Table(title=f"{summary['name']}: {summary['paradigm']} {summary['peft_method']} "
-                        f"(round {summary['final']['round']})")
-    table.add_column("language")
-    table.add_column("accuracy", justify="right")
-    for lang, acc in summary["final"]["accuracy"].items():
-        style = "bold" if lang == "avg" else None
-        table.add_row(lang, f"{acc:.3f}", style=style)
-    console.print(table)
-    comm = summary["communication"]
-    console.print(
-        f"trainable {summary['trainable_params']:,} of {summary['total_params']:,} parameters; "
-        f"{comm['bytes_up']:,} bytes up, {comm['bytes_down']:,} bytes down"
-    )
-    for cid, c in summary["clients"].items():
-        if not c["included"]:
-            console.print(f"[yellow]excluded[/yellow] {cid} ({c['region'] or c['language']}): {c['reason']}",
-                          highlight=False)
-    eps = {k: v for k, v in summary["privacy"]["epsilon"].items() if v is not None}
-    if eps:
-        console.print(f"DP: epsilon spent per client (delta {summary['privacy']['delta']:g}): "
-                      + ", ".join(f"{k} {v:.2f}" for k, v in eps.items()))
-    if summary["secure_aggregation"].get("enabled"):
-        aborted = summary["secure_aggregation"].get("aborted_rounds", [])
-        console.print(f"SecAgg+: on, aborted rounds: {aborted or 'none'}")
-    console.print(f"audit log: {summary['audit_log']} (verify: securefpt audit verify {summary['audit_log']} "
-                  f"--public-key {summary['audit_public_key']})", highlight=False, soft_wrap=True)
-    console.print(f"run directory: {out}  (summary.json, metrics.csv, accuracy.png, prompt_encoder*.safetensors)")
-
-
 def _run(config: Optional[Path], out: Optional[Path], overrides: List[str], quiet: bool, verbose: bool) -> None:
     from securefpt.config import load_config
     from securefpt.engines.runner import run_experiment
@@ -92,9 +62,14 @@ def _run(config: Optional[Path], out: Optional[Path], overrides: List[str], quie
         if out.exists() and not out.is_dir():
             raise SecureFPTError(f"--out {out}: a file is there; a run directory is a folder")
         summary = run_experiment(cfg, out, show_progress=not quiet, verbose=verbose)
+    except RunInterrupted as exc:
+        err.print(str(exc), highlight=False, soft_wrap=True)
+        raise typer.Exit(code=130)
     except SecureFPTError as exc:
         _fail(exc)
-    _print_summary(summary, out)
+    from securefpt.engines.report import print_summary
+
+    print_summary(summary, out, console)
 
 
 @app.command()

@@ -19,3 +19,7 @@ class ModelUnavailableError(SecureFPTError):
 
 class FederationError(SecureFPTError):
     """The federation cannot proceed (no eligible client, every client failed)."""
+
+
+class RunInterrupted(SecureFPTError):
+    """The operator stopped the run (Ctrl-C); its checkpoint after the last completed round is kept."""

@@ -158,3 +158,15 @@ def test_early_stopping_saves_the_best_round_not_the_last(fed_cfg, tmp_path):
     saved = load_arrays(tmp_path / "run" / "prompt_encoder.safetensors")
     for name, value in encoders[best - 1].items():
         np.testing.assert_allclose(saved[name], value, atol=1e-5, err_msg=name)
+
+
+def test_tensorboard_tracking_records_every_round(fed_cfg, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cfg = fed_cfg.model_copy(update={"tensorboard": True})
+    summary = run_experiment(cfg, tmp_path / "run", show_progress=False)
+    events = EventAccumulator(str(tmp_path / "run" / "tensorboard")).Reload()
+    accuracy = [e.value for e in events.Scalars("accuracy/avg")]
+    assert accuracy == pytest.approx([r["accuracy"]["avg"] for r in summary["rounds"]])
+    assert [e.value for e in events.Scalars("bytes/up")] == [r["bytes_up"] for r in summary["rounds"]]
+    assert {t for t in events.Tags()["scalars"]} >= {"accuracy/aa", "accuracy/bb", "accuracy/cc", "bytes/down"}

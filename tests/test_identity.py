@@ -92,7 +92,7 @@ def impostor_app() -> ClientApp:
     def setup(msg: Message, context: Context) -> Message:
         reply = node_app.setup(msg, context)
         if context.node_config["partition-id"] == 3:
-            node = this_node(context.node_config)
+            node = this_node(context)
             challenge = str(msg.content.config_records[R.SETUP]["challenge"])
             reply.content.config_records[R.IDENTITY] = ConfigRecord({
                 "client-id": "eng-newsroom", "language": "eng",

@@ -167,7 +167,7 @@ def misbehaving_app(sizes: dict) -> ClientApp:
         return Message(compat.fitres_to_recorddict(lie, keep_input=False), reply_to=msg)
 
     def misbehave(msg: Message, context: Context, call_next) -> Message:
-        language = this_node(context.node_config).language
+        language = this_node(context).language
         configs = msg.content.config_records.get(RECORD_KEY_CONFIGS)
         stage = configs.get(Key.STAGE) if configs is not None else None
         if language == "cc" and stage == Stage.COLLECT_MASKED_VECTORS and msg.metadata.group_id == "3":
@@ -183,7 +183,7 @@ def misbehaving_app(sizes: dict) -> ClientApp:
     @app.train()
     def train(msg: Message, context: Context) -> Message:
         reply = node_app.train(msg, context)
-        if this_node(context.node_config).language == "bb" and msg.metadata.group_id == "1":
+        if this_node(context).language == "bb" and msg.metadata.group_id == "1":
             fitres = compat.recorddict_to_fitres(reply.content, keep_input=False)
             nan = [np.full_like(a, np.nan) for a in parameters_to_ndarrays(fitres.parameters)]
             reply = Message(compat.fitres_to_recorddict(FitRes(fitres.status, ndarrays_to_parameters(nan),
@@ -193,7 +193,7 @@ def misbehaving_app(sizes: dict) -> ClientApp:
     @app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:
         reply = node_app.evaluate(msg, context)
-        if this_node(context.node_config).language == "aa" and msg.content.config_records[R.ROUND]["server-round"] == 1:
+        if this_node(context).language == "aa" and msg.content.config_records[R.ROUND]["server-round"] == 1:
             del reply.content.config_records[R.ANSWER]
         return reply
 
@@ -233,14 +233,14 @@ def test_malformed_plaintext_replies_are_dropouts(tmp_path, tiny_overrides):
     @app.query()
     def setup(msg: Message, context: Context) -> Message:
         reply = node_app.setup(msg, context)
-        if this_node(context.node_config).language == "cc":
+        if this_node(context).language == "cc":
             del reply.content.config_records[R.IDENTITY]
         return reply
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
         reply = node_app.train(msg, context)
-        if this_node(context.node_config).language == "bb":
+        if this_node(context).language == "bb":
             fitres = compat.recorddict_to_fitres(reply.content, keep_input=False)
             reply = Message(compat.fitres_to_recorddict(FitRes(fitres.status, fitres.parameters, -5, {}), False),
                             reply_to=msg)

@@ -1,5 +1,6 @@
 """Residency policies, attestations and eligibility, on the server and on the client."""
 
+import json
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
@@ -250,3 +251,21 @@ def test_a_policy_that_forbids_keeping_the_artifact_is_refused_before_training(f
     with pytest.raises(FederationError, match="forbids storing the artifact in the coordinator's region 'eu-west'"):
         run_federated_simulation(cfg_for(federation), tmp_path / "never", show_progress=False)
     assert not (tmp_path / "never").exists()
+
+
+def test_a_cohort_that_setup_failures_leave_below_a_regions_minimum_trains_nothing(
+        federation, tmp_path, tiny_overrides, monkeypatch):
+    """eng, fra and hau are eligible (a cohort of 3 meets eu-west's and ng-north's minimum of 3);
+    hau's node fails at setup: fra's region no longer has its 3, and then eng alone is below uk's 2.
+    No round starts, so no node spends any budget."""
+    from securefpt.engines.simulation import run_federated_simulation
+
+    monkeypatch.setenv("SECUREFPT_FAULTS", "hau@setup")
+    cfg = cfg_for(federation, *tiny_overrides, "data.languages=[eng, fra, hau]")
+    with pytest.raises(FederationError, match="no eligible node answered") as failure:
+        run_federated_simulation(cfg, tmp_path / "run", show_progress=False)
+    assert "cohort of 2 below region 'eu-west' minimum 3 after setup" in str(failure.value)
+    assert "cohort of 1 below region 'uk' minimum 2 after setup" in str(failure.value)
+    assert not list((tmp_path / "run" / "nodes").rglob("ledger-*.json"))
+    trained = [json.loads(p.read_text())["trained"] for p in (tmp_path / "run" / "nodes").rglob("runs/*.json")]
+    assert trained and all(t == [] for t in trained)

@@ -1,6 +1,7 @@
 """A restarted coordinator resumes from the last completed round (simulation engine)."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -84,3 +85,33 @@ def test_a_run_resumed_after_round_1_continues_from_its_checkpoint_and_ledgers(
         assert p["epsilon"][lang] == pytest.approx(4.0, rel=0.02)
     with pytest.raises(FederationError, match="finished run"):  # nothing overwritten
         run_federated_simulation(cfg, out, show_progress=False)
+
+
+def test_ctrl_c_stops_at_the_next_exchange_and_the_same_command_resumes_to_the_uninterrupted_result(tmp_path):
+    """SIGINT right after round 1 is checkpointed (SECUREFPT_FAULTS plays the operator's Ctrl-C):
+    one line, exit code 130, the checkpoint kept; the same command then finishes the run, and the
+    result equals a run that was never interrupted (plaintext, no DP: training is deterministic)."""
+    import numpy as np
+
+    from tests.conftest import TINY, make_masakhanews_like, tsv_cfg_overrides
+
+    root = make_masakhanews_like(tmp_path / "data", ["aa", "bb"])
+    sets = [f"--set={s}" for s in TINY + tsv_cfg_overrides(root, ["aa", "bb"]) + ["fl.rounds=3", "secagg.enabled=false"]]
+    command = lambda out: [sys.executable, "-m", "securefpt.cli", "run", "--quiet", "--out", str(out), *sets,  # noqa
+                           str(tmp_path / "exp.yaml")]
+    (tmp_path / "exp.yaml").write_text("name: interrupted\n")
+    env = {**os.environ, "SECUREFPT_FAULTS": "coordinator@round-1:sigint"}
+    stopped = subprocess.run(command(tmp_path / "run"), capture_output=True, text=True, env=env, timeout=600)
+    assert stopped.returncode == 130, stopped.stderr
+    assert stopped.stderr.strip().splitlines()[-1] == (f"interrupted: {tmp_path / 'run'} keeps its checkpoint after "
+                                                       "round 1; run the same command to resume")
+    assert "Traceback" not in stopped.stderr and not (tmp_path / "run" / "summary.json").exists()
+    assert json.loads((tmp_path / "run" / "checkpoint" / "state.json").read_text())["completed"] == 1
+    resumed = subprocess.run(command(tmp_path / "run"), capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr
+    whole = subprocess.run(command(tmp_path / "whole"), capture_output=True, text=True, timeout=600)
+    assert whole.returncode == 0, whole.stderr
+    a, b = (json.loads((tmp_path / d / "summary.json").read_text()) for d in ("run", "whole"))
+    assert [r["round"] for r in a["rounds"]] == [1, 2, 3] and a["final"]["accuracy"] == b["final"]["accuracy"]
+    x, y = (load_arrays(tmp_path / d / "prompt_encoder.safetensors") for d in ("run", "whole"))
+    assert all(np.array_equal(x[k], y[k]) for k in y)

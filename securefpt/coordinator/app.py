@@ -11,7 +11,8 @@ message against its own rules, and a malformed or missing reply counts as a drop
 
 from __future__ import annotations
 
-import shlex
+import os
+import signal
 import time
 from collections import OrderedDict
 from dataclasses import asdict
@@ -24,15 +25,14 @@ from flwr.common import FitIns, ndarrays_to_parameters, parameters_to_ndarrays
 from flwr.compat.common import recorddict_compat as compat
 from flwr.serverapp import Grid, ServerApp
 
-from securefpt.config import load_config
 from securefpt.coordinator.aggregation import select_clients, weighted_average
 from securefpt.coordinator.checkpoint import RunState, load_checkpoint, save_checkpoint
-from securefpt.coordinator.eligibility import participants
+from securefpt.coordinator.eligibility import Decision, cohort_minimums, participants
 from securefpt.coordinator.metering import MeteredGrid, exchange
 from securefpt.coordinator.progress import RunProgress
 from securefpt.coordinator.run_dir import ClientRecord, RoundRecord, RunRecorder
 from securefpt.coordinator.secure_aggregation import SecAggSettings, resolve_settings, secure_fit_round
-from securefpt.errors import FederationError
+from securefpt.errors import FederationError, RunInterrupted
 from securefpt.learning.data import label_space
 from securefpt.learning.modeling import build_model, count_params, get_trainable
 from securefpt.protocol import records as R
@@ -40,6 +40,14 @@ from securefpt.protocol.experiment import ExperimentConfig
 from securefpt.protocol.identity import check_proof, new_challenge
 from securefpt.protocol.policy import load_policy
 from securefpt.protocol.refusals import MESSAGES, parse
+
+
+def drill(event: str) -> None:
+    """SECUREFPT_FAULTS="coordinator@round-N:sigint": the operator presses Ctrl-C right after round N
+    is checkpointed (a drill for the interrupt path, as node faults are in node/guards.py)."""
+    for item in os.environ.get("SECUREFPT_FAULTS", "").split(","):
+        if item.strip() == f"coordinator@{event}:sigint":
+            os.kill(os.getpid(), signal.SIGINT)
 
 
 def privacy_summary(cfg: ExperimentConfig, reports: dict[str, dict]) -> dict:
@@ -88,6 +96,7 @@ class FederatedPromptAveraging:
         self.rng = np.random.default_rng(cfg.seed)
         self.languages: dict[int, str] = {}  # node id -> language, fixed at setup (authenticated identity)
         self.witnessed: dict[int, int] = {}  # node id -> the last audit entry it acknowledged witnessing
+        self.completed = self.resumed.completed if self.resumed else 0
 
     # ------------------------------------------------------------------ setup
     def _wait_for_nodes(self, expected: int, timeout: float = 120.0) -> list[int]:
@@ -175,6 +184,19 @@ class FederatedPromptAveraging:
                 why = now[lang].decision.reason if lang in now else reason
                 self.recorder.audit.append("eligibility", round=server_round, client=lang, included=False, reason=why)
         return keep
+
+    def _within_minimums(self, server_round: int, selected: list[int]) -> list[int]:
+        """The selected nodes whose regions' minimum cohorts this round meets: a round that cannot be
+        aggregated for a node is not started for it (it would refuse, and spend nothing, anyway)."""
+        if self.policy is None:
+            return selected
+        regions = {n: self.participants[self.languages[n]].region for n in selected}
+        kept = cohort_minimums(self.policy, {n: Decision(True, "selected") for n in selected}, regions)
+        for n, decision in kept.items():
+            if not decision.included:
+                self.recorder.audit.append("eligibility", round=server_round, client=self.languages[n],
+                                           included=False, reason=decision.reason)
+        return [n for n in selected if kept[n].included]
 
     def _artifact_region(self) -> Optional[str]:
         """Where the final artifact is stored: the coordinator's region (the policy allows it:
@@ -316,6 +338,14 @@ class FederatedPromptAveraging:
             missing = f"left out at setup: {self.refused[lang]}" if lang in self.refused else why_missing
             reason = who.decision.reason if not who.decision.included else ("eligible" if answered else missing)
             clients[who.client_id] = ClientRecord(region=who.region, language=lang, included=included, reason=reason)
+        if self.policy is not None:  # setup failures may leave a region's minimum cohort unmet: decide again
+            by_client = {c: Decision(r.included, r.reason) for c, r in clients.items()}
+            regions = {c: r.region for c, r in clients.items() if r.region is not None}
+            decided = cohort_minimums(self.policy, {c: d for c, d in by_client.items() if c in regions}, regions,
+                                      self.cfg.fl.fraction_fit, " after setup")
+            for c, d in decided.items():
+                clients[c] = ClientRecord(region=clients[c].region, language=clients[c].language, included=d.included,
+                                          reason=d.reason if not d.included else clients[c].reason)
         admitted = {c.language for c in clients.values() if c.included}
         return clients, sorted(n for n, lang in self.languages.items() if lang in admitted)
 
@@ -331,7 +361,12 @@ class FederatedPromptAveraging:
         """The run, with the audit log open (and its writer's lock held) for as long as it lasts."""
         try:
             return self._run()
+        except RunInterrupted:
+            self.recorder.audit.append("run_interrupted", after_round=self.completed)
+            raise RunInterrupted(f"interrupted: {self.recorder.out_dir} keeps its checkpoint after round "
+                                 f"{self.completed}; run the same command to resume") from None
         finally:
+            self.progress.stop()
             self.recorder.audit.close()
 
     def _run(self) -> dict:
@@ -351,6 +386,7 @@ class FederatedPromptAveraging:
             self.secagg = resolve_settings(cfg, len(eligible))
 
         last_round = state.completed if state.stopped else cfg.fl.rounds
+        stopped = "early stopping" if state.stopped else None
         self.progress.start(last_round - state.completed)
         # the current encoder, evaluated once more; its message offers the first round to train
         _, _, willing, declined = self._evaluate(state.completed, eligible, state.global_arrays,
@@ -364,10 +400,14 @@ class FederatedPromptAveraging:
             for lang, why in declined.items():
                 audit.append("declined", round=server_round, client=lang, reason=why)
             if not willing:
-                audit.append("no_willing_nodes", round=server_round)
-                self.progress.console.print(f"round {server_round}: every node declined; stopping")
+                why = "; ".join(sorted(set(declined.values()))) or "no node answered"
+                audit.append("no_willing_nodes", round=server_round, reasons=sorted(set(declined.values())))
+                stopped = f"round {server_round}: every node declined ({why})"
+                self.progress.console.print(f"{stopped}; stopping", highlight=False)
                 break
-            selected = select_clients(willing, cfg.fl.fraction_fit, self.rng, population=len(eligible))
+            selected = self._within_minimums(server_round,
+                                             select_clients(willing, cfg.fl.fraction_fit, self.rng,
+                                                            population=len(eligible)))
             train = self._secure_train_round if self.secagg is not None else self._train_round
             train_start = time.perf_counter()
             if self.secagg is not None and len(selected) < max(2, self.secagg.min_cohort):
@@ -404,8 +444,11 @@ class FederatedPromptAveraging:
             state.stopped = state.observe(record, state.global_arrays, cfg.fl.patience)
             state.completed, state.rng_state = server_round, self.rng.bit_generator.state
             save_checkpoint(self.recorder.out_dir, cfg, state, self.recorder.key)
+            self.completed = server_round
+            drill(f"round-{server_round}")
             if state.stopped:
                 audit.append("early_stop", round=server_round, best_round=state.best_round)
+                stopped = "early stopping"
                 break
         self.progress.stop()
         if not self.recorder.rounds:
@@ -420,7 +463,8 @@ class FederatedPromptAveraging:
             secure.update(settings=asdict(self.secagg), rounds=state.secure_rounds,
                           aborted_rounds=[r["round"] for r in state.secure_rounds if r["aborted"]])
         summary = self.recorder.write_summary(final_record, trainable, total, clients, secure_aggregation=secure,
-                                              privacy=privacy_summary(cfg, state.latest_privacy))
+                                              privacy=privacy_summary(cfg, state.latest_privacy),
+                                              extra={"stopped_before_the_last_round": stopped})
         self._witness_end(eligible)
         return summary
 
@@ -445,15 +489,11 @@ def _plaintext_update(reply: Message, global_arrays, max_weight: float):
     return OrderedDict(zip(names, values)), float(weight), float(loss) if isinstance(loss, float) else None
 
 
-def build_server_app(
-    cfg: Optional[ExperimentConfig] = None,
-    out_dir: Optional[Path] = None,
-    show_progress: bool = True,
-    on_error: Optional[Callable[[BaseException], None]] = None,
-    on_receive: Optional[Callable[[Message], None]] = None,
-) -> ServerApp:
-    """A ServerApp bound to an experiment, or reading it from the run config (`flwr run`):
-    `experiment` (a YAML path), `overrides` ("key=value ..." as `securefpt run --set`), `out-dir`.
+def build_server_app(cfg: ExperimentConfig, out_dir: Path, show_progress: bool = True,
+                     on_error: Optional[Callable[[BaseException], None]] = None,
+                     on_receive: Optional[Callable[[Message], None]] = None) -> ServerApp:
+    """A ServerApp bound to an experiment (securefpt's simulation engine; `flwr run .` loads
+    securefpt/engines/flower_run.py instead).
 
     `on_error` receives an exception raised by the run, so an in-process caller can
     re-raise it after the engine has shut down; `on_receive` sees every message the
@@ -464,16 +504,10 @@ def build_server_app(
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         try:
-            overrides = shlex.split(str(context.run_config.get("overrides", "")))
-            run_cfg = cfg or load_config(str(context.run_config["experiment"]), overrides)
-            run_out = out_dir or Path(str(context.run_config.get("out-dir", "runs/flwr")))
-            FederatedPromptAveraging(run_cfg, run_out, grid, context, show_progress, on_receive).run()
+            FederatedPromptAveraging(cfg, out_dir, grid, context, show_progress, on_receive).run()
         except BaseException as exc:
             if on_error is None:
                 raise
             on_error(exc)
 
     return app
-
-
-app = build_server_app()

@@ -45,16 +45,23 @@ def decide_eligibility(policy: Policy, cfg: ExperimentConfig, manifests: dict[st
                                          policy.server.region, cfg.paradigm)
             why = "; ".join(v.text for v in violations) if violations else None
         decisions[client_id] = Decision(why is None, why or "eligible")
-    # cohort minimums: drop the institutions of any region whose minimum the cohort cannot meet
+    return cohort_minimums(policy, decisions, {c: m.region for c, m in manifests.items()}, cfg.fl.fraction_fit)
+
+
+def cohort_minimums(policy: Policy, decisions: dict[str, Decision], regions: dict[str, str],
+                    fraction: float = 1.0, why: str = "") -> dict[str, Decision]:
+    """Drop, until none is left to drop, every included institution whose region's minimum cohort
+    the cohort of the included ones (C x K of them) cannot meet."""
+    decisions = dict(decisions)
     while True:
         included = [c for c, d in decisions.items() if d.included]
-        cohort = max(int(cfg.fl.fraction_fit * len(included)), 1) if included else 0
-        short = [c for c in included if policy.regions[manifests[c].region].min_cohort > cohort]
+        cohort = max(int(fraction * len(included)), 1) if included else 0
+        short = [c for c in included if policy.regions[regions[c]].min_cohort > cohort]
         if not short:
             return decisions
         for c in short:
-            minimum = policy.regions[manifests[c].region].min_cohort
-            decisions[c] = Decision(False, f"cohort of {cohort} below region '{manifests[c].region}' minimum {minimum}")
+            minimum = policy.regions[regions[c]].min_cohort
+            decisions[c] = Decision(False, f"cohort of {cohort} below region '{regions[c]}' minimum {minimum}{why}")
 
 
 @dataclass(frozen=True)

@@ -6,12 +6,23 @@ not an estimate from parameter counts.
 
 from __future__ import annotations
 
+import threading
 from collections import defaultdict
 from typing import Callable, Iterable, Optional
 
 from flwr.app import Message
 from flwr.common.serde import message_to_proto
 from flwr.serverapp import Grid
+
+from securefpt.errors import RunInterrupted
+
+STOP = threading.Event()  # set by the engine when the operator stops the run (Ctrl-C)
+
+
+def check_stop() -> None:
+    """Stop at a message exchange once the operator asked to (nothing half-sent is counted)."""
+    if STOP.is_set():
+        raise RunInterrupted("stopped by the operator")
 
 
 def message_bytes(msg: Message) -> int:
@@ -97,6 +108,7 @@ def exchange(
     """
     import time
 
+    check_stop()
     ids = list(grid.push_messages(messages))
     destination = {mid: msg.metadata.dst_node_id for mid, msg in zip(ids, messages) if mid}
     pending = set(destination)
@@ -111,6 +123,7 @@ def exchange(
                 on_reply(reply)
         if not pending or (deadline is not None and time.monotonic() > deadline):
             break
+        check_stop()
         time.sleep(poll)
     return replies
 

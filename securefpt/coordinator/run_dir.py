@@ -28,6 +28,7 @@ import numpy as np
 import yaml
 
 from securefpt.coordinator.audit_key import coordinator_key
+from securefpt.errors import ConfigError
 from securefpt.coordinator.audit_log import AuditLog
 from securefpt.learning.artifacts import ARTIFACT
 from securefpt.protocol.audit import file_sha256
@@ -61,6 +62,26 @@ class RoundRecord:
         return out
 
 
+class Tracker:
+    """TensorBoard scalars of every round, where the experiment asks for them (`tensorboard: true`)."""
+
+    def __init__(self, folder: Path) -> None:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            raise ConfigError("tensorboard: true needs TensorBoard: pip install 'securefpt[tracking]'") from None
+        self.writer = SummaryWriter(str(folder))
+
+    def add_round(self, record: RoundRecord) -> None:
+        for language, value in {**record.accuracy, "avg": record.avg()}.items():
+            self.writer.add_scalar(f"accuracy/{language}", value, record.round)
+        for language, value in (record.epsilon or {}).items():
+            self.writer.add_scalar(f"epsilon/{language}", value, record.round)
+        self.writer.add_scalar("bytes/up", record.bytes_up, record.round)
+        self.writer.add_scalar("bytes/down", record.bytes_down, record.round)
+        self.writer.flush()
+
+
 @dataclass
 class ClientRecord:
     region: Optional[str]
@@ -80,6 +101,7 @@ class RunRecorder:
         self.cfg = cfg
         self.labels = labels
         self.rounds: list[RoundRecord] = list(resumed or [])
+        self.tracker = Tracker(self.out_dir / "tensorboard") if cfg.tensorboard else None
         self.key, self.audit_public_key = coordinator_key(cfg, self.out_dir)
         self.audit = AuditLog(self.out_dir / "audit.jsonl", self.key)
         digest = cfg.sha256()
@@ -102,6 +124,8 @@ class RunRecorder:
         self.rounds.append(record)
         self.audit.append("round", **record.to_dict())
         self._write_csv()
+        if self.tracker is not None:
+            self.tracker.add_round(record)
 
     def _write_csv(self) -> None:
         languages = self.cfg.data.languages

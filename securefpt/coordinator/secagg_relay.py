@@ -25,7 +25,7 @@ from flwr.server.workflow.constant import Key as WorkflowKey
 from flwr.server.workflow.secure_aggregation.secaggplus_workflow import WorkflowState
 from flwr.serverapp import Grid
 
-from securefpt.coordinator.metering import GridProxy
+from securefpt.coordinator.metering import GridProxy, check_stop
 from securefpt.protocol import records as R
 from securefpt.protocol.refusals import MESSAGES, parse
 
@@ -94,6 +94,7 @@ class Relay(GridProxy):
         return True
 
     def send_and_receive(self, messages, *, timeout: Optional[float] = None):
+        check_stop()
         messages = list(messages)
         stages = {m.metadata.dst_node_id: self._outgoing(m) for m in messages}
         by_node = {m.metadata.dst_node_id: m for m in messages}

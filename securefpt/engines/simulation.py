@@ -20,6 +20,9 @@ import json
 import logging
 import os
 import shutil
+import signal
+import sys
+import threading
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
@@ -27,6 +30,7 @@ from typing import Optional
 
 from securefpt.coordinator.checkpoint import load_checkpoint
 from securefpt.coordinator.eligibility import participants
+from securefpt.coordinator.metering import STOP
 from securefpt.coordinator.secure_aggregation import resolve_settings
 from securefpt.engines.preflight import check_nodes, task_labels
 from securefpt.engines.trial_nodes import write_trial_nodes
@@ -84,7 +88,30 @@ def node_environment(nodes: list[Path], state_base: Path):
                 os.environ[key] = value
 
 
-def _preflight(cfg: ExperimentConfig, out_dir: Path, nodes: Optional[list[Path]]) -> tuple:
+@contextmanager
+def operator_interrupts():
+    """Ctrl-C stops the run at its next message exchange (the checkpoint of the last completed round
+    stays, so the same command resumes); a second Ctrl-C quits at once."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def on_sigint(signum, frame):
+        if STOP.is_set():
+            print("stopped", file=sys.stderr, flush=True)
+            os._exit(130)
+        STOP.set()
+        print("stopping at the next message exchange (Ctrl-C again to quit at once)", file=sys.stderr, flush=True)
+
+    previous = signal.signal(signal.SIGINT, on_sigint)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        STOP.clear()
+
+
+def preflight(cfg: ExperimentConfig, out_dir: Path, nodes: Optional[list[Path]]) -> tuple:
     """A finished run directory or one of another experiment, a node whose files, data, labels or
     model are wrong, a policy that admits nobody, bad secagg.* settings, a wrong audit key: in
     that order. The experiment (with its label space filled in) and the nodes' files."""
@@ -121,7 +148,7 @@ def run_federated_simulation(cfg: ExperimentConfig, out_dir: Path, show_progress
     failure: list[BaseException] = []
     fresh = not out_dir.exists()
     try:  # every mistake fails here, in seconds, before the engine starts; a new run directory is removed
-        cfg, nodes = _preflight(cfg, out_dir, nodes)
+        cfg, nodes = preflight(cfg, out_dir, nodes)
     except SecureFPTError:
         if fresh:
             shutil.rmtree(out_dir, ignore_errors=True)
@@ -141,7 +168,7 @@ def run_federated_simulation(cfg: ExperimentConfig, out_dir: Path, show_progress
         "init_args": {"num_cpus": cpus, "include_dashboard": False, "logging_level": "error",
                       "log_to_driver": verbose},
     }
-    with node_environment(nodes, out_dir / "nodes"), warnings.catch_warnings():
+    with node_environment(nodes, out_dir / "nodes"), operator_interrupts(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         run_simulation(server_app=server_app, client_app=client_app or node_app, num_supernodes=len(nodes),
                        backend_config=backend_config, verbose_logging=verbose)

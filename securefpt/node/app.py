@@ -66,7 +66,7 @@ def _answer(accept: bool, code: str) -> ConfigRecord:
 
 @app.query()
 def setup(msg: Message, context: Context) -> Message:
-    node = this_node(context.node_config)
+    node = this_node(context)
     incoming = msg.content.config_records.get(R.SETUP)
     if incoming is None or "request" not in incoming or "challenge" not in incoming:
         raise NodeRefusal("malformed-request", "setup without request or challenge")
@@ -99,7 +99,7 @@ def setup(msg: Message, context: Context) -> Message:
 def train(msg: Message, context: Context) -> Message:
     """Fit on local data. In a secure round the reply is the *change* h_k - h_g, which
     `secure_aggregation_mod` masks; otherwise it is h_k itself (Algorithm 1)."""
-    node = this_node(context.node_config)
+    node = this_node(context)
     run, request = _accepted(node, context)
     fitins = compat.recorddict_to_fitins(msg.content, keep_input=True)
     server_round, secure = int(fitins.config["server-round"]), bool(fitins.config.get("secure", False))
@@ -142,7 +142,7 @@ def privacy_report(node: Node, request: ExperimentRequest, runtime) -> ConfigRec
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     """The round's aggregate: evaluated once (released as the rules say), then the next round's offer."""
-    node = this_node(context.node_config)
+    node = this_node(context)
     run, request = _accepted(node, context)
     try:
         rnd = msg.content.config_records[R.ROUND]
@@ -184,7 +184,7 @@ def _witness(node: Node, msg: Message, context: Context) -> dict:
 @app.query("witness")
 def witness_head(msg: Message, context: Context) -> Message:
     """The audit head at the end of a run."""
-    node = this_node(context.node_config)
+    node = this_node(context)
     _accepted(node, context)
     witnessed = _witness(node, msg, context)
     if not witnessed:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from functools import lru_cache
@@ -174,21 +175,40 @@ def _cached(path: str, mtime: float, state_base: Optional[str]) -> Node:
     return load_node(Path(path), state_base=Path(state_base) if state_base else None)
 
 
-def node_config_path(node_config: dict) -> Path:
-    """This node's configuration file: named in its Flower node config (deployment), or its
-    partition's entry in the simulation engine's list (set by the local operator's engine)."""
+PARTITIONS = "partitions.json"  # Flower's own simulation (`flwr run .`): the virtual nodes' files, by partition id
+
+
+def _where(context) -> tuple[Path, Optional[str]]:
+    """This node's configuration file and the engine-given base of its state folder.
+
+    - deployment: the SuperNode's node config names them (`config`, `state-dir`);
+    - securefpt's simulation engine: the operator's own process environment;
+    - Flower's simulation (`flwr run .` on one machine): a virtual node has only its partition
+      id, so it reads the list the ServerApp wrote under the run's `out-dir` (one machine, one
+      operator: every institution's files are the operator's).
+    """
+    node_config = context.node_config
     if "config" in node_config:
-        return Path(str(node_config["config"]))
+        return Path(str(node_config["config"])), node_config.get("state-dir")
     listed = os.environ.get(SIM_NODES_ENV)
     if listed is not None and "partition-id" in node_config:
-        return Path(json.loads(listed)[int(node_config["partition-id"])])
+        return Path(json.loads(listed)[int(node_config["partition-id"])]), os.environ.get(STATE_ENV)
+    out = context.run_config.get("out-dir") if "partition-id" in node_config else None
+    if out is not None:
+        index = Path(str(out)) / "nodes" / PARTITIONS
+        for _ in range(600):  # the ServerApp writes it before its first message; wait for a slow disk
+            if index.is_file():
+                break
+            time.sleep(0.1)
+        paths = json.loads(index.read_text(encoding="utf-8")) if index.is_file() else []
+        pid = int(node_config["partition-id"])
+        if pid < len(paths):
+            return Path(paths[pid]), str(Path(str(out)) / "nodes")
     raise ConfigError("this node has no configuration: start it with --node-config 'config=\"node.yaml\"'")
 
 
-def this_node(node_config: dict) -> Node:
-    """The node's checked configuration, read once per process (and again if the file changes).
-    A node without its own `state_dir` keeps state under the base its engine gives: the SuperNode's
-    `state-dir` node config (deployment), or the simulation engine's run directory."""
-    path = node_config_path(node_config).resolve()
-    base = node_config.get("state-dir") or os.environ.get(STATE_ENV)
+def this_node(context) -> Node:
+    """The node's checked configuration, read once per process (and again if the file changes)."""
+    path, base = _where(context)
+    path = path.resolve()
     return _cached(str(path), path.stat().st_mtime if path.is_file() else 0.0, str(base) if base else None)

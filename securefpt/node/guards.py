@@ -73,7 +73,7 @@ def check_offer(node: Node, request: ExperimentRequest, next_round: int, encoder
 
 def _state_of(context: Context) -> Optional[NodeState]:
     try:
-        return NodeState(this_node(context.node_config).state_dir)
+        return NodeState(this_node(context).state_dir)
     except Exception:  # the configuration itself is broken: stderr is the node's only local log
         return None
 
@@ -100,7 +100,7 @@ def fault_injection_mod(msg: Message, context: Context, call_next: ClientAppCall
     SuperNode is killed (SIGKILL to its process group), for deployment drills only."""
     spec = os.environ.get("SECUREFPT_FAULTS", "")
     if spec:
-        language = this_node(context.node_config).language
+        language = this_node(context).language
         stage = {MessageType.QUERY: "setup", MessageType.EVALUATE: "evaluate"}.get(msg.metadata.message_type, "train")
         configs = msg.content.config_records.get(RECORD_KEY_CONFIGS)
         if configs is not None:

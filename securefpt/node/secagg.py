@@ -221,10 +221,10 @@ def secure_aggregation_mod(msg: Message, context: Context, call_next: ClientAppC
     if msg.metadata.message_type != MessageType.TRAIN:
         return call_next(msg, context)
     if R.SURVIVORS in msg.content.config_records:
-        return _consistency(this_node(context.node_config), msg, context)
+        return _consistency(this_node(context), msg, context)
     if RECORD_KEY_CONFIGS not in msg.content.config_records:
         return call_next(msg, context)
-    node = this_node(context.node_config)
+    node = this_node(context)
     stage = msg.content.config_records[RECORD_KEY_CONFIGS].get(Key.STAGE)
     if stage == Stage.SETUP:
         return _setup(node, msg, context, call_next)

@@ -1,0 +1,40 @@
+"""What a finished run tells its operator on the terminal: the table, who was left out, how to verify."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+
+def print_summary(summary: dict, out: Path, console: Console) -> None:
+    table = Table(title=f"{summary['name']}: {summary['paradigm']} {summary['peft_method']} "
+                        f"(round {summary['final']['round']})")
+    table.add_column("language")
+    table.add_column("accuracy", justify="right")
+    for lang, acc in summary["final"]["accuracy"].items():
+        table.add_row(lang, f"{acc:.3f}", style="bold" if lang == "avg" else None)
+    console.print(table)
+    comm = summary["communication"]
+    console.print(f"trainable {summary['trainable_params']:,} of {summary['total_params']:,} parameters; "
+                  f"{comm['bytes_up']:,} bytes up, {comm['bytes_down']:,} bytes down")
+    for cid, c in summary["clients"].items():
+        if not c["included"]:
+            console.print(f"[yellow]excluded[/yellow] {cid} ({c['region'] or c['language']}): {c['reason']}",
+                          highlight=False)
+    eps = {k: v for k, v in summary["privacy"]["epsilon"].items() if v is not None}
+    if eps:
+        console.print(f"DP: epsilon each node released (delta {summary['privacy']['delta']:g}): "
+                      + ", ".join(f"{k} {v:.2f}" for k, v in eps.items()))
+    if summary.get("stopped_before_the_last_round"):
+        console.print(f"[yellow]stopped before the last round:[/yellow] {summary['stopped_before_the_last_round']}",
+                      highlight=False)
+    if summary["secure_aggregation"].get("enabled"):
+        aborted = summary["secure_aggregation"].get("aborted_rounds", [])
+        console.print(f"SecAgg+: on, aborted rounds: {aborted or 'none'}")
+    witnesses = f" --witness {Path(out) / 'nodes'}" if (Path(out) / "nodes").is_dir() else ""
+    console.print(f"audit log: {summary['audit_log']} (verify: securefpt audit verify {summary['audit_log']} "
+                  f"--public-key {summary['audit_public_key']}{witnesses})", highlight=False, soft_wrap=True)
+    console.print(f"run directory: {out}  (summary.json, metrics.csv, accuracy.png, the PEFT adapter and head)",
+                  highlight=False)
