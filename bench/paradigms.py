@@ -1,9 +1,17 @@
-"""Accuracy of federated vs monolingual vs centralized prompt tuning, same budget.
+"""Accuracy of federated (global and personalized) vs monolingual vs centralized prompt tuning, same budget.
 
-Runs one experiment config under the three paradigms (Section 4.2 of the paper) and
-prints per-language and average accuracy as a markdown table, plus a bar plot.
+Runs one experiment config as the local paradigms (Section 4.2 of the paper) and as one
+federated run per variant, and prints per-language and average accuracy as a markdown
+table, the personalized-minus-monolingual gaps, and a bar plot. Every federated node and
+the monolingual baseline get the same epochs: `fl.rounds x fl.local_epochs` plus
+`personalization.adapt_epochs` (the baseline's last block).
 
-    python bench/paradigms.py server/masakhanews.yaml [--set key=value ...] [--out runs/bench-paradigms]
+    python bench/paradigms.py server/masakhanews.yaml [--set key=value ...] \\
+        [--variant fedper=personalization.local_head=true,fl.server_optimizer.name=fedavgm] \\
+        [--paradigms monolingual centralized] [--out runs/bench-paradigms]
+
+A variant is NAME=overrides (comma-separated key=value); without --variant: `fedavg`
+(no overrides) and `fedper` (a local head).
 """
 
 from __future__ import annotations
@@ -17,37 +25,61 @@ from pathlib import Path
 from securefpt.config import load_config
 from securefpt.engines.runner import run_experiment
 
-PARADIGMS = ("federated", "monolingual", "centralized")
+DEFAULT_VARIANTS = ["fedavg=", "fedper=personalization.local_head=true"]
+
+
+def _variant(text: str) -> tuple[str, list[str]]:
+    name, _, overrides = text.partition("=")
+    return name, [o for o in overrides.split(",") if o]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("config", type=Path)
     parser.add_argument("--set", dest="overrides", action="append", default=[])
+    parser.add_argument("--variant", dest="variants", action="append", default=None)
+    parser.add_argument("--paradigms", nargs="*", default=["monolingual", "centralized"])
     parser.add_argument("--out", type=Path, default=Path("runs/bench-paradigms"))
     args = parser.parse_args()
 
-    results = {}
-    for paradigm in PARADIGMS:
-        cfg = load_config(args.config, args.overrides + [f"paradigm={paradigm}"])
+    runs = [(p, p, [f"paradigm={p}"]) for p in args.paradigms]
+    runs += [(name, "federated", ["paradigm=federated", *extra])
+             for name, extra in map(_variant, args.variants or DEFAULT_VARIANTS)]
+    results: dict[str, dict] = {}
+    for name, paradigm, extra in runs:
+        cfg = load_config(args.config, args.overrides + extra)
         start = time.perf_counter()
-        shutil.rmtree(args.out / paradigm, ignore_errors=True)  # a fresh run each time
-        summary = run_experiment(cfg, args.out / paradigm, show_progress=False)
-        results[paradigm] = (summary["final"]["accuracy"], time.perf_counter() - start)
-        print(f"{paradigm}: avg={summary['final']['accuracy']['avg']:.3f} ({results[paradigm][1]:.0f}s)", flush=True)
+        shutil.rmtree(args.out / name, ignore_errors=True)  # a fresh run each time
+        summary = run_experiment(cfg, args.out / name, show_progress=False)
+        seconds = time.perf_counter() - start
+        final = summary["final"]
+        label = f"{name} (global)" if paradigm == "federated" else name
+        results[label] = {"accuracy": final["accuracy"], "seconds": seconds}
+        if final.get("personalized_accuracy"):
+            results[f"{name} (personalized)"] = {"accuracy": final["personalized_accuracy"], "seconds": seconds}
+        print(f"{name}: avg={final['accuracy']['avg']:.3f}"
+              + (f", personalized {final['personalized_accuracy']['avg']:.3f}" if final.get("personalized_accuracy")
+                 else "") + f" ({seconds:.0f}s)", flush=True)
 
     languages = cfg.data.languages
     print()
-    print("| paradigm | " + " | ".join(languages) + " | avg | wall s |")
+    print("| run | " + " | ".join(languages) + " | avg | wall s |")
     print("|---" * (len(languages) + 3) + "|")
-    for paradigm, (acc, secs) in results.items():
-        print(f"| {paradigm} | " + " | ".join(f"{acc[lang]:.3f}" for lang in languages)
-              + f" | **{acc['avg']:.3f}** | {secs:.0f} |")
-    fed, mono = results["federated"][0], results["monolingual"][0]
-    print()
-    print("federated - monolingual: " + ", ".join(f"{lang} {fed[lang] - mono[lang]:+.3f}" for lang in languages)
-          + f", avg {fed['avg'] - mono['avg']:+.3f}")
-    (args.out / "paradigms.json").write_text(json.dumps({k: v[0] for k, v in results.items()}, indent=2))
+    for label, r in results.items():
+        acc = r["accuracy"]
+        print(f"| {label} | " + " | ".join(f"{acc[lang]:.3f}" for lang in languages)
+              + f" | **{acc['avg']:.3f}** | {r['seconds']:.0f} |")
+    if "monolingual" in results:
+        mono = results["monolingual"]["accuracy"]
+        print()
+        for label, r in results.items():
+            if label != "monolingual" and label != "centralized":
+                acc = r["accuracy"]
+                print(f"{label} - monolingual: " + ", ".join(f"{lang} {acc[lang] - mono[lang]:+.3f}"
+                                                              for lang in languages)
+                      + f", avg {acc['avg'] - mono['avg']:+.3f}")
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "paradigms.json").write_text(json.dumps({k: v["accuracy"] for k, v in results.items()}, indent=2))
     _plot(results, languages, args.out / "paradigms.png")
 
 
@@ -60,13 +92,14 @@ def _plot(results, languages, path: Path) -> None:
 
     keys = list(languages) + ["avg"]
     x = np.arange(len(keys))
-    fig, ax = plt.subplots(figsize=(8, 4))
-    for i, (paradigm, (acc, _)) in enumerate(results.items()):
-        ax.bar(x + (i - 1) * 0.27, [acc[k] for k in keys], 0.27, label=paradigm)
+    width = 0.8 / len(results)
+    fig, ax = plt.subplots(figsize=(9, 4))
+    for i, (label, r) in enumerate(results.items()):
+        ax.bar(x + (i - (len(results) - 1) / 2) * width, [r["accuracy"][k] for k in keys], width, label=label)
     ax.set_xticks(x, keys)
     ax.set_ylabel("accuracy (dev)")
     ax.set_ylim(0, 1)
-    ax.legend()
+    ax.legend(fontsize=7, ncol=2)
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

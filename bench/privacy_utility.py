@@ -1,7 +1,9 @@
 """The privacy-utility curve: federated prompt tuning at several epsilons and without DP.
 
 Each client's noise multiplier is derived with Opacus from the whole run's planned
-steps so that its epsilon after the last round equals the target.
+steps so that its epsilon after the last round equals the target. Where the config
+personalizes, each row also has the nodes' personalized models (their local head and
+adaptation stay on the node and spend no budget towards the coordinator).
 
     python bench/privacy_utility.py server/masakhanews.yaml [--epsilons 1 4 8] [--set key=value ...]
 """
@@ -34,18 +36,25 @@ def main() -> None:
         summary = run_experiment(cfg, run_dir, show_progress=False)
         spent = summary["privacy"]["epsilon"]
         sigmas = summary["privacy"]["noise_multiplier"] or {}
+        personal = summary["final"].get("personalized_accuracy")
         rows.append((eps, summary["final"]["accuracy"], max(spent.values()) if eps else None,
-                     min(sigmas.values()) if sigmas else None, max(sigmas.values()) if sigmas else None))
-        print(f"epsilon {eps}: avg accuracy {summary['final']['accuracy']['avg']:.3f}", flush=True)
+                     min(sigmas.values()) if sigmas else None, max(sigmas.values()) if sigmas else None, personal))
+        print(f"epsilon {eps}: avg accuracy {summary['final']['accuracy']['avg']:.3f}"
+              + (f", personalized {personal['avg']:.3f}" if personal else ""), flush=True)
     languages = cfg.data.languages
     print()
-    print("| target epsilon | noise multiplier (min-max) | max epsilon spent | " + " | ".join(languages) + " | avg |")
-    print("|---" * (len(languages) + 4) + "|")
-    for eps, acc, spent, smin, smax in rows:
+    print("| target epsilon | noise multiplier (min-max) | max epsilon spent | model | " + " | ".join(languages)
+          + " | avg |")
+    print("|---" * (len(languages) + 5) + "|")
+    for eps, acc, spent, smin, smax, personal in rows:
         sigma = f"{smin:.2f}-{smax:.2f}" if smin is not None else "-"
-        print(f"| {eps if eps else 'no DP'} | {sigma} | {spent:.3f} |" if spent is not None else "| no DP | - | - |",
-              " | ".join(f"{acc[lang]:.3f}" for lang in languages), f"| **{acc['avg']:.3f}** |")
-    (args.out / "privacy_utility.json").write_text(json.dumps([{"epsilon": r[0], "accuracy": r[1]} for r in rows]))
+        head = f"| {eps:g} | {sigma} | {spent:.3f} |" if spent is not None else "| no DP | - | - |"
+        for model, values in (("global", acc), ("personalized", personal)):
+            if values:
+                print(head, model, "|", " | ".join(f"{values[lang]:.3f}" for lang in languages),
+                      f"| **{values['avg']:.3f}** |")
+    (args.out / "privacy_utility.json").write_text(json.dumps([{"epsilon": r[0], "accuracy": r[1],
+                                                                 "personalized": r[5]} for r in rows]))
     _plot(rows, args.out / "privacy_utility.png")
 
 

@@ -113,14 +113,17 @@ def predict(
     run_dir: Path = typer.Argument(..., help="a finished run directory"),
     texts: List[str] = typer.Argument(..., help="text(s) to classify; - reads one text a line from stdin"),
     language: Optional[str] = typer.Option(None, "--language", help="for monolingual runs: whose model"),
+    node: Optional[str] = typer.Option(None, "--node", help="a node's personalized model: its state folder, "
+                                       "or its client id under RUN/nodes/"),
 ) -> None:
-    """Classify text with a run's trained prompt encoder and head."""
+    """Classify text with a run's trained prompt encoder and head, or with one node's personalized model."""
     from securefpt.learning.predict import predict as do_predict
+    from securefpt.node.personal import personalized_predictor
 
     if texts == ["-"]:
         texts = [line.rstrip("\n") for line in sys.stdin if line.strip()]
     try:
-        results = do_predict(run_dir, texts, language)
+        results = personalized_predictor(run_dir, node)(texts) if node else do_predict(run_dir, texts, language)
     except SecureFPTError as exc:
         _fail(exc)
     for text, (label, prob) in zip(texts, results):

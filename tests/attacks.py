@@ -81,6 +81,11 @@ class Hostile:
         msg = Message(content, dst_node_id=self.ids([client])[0], message_type=MessageType.EVALUATE)
         return self.send(step, [msg])[client]
 
+    def personalize(self, step: str, client: str, arrays) -> Message:
+        msg = Message(RecordDict({R.GLOBAL: R.arrays_to_record(arrays)}), dst_node_id=self.ids([client])[0],
+                      message_type=R.PERSONALIZE_QUERY)
+        return self.send(step, [msg])[client]
+
     def ids(self, clients=None) -> list[int]:
         if clients is None:
             return self.nodes

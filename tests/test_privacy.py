@@ -231,3 +231,36 @@ def test_a_node_over_budget_declines_and_the_run_goes_on(dp_fed_cfg, tmp_path, s
     assert "aa" not in r2["participants"] and "cc" in r2["participants"]
     assert summary["privacy"]["steps"]["aa"] == 2 and summary["privacy"]["steps"]["cc"] == 8
     assert summary["privacy"]["epsilon"]["aa"] <= budget
+
+
+@pytest.mark.parametrize("private", [False, True])
+def test_fedprox_pulls_towards_the_global_encoder_and_survives_opacus_noise(private, monkeypatch):
+    """Two full-batch SGD steps from w0: the proximal term adds exactly -lr * mu * (w1 - w0) to the
+    second step. Under DP-SGD it must be added after Opacus writes the noised gradient into p.grad
+    (added before, it would be overwritten and the difference would be 0)."""
+    import securefpt.learning.training as training
+
+    sgd = lambda model, fl: torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=fl.lr)  # noqa
+    monkeypatch.setattr(dp_training, "make_optimizer", sgd)
+    monkeypatch.setattr(training, "make_optimizer", sgd)
+    n, lr, mu = 6, 0.5, 0.8
+    cfg = _tiny(extra=[f"fl.batch_size={n}", f"fl.lr={lr}"])
+    labels, examples = _examples(cfg, n)
+
+    def steps(k: int, proximal_mu: float):
+        model = build_model(cfg.model, cfg.peft, len(labels), 0)
+        plan = cfg.fl.model_copy(update={"local_epochs": k, "proximal_mu": proximal_mu})
+        if private:
+            dp_train(model, examples, plan, DPSchedule(0.0, 1.0, k, 1e9))
+        else:
+            train_local(model, examples, plan, seed=0)
+        return get_trainable(model.model)
+
+    w0 = get_trainable(build_model(cfg.model, cfg.peft, len(labels), 0).model)
+    w1, plain, prox = steps(1, 0.0), steps(2, 0.0), steps(2, mu)
+    moved = 0.0
+    for name in w0:
+        np.testing.assert_allclose(prox[name] - plain[name], -lr * mu * (w1[name] - w0[name]), atol=2e-6,
+                                   err_msg=name)
+        moved = max(moved, float(np.abs(w1[name] - w0[name]).max()))
+    assert moved > 1e-3  # the first step moved, so the proximal term was not zero

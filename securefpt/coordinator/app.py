@@ -32,6 +32,7 @@ from securefpt.coordinator.metering import MeteredGrid, exchange
 from securefpt.coordinator.progress import RunProgress
 from securefpt.coordinator.run_dir import ClientRecord, RoundRecord, RunRecorder
 from securefpt.coordinator.secure_aggregation import SecAggSettings, resolve_settings, secure_fit_round
+from securefpt.coordinator.server_optimizer import ServerOptimizer
 from securefpt.errors import FederationError, RunInterrupted
 from securefpt.learning.data import label_space
 from securefpt.learning.modeling import build_model, count_params, get_trainable
@@ -97,6 +98,7 @@ class FederatedPromptAveraging:
         self.languages: dict[int, str] = {}  # node id -> language, fixed at setup (authenticated identity)
         self.witnessed: dict[int, int] = {}  # node id -> the last audit entry it acknowledged witnessing
         self.completed = self.resumed.completed if self.resumed else 0
+        self.optimizer = ServerOptimizer(cfg.fl.server_optimizer)
 
     # ------------------------------------------------------------------ setup
     def _wait_for_nodes(self, expected: int, timeout: float = 120.0) -> list[int]:
@@ -209,7 +211,8 @@ class FederatedPromptAveraging:
 
     # ------------------------------------------------------------------ rounds
     def _train_round(self, server_round: int, selected: list[int], global_arrays) -> tuple:
-        """Plaintext round: each selected node returns h_k and |D_k| (Algorithm 1)."""
+        """Plaintext round: each selected node returns h_k and |D_k| (Algorithm 1); returns the
+        average change sum_k w_k h_k / sum_k w_k - h_g, as a secure round does."""
         parameters = ndarrays_to_parameters(list(global_arrays.values()))
         fitins = FitIns(parameters, {"server-round": server_round})
         msgs = [
@@ -233,9 +236,12 @@ class FederatedPromptAveraging:
             if update[2] is not None:
                 losses.append(update[2])
         failures += [(n, "no reply before fl.round_timeout") for n in selected if n not in answered]
-        new_global = weighted_average(updates) if updates else None
+        change = None
+        if updates:
+            average = weighted_average(updates)
+            change = OrderedDict((k, average[k].astype(np.float64) - global_arrays[k]) for k in global_arrays)
         failed = dict(failures)
-        return new_global, [n for n in selected if n in answered and n not in failed], failures, losses, None
+        return change, [n for n in selected if n in answered and n not in failed], failures, losses, None
 
     def secagg_max_weight(self) -> float:
         return float(self.cfg.secagg.max_weight or self.cfg.data.max_train_per_client or float("inf"))
@@ -254,10 +260,7 @@ class FederatedPromptAveraging:
             failures = [(n, outcome.failures.get(n) or f"round aborted: {outcome.why}") for n in selected]
             self.recorder.audit.append("secure_round_aborted", round=server_round, reason=outcome.why)
             return None, [], failures, [], outcome.why
-        new_global = OrderedDict(
-            (name, (global_arrays[name] + outcome.average_change[name]).astype(np.float32)) for name in global_arrays
-        )
-        return new_global, contributors, failures, [], None
+        return outcome.average_change, contributors, failures, [], None
 
     def _audit_head(self, node: int) -> ConfigRecord:
         """The log's head for `node` to witness, with the digests since the last head it acknowledged."""
@@ -325,6 +328,7 @@ class FederatedPromptAveraging:
         if state.best_arrays is not None:
             state.best_arrays = OrderedDict((k, state.best_arrays[k]) for k in order)
         self.rng.bit_generator.state = state.rng_state
+        self.optimizer.load_flat_state(state.optimizer_state)
         self.progress.console.print(f"resuming after round {state.completed} (checkpoint in {self.recorder.out_dir})")
         return state
 
@@ -348,6 +352,29 @@ class FederatedPromptAveraging:
                                           reason=d.reason if not d.included else clients[c].reason)
         admitted = {c.language for c in clients.values() if c.included}
         return clients, sorted(n for n, lang in self.languages.items() if lang in admitted)
+
+    def _personalize(self, nodes: list[int], final_arrays) -> Optional[dict[str, float]]:
+        """Each node adapts the final encoder on its own data and keeps the result (node/personal.py);
+        the accuracies its rules release come back (None: the experiment does not personalize)."""
+        plan = self.cfg.personalization
+        if not (plan.adapt_epochs or plan.local_head):
+            return None
+        content = RecordDict({R.GLOBAL: R.arrays_to_record(final_arrays)})
+        msgs = [Message(content, dst_node_id=n, message_type=R.PERSONALIZE_QUERY) for n in nodes]
+        task = self.progress.clients(f"personalizing ({plan.adapt_epochs} local epochs)", len(nodes))
+        replies = exchange(self.grid, msgs, timeout=self.cfg.fl.round_timeout, on_reply=lambda _: task.advance())
+        task.done()
+        accuracy = {}
+        for node, reply in replies:
+            metrics = None if reply.has_error() else reply.content.metric_records.get(R.EVAL)
+            value = metrics.get("accuracy") if metrics is not None else None
+            if isinstance(value, float) and 0.0 <= value <= 1.0:
+                accuracy[self.languages[node]] = value
+            elif reply.has_error():
+                self.recorder.audit.append("personalization_failed", client=self.languages[node],
+                                           reason=_error_reason(reply))
+        self.recorder.audit.append("personalized", accuracy=accuracy)
+        return {lang: accuracy[lang] for lang in self.cfg.data.languages if lang in accuracy}
 
     def _witness_end(self, nodes: list[int]) -> None:
         """The final audit head, for every node to witness (the entries after the last evaluation)."""
@@ -373,7 +400,8 @@ class FederatedPromptAveraging:
         cfg = self.cfg
         audit = self.recorder.audit
         assembled = build_model(cfg.model, cfg.peft, len(self.labels), cfg.seed)
-        state = self._initial_state(get_trainable(assembled.model))
+        shared = cfg.personalization.travels  # a local head stays on each node
+        state = self._initial_state(OrderedDict((k, v) for k, v in get_trainable(assembled.model).items() if shared(k)))
         trainable, total = count_params(assembled.model)
         del assembled
 
@@ -411,14 +439,15 @@ class FederatedPromptAveraging:
             train = self._secure_train_round if self.secagg is not None else self._train_round
             train_start = time.perf_counter()
             if self.secagg is not None and len(selected) < max(2, self.secagg.min_cohort):
-                new_global, contributors, failures, losses, why = None, [], [
+                change, contributors, failures, losses, why = None, [], [
                     (n, f"secure aggregation needs {max(2, self.secagg.min_cohort)} nodes") for n in selected], [], None
             else:
-                new_global, contributors, failures, losses, why = train(server_round, selected, state.global_arrays)
+                change, contributors, failures, losses, why = train(server_round, selected, state.global_arrays)
             train_seconds = time.perf_counter() - train_start
-            aborted = new_global is None
+            aborted = change is None
             if not aborted:
-                state.global_arrays = new_global
+                state.global_arrays = self.optimizer.step(server_round, state.global_arrays, change)
+                state.optimizer_state = self.optimizer.flat_state()
             state.secure_rounds.append({"round": server_round, "participants": self._in_order(
                 self.languages[n] for n in contributors), "dropouts": self._in_order(self.languages[n] for n, _ in failures),
                 "aborted": aborted})
@@ -458,13 +487,15 @@ class FederatedPromptAveraging:
         if cfg.fl.patience is not None and state.best_round is not None:
             final_record, final_arrays = state.best_record(), state.best_arrays
         self.recorder.save_artifact(final_arrays, region=self._artifact_region())
+        personalized = self._personalize(eligible, final_arrays)
         secure = {"enabled": self.secagg is not None}
         if self.secagg is not None:
             secure.update(settings=asdict(self.secagg), rounds=state.secure_rounds,
                           aborted_rounds=[r["round"] for r in state.secure_rounds if r["aborted"]])
         summary = self.recorder.write_summary(final_record, trainable, total, clients, secure_aggregation=secure,
                                               privacy=privacy_summary(cfg, state.latest_privacy),
-                                              extra={"stopped_before_the_last_round": stopped})
+                                              extra={"stopped_before_the_last_round": stopped},
+                                              personalized=personalized)
         self._witness_end(eligible)
         return summary
 

@@ -1,7 +1,7 @@
 """The coordinator's state between rounds, checkpointed so a restarted coordinator resumes.
 
 After every completed round the ServerApp writes `checkpoint/` in its run directory:
-the global encoder (and the best one so far), the completed rounds' records, and the
+the global encoder (and the best one so far), the server optimizer's state, the completed rounds' records, and the
 selection RNG, signed with the coordinator's audit key together with the SHA-256 of
 each array file. A checkpoint whose signature, file names or files do not hold is
 refused before any engine starts. A restarted coordinator given the same experiment
@@ -51,6 +51,7 @@ class RunState:
     stale: int = 0  # rounds since the best one (early stopping)
     stopped: bool = False  # early stopping ended the run
     rng_state: dict[str, Any] = field(default_factory=dict)
+    optimizer_state: dict[str, np.ndarray] = field(default_factory=dict)  # the server optimizer's moments
 
     def best_record(self) -> Optional[RoundRecord]:
         return next((r for r in self.rounds if r.round == self.best_round), None)
@@ -81,6 +82,9 @@ def save_checkpoint(out_dir: Path, cfg: ExperimentConfig, state: RunState, key: 
     if state.best_arrays is not None:
         files["best"] = f"{stem}.best.safetensors"
         save_arrays(folder / files["best"], state.best_arrays)
+    if state.optimizer_state:
+        files["optimizer"] = f"{stem}.optimizer.safetensors"
+        save_arrays(folder / files["optimizer"], state.optimizer_state)
     meta = json.loads(json.dumps({
         "config_sha256": cfg.sha256(), "completed": state.completed,
         "files": {role: {"name": name, "sha256": file_sha256(folder / name)} for role, name in files.items()},
@@ -108,7 +112,7 @@ def _verified(folder: Path, meta: dict, public) -> str:
         return "its signature does not verify with the coordinator's audit key (edited or swapped)"
     for role, entry in meta["files"].items():
         name = str(entry["name"])
-        if not re.fullmatch(r"round-\d{4}\.(global|best)\.safetensors", name) or \
+        if not re.fullmatch(r"round-\d{4}\.(global|best|optimizer)\.safetensors", name) or \
                 not (folder / name).resolve().is_relative_to(folder.resolve()):
             return f"its {role} file {name!r} is not a checkpoint file name"
         if not (folder / name).is_file() or file_sha256(folder / name) != entry["sha256"]:
@@ -167,4 +171,5 @@ def load_checkpoint(out_dir: Path, cfg: ExperimentConfig, check_experiment: bool
         stale=int(meta["stale"]),
         stopped=bool(meta["stopped"]),
         rng_state=meta["rng_state"],
+        optimizer_state=load_arrays(folder / files["optimizer"]["name"]) if "optimizer" in files else {},
     )

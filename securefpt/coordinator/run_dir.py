@@ -171,7 +171,9 @@ class RunRecorder:
         privacy: Optional[dict[str, Any]] = None,
         secure_aggregation: Optional[dict[str, Any]] = None,
         extra: Optional[dict[str, Any]] = None,
+        personalized: Optional[dict[str, float]] = None,
     ) -> dict[str, Any]:
+        """`summary.json`; `personalized`: the nodes' released accuracies of their personalized models."""
         languages = self.cfg.data.languages
         summary: dict[str, Any] = {
             "name": self.cfg.name,
@@ -203,6 +205,10 @@ class RunRecorder:
             "audit_public_key": str(self.audit_public_key),
             "artifact": str(self.out_dir / ARTIFACT) if (self.out_dir / ARTIFACT).exists() else None,
         }
+        if personalized is not None:
+            values = list(personalized.values())
+            summary["final"]["personalized_accuracy"] = {**personalized,
+                                                         "avg": sum(values) / len(values) if values else None}
         if extra:
             summary.update(extra)
         self.plot()

@@ -3,8 +3,10 @@
 - monolingual: each language's client trains alone on its own data;
 - centralized: one model on the pooled data of all languages (what federation avoids).
 
-Both get the same budget as the federated run: `fl.rounds` blocks of
-`fl.local_epochs` epochs, evaluated per language after each block.
+Both get the same budget as a federated node: `fl.rounds` blocks of `fl.local_epochs`
+epochs, evaluated per language after each block, and, where the experiment personalizes,
+one more block of `personalization.adapt_epochs` epochs at `adapt_lr` (what a federated
+node spends adapting the final encoder). No proximal term: there is no global encoder.
 """
 
 from __future__ import annotations
@@ -41,20 +43,25 @@ def _train(cfg: ExperimentConfig, labels: list[str], recorder: RunRecorder, show
         shared = build_model(cfg.model, cfg.peft, len(labels), cfg.seed)
         models = {lang: shared for lang in data}
         pooled = [ex for d in data.values() for ex in d.train]
+    adapt = cfg.personalization
+    blocks = [cfg.fl.model_copy(update={"proximal_mu": 0.0})] * cfg.fl.rounds
+    if adapt.adapt_epochs:
+        blocks.append(blocks[0].model_copy(update={"local_epochs": adapt.adapt_epochs,
+                                                   "lr": adapt.adapt_lr or cfg.fl.lr}))
     progress = RunProgress(enabled=show_progress)
-    progress.start(cfg.fl.rounds, label=f"{cfg.paradigm} blocks")
-    for block in range(1, cfg.fl.rounds + 1):
+    progress.start(len(blocks), label=f"{cfg.paradigm} blocks")
+    for block, plan in enumerate(blocks, start=1):
         start = time.perf_counter()
         losses = []
         seed = cfg.seed * 100_003 + block * 1_009
         if cfg.paradigm == "monolingual":
             task = progress.clients(f"block {block}: training", len(data))
             for pid, (lang, d) in enumerate(data.items()):
-                losses.append(train_local(models[lang], d.train, cfg.fl, seed + pid).loss)
+                losses.append(train_local(models[lang], d.train, plan, seed + pid).loss)
                 task.advance()
             task.done()
         else:
-            losses.append(train_local(shared, pooled, cfg.fl, seed).loss)
+            losses.append(train_local(shared, pooled, plan, seed).loss)
         accuracy = {
             lang: evaluate(models[lang], d.eval, cfg.fl.eval_batch_size).accuracy for lang, d in data.items()
         }

@@ -119,6 +119,9 @@ def load_classifier(run_dir: Path, language: Optional[str] = None) -> PromptClas
     if not (folder / CLASSIFIER_FILE).is_file():
         raise ConfigError(f"{folder}: no {CLASSIFIER_FILE} (a run that did not finish?)")
     description = json.loads((folder / CLASSIFIER_FILE).read_text(encoding="utf-8"))
+    if not (folder / HEAD_FILE).is_file():
+        raise ConfigError(f"{run_dir}: each node of this run keeps its own head (personalization.local_head); "
+                          "classify with a node's personalized model: --node <its state folder or client id>")
     cfg = load_config(run_dir / "config.yaml")
     labels = description["labels"]
     if description["peft_method"] == "full":  # no adapter: the whole backbone is in securefpt's own file

@@ -21,7 +21,7 @@ from torch.utils.data import TensorDataset
 
 from securefpt.learning.data import Example
 from securefpt.learning.modeling import AssembledModel
-from securefpt.learning.training import TrainResult, make_optimizer
+from securefpt.learning.training import Proximal, TrainResult, make_optimizer
 
 
 @dataclass(frozen=True)
@@ -68,6 +68,7 @@ def dp_train(assembled: AssembledModel, examples: list[Example], optim, schedule
         generator=generator,
         secure_mode=True,
     )
+    proximal = Proximal(model, getattr(optim, "proximal_mu", 0.0))
     loss_fn = nn.CrossEntropyLoss()
     start = time.perf_counter()
     steps, total = 0, 0.0
@@ -85,7 +86,9 @@ def dp_train(assembled: AssembledModel, examples: list[Example], optim, schedule
                     for p in model.parameters():
                         if p.requires_grad:
                             p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype)
-                optimizer.step()
+                if optimizer.pre_step():  # clip, noise, scale: p.grad is now the private gradient
+                    proximal.add_gradient()  # FedProx after the noise (a function of public w, w_start only)
+                    optimizer.original_optimizer.step()
                 steps += 1
     finally:
         gsm._close()

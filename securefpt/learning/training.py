@@ -50,6 +50,24 @@ def make_optimizer(model: nn.Module, fl: FLConfig) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, lr=fl.lr, weight_decay=fl.weight_decay)
 
 
+class Proximal:
+    """FedProx (Li et al. 2020): mu/2 ||w - w_start||^2 on the objective, with w_start the parameters
+    at the start of local training (the global encoder). Its gradient mu (w - w_start) is added to
+    `p.grad` directly; under DP-SGD after the noise (dp_training.py), since Opacus overwrites
+    `p.grad` with the clipped, noised sum and would drop anything added before."""
+
+    def __init__(self, model: nn.Module, mu: float) -> None:
+        self.mu = float(mu)
+        self.params = [p for p in model.parameters() if p.requires_grad] if self.mu > 0 else []
+        self.start = [p.detach().clone() for p in self.params]
+
+    @torch.no_grad()
+    def add_gradient(self) -> None:
+        for p, w0 in zip(self.params, self.start):
+            if p.grad is not None:
+                p.grad.add_(p - w0, alpha=self.mu)
+
+
 @dataclass
 class TrainResult:
     num_examples: int
@@ -65,7 +83,8 @@ def train_local(
     seed: int,
     on_step: Optional[Callable[[int], None]] = None,
 ) -> TrainResult:
-    """`fl.local_epochs` epochs of AdamW on the trainable parameters (Algorithm 1, client side)."""
+    """`fl.local_epochs` epochs of AdamW on the trainable parameters (Algorithm 1, client side),
+    with FedProx's proximal term where the plan sets `proximal_mu`."""
     import time
 
     model = assembled.model
@@ -73,6 +92,7 @@ def train_local(
     torch.manual_seed(seed)
     loader = make_loader(assembled, examples, fl.batch_size, shuffle=True, seed=seed)
     optimizer = make_optimizer(model, fl)
+    proximal = Proximal(model, getattr(fl, "proximal_mu", 0.0))
     loss_fn = nn.CrossEntropyLoss()
     start = time.perf_counter()
     steps, total_loss = 0, 0.0
@@ -82,6 +102,7 @@ def train_local(
             logits = model(batch["input_ids"], batch["attention_mask"])
             loss = loss_fn(logits, batch["labels"])
             loss.backward()
+            proximal.add_gradient()
             optimizer.step()
             steps += 1
             total_loss += float(loss.detach())

@@ -9,6 +9,8 @@ Handlers (each runs inside `hygiene_mod`: a refusal or failure leaves as a reaso
 - `evaluate`: the round's aggregate, evaluated once, released only as the node's rules
   say, and the node's answer to the next round's offer; first the node witnesses the
   audit head the message carries (witness.py);
+- `query.personalize`: once per run, after the last round, the node adapts an encoder it
+  evaluated in this run on its own data and keeps the result (node/personal.py);
 - `query.witness`: the audit head at the end of a run, witnessed the same way.
 """
 
@@ -104,7 +106,7 @@ def train(msg: Message, context: Context) -> Message:
     fitins = compat.recorddict_to_fitins(msg.content, keep_input=True)
     server_round, secure = int(fitins.config["server-round"]), bool(fitins.config.get("secure", False))
     runtime = _runtime(node, request)
-    names = runtime.assembled.trainable_names()
+    names = runtime.shared_names()  # a local head never travels
     global_arrays = OrderedDict(zip(names, parameters_to_ndarrays(fitins.parameters), strict=True))
     encoder = R.encoder_hash(global_arrays)
     plan, ledger = runtime.privacy_plan, _ledger(node, runtime)
@@ -162,9 +164,10 @@ def evaluate(msg: Message, context: Context) -> Message:
         result = runtime.evaluate(arrays)
         metrics = {"accuracy": _coarse(result.accuracy, release.metric_decimals)}
     run.mark("evaluated", server_round)
+    encoder = R.encoder_hash(arrays)
+    run.note_evaluated(encoder)
     answer = _answer(False, "round-out-of-plan")
     if next_round:
-        encoder = R.encoder_hash(arrays)
         code = "round-out-of-plan" if next_round != server_round + 1 else guards.check_offer(
             node, request, next_round, encoder, _ledger(node, runtime), runtime.privacy_plan)
         if code == "ok":
@@ -173,6 +176,31 @@ def evaluate(msg: Message, context: Context) -> Message:
     content = RecordDict({R.EVAL: MetricRecord(metrics), R.ANSWER: answer,
                           R.PRIVACY: privacy_report(node, request, runtime), **witnessed})
     return Message(content, reply_to=msg)
+
+
+@app.query("personalize")
+def personalize(msg: Message, context: Context) -> Message:
+    """Adapt the final encoder on this node's own data and keep the personalized model here.
+
+    Once per run, only when the experiment plans it, and only for an encoder this node
+    evaluated in this run (so it is no oracle for parameters of the coordinator's choosing).
+    The reply is the personalized model's accuracy where the node's rules release
+    evaluation metrics, else nothing."""
+    node = this_node(context)
+    run, request = _accepted(node, context)
+    try:
+        arrays = R.record_to_arrays(msg.content.array_records[R.GLOBAL])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise NodeRefusal("malformed-request", repr(exc)) from None
+    planned = request.personalization.adapt_epochs > 0 or request.personalization.local_head
+    if not planned or run.done("personalized", 0) or not run.evaluated_encoder(R.encoder_hash(arrays)):
+        raise NodeRefusal("personalization-refused", f"planned={planned}")
+    run.mark("personalized", 0)
+    runtime = _runtime(node, request)
+    result = runtime.personalize(arrays, seed=request.seed * 100_003 + 99_991)
+    release = node.rules.release
+    metrics = {"accuracy": _coarse(result.accuracy, release.metric_decimals)} if release.eval_metrics else {}
+    return Message(RecordDict({R.EVAL: MetricRecord(metrics)}), reply_to=msg)
 
 
 def _witness(node: Node, msg: Message, context: Context) -> dict:

@@ -18,6 +18,7 @@ from securefpt.learning.modeling import AssembledModel, build_model, get_trainab
 from securefpt.learning.training import EvalResult, TrainResult, evaluate, train_local
 from securefpt.node.budget import PrivacyPlan, plan_privacy
 from securefpt.node.config import Node
+from securefpt.node.personal import Personal
 from securefpt.protocol.experiment import ExperimentRequest
 from securefpt.protocol.refusals import NodeRefusal
 
@@ -51,6 +52,16 @@ class NodeRuntime:
         except ModelUnavailableError as exc:
             raise NodeRefusal("model-not-allowed", str(exc)) from None
         self._plan: Optional[PrivacyPlan] = None
+        self.personal = Personal(node.state_dir, request.sha256())
+        self.local_head = request.personalization.local_head
+        self._initial = get_trainable(self.assembled.model)  # the model's initial head, before any round
+
+    def shared_names(self) -> list[str]:
+        """The trainable parameters that travel (all of them, but the head where it stays local)."""
+        return [n for n in self.assembled.trainable_names() if self.request.personalization.travels(n)]
+
+    def _with_own_head(self, shared) -> dict:
+        return {**shared, **self.personal.head(self._initial)} if self.local_head else dict(shared)
 
     @property
     def privacy_plan(self) -> Optional[PrivacyPlan]:
@@ -62,9 +73,10 @@ class NodeRuntime:
         return self._plan
 
     def fit(self, global_arrays, seed: int) -> tuple[dict, TrainResult]:
-        """Start from the global encoder and train locally: DP-SGD (randomness from the OS) when
-        the request asks for DP, plain epochs otherwise. Returns the new trainable parameters."""
-        set_trainable(self.assembled.model, global_arrays)
+        """Start from the global encoder (and this node's own head, where it stays local) and train
+        locally: DP-SGD (randomness from the OS) when the request asks for DP, plain epochs
+        otherwise. Returns the new trainable parameters; a local head is kept here."""
+        set_trainable(self.assembled.model, self._with_own_head(global_arrays))
         plan = self.privacy_plan
         if plan is None:
             result = train_local(self.assembled, self.data.train, self.request.training, seed)
@@ -73,10 +85,25 @@ class NodeRuntime:
 
             schedule = DPSchedule(plan.noise_multiplier, plan.sample_rate, plan.steps_per_round, plan.max_grad_norm)
             result = dp_train(self.assembled, self.data.train, self.request.training, schedule)
-        return get_trainable(self.assembled.model), result
+        updated = get_trainable(self.assembled.model)
+        if self.local_head:
+            self.personal.keep_head(updated)
+        return updated, result
 
     def evaluate(self, arrays) -> EvalResult:
-        set_trainable(self.assembled.model, arrays)
+        set_trainable(self.assembled.model, self._with_own_head(arrays))
+        return evaluate(self.assembled, self.data.eval, self.request.training.eval_batch_size)
+
+    def personalize(self, arrays, seed: int) -> EvalResult:
+        """Adapt the final global encoder (with this node's head) on its own data, keep the result in
+        the node's state and evaluate it. Plain epochs, never DP: nothing of it leaves the node."""
+        adapt = self.request.personalization
+        set_trainable(self.assembled.model, self._with_own_head(arrays))
+        plan = self.request.training.model_copy(update={"local_epochs": adapt.adapt_epochs, "proximal_mu": 0.0,
+                                                        "lr": adapt.adapt_lr or self.request.training.lr})
+        if adapt.adapt_epochs:
+            train_local(self.assembled, self.data.train, plan, seed)
+        self.personal.keep_model(get_trainable(self.assembled.model))
         return evaluate(self.assembled, self.data.eval, self.request.training.eval_batch_size)
 
 

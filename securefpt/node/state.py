@@ -2,7 +2,8 @@
 
 Files (each replaced atomically, so a crash leaves the previous version):
 - `runs/<run id>.json`: the experiment accepted in that run, the encoder offered for each
-  round, the rounds trained, evaluated and unmasked, the survivor sets signed;
+  round, the rounds trained, evaluated and unmasked, the encoders evaluated, the survivor
+  sets signed, whether it personalized;
 - `encoders.json`: every global encoder this node ever trained on (lifetime, by hash);
 - `ledger-<dataset>.json`: the privacy ledger (node/budget.py);
 - `witness.jsonl`: the signed audit heads it witnessed (node/witness.py);
@@ -56,10 +57,18 @@ class RunRecord:
         self.save()
 
     def done(self, kind: str, server_round: int) -> bool:
-        return server_round in self.data[kind]
+        return server_round in self.data.get(kind, [])
 
     def mark(self, kind: str, server_round: int) -> None:
-        self.data[kind].append(server_round)
+        self.data.setdefault(kind, []).append(server_round)
+        self.save()
+
+    def evaluated_encoder(self, encoder: str) -> bool:
+        """Whether this node evaluated `encoder` in this run (the only encoders it personalizes)."""
+        return encoder in self.data.get("evaluated-encoders", [])
+
+    def note_evaluated(self, encoder: str) -> None:
+        self.data.setdefault("evaluated-encoders", []).append(encoder)
         self.save()
 
     def signed(self, server_round: int) -> Optional[list[int]]:

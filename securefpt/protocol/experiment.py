@@ -95,6 +95,35 @@ class DataConfig(Strict):
         return self
 
 
+class ServerOptimizerConfig(Strict):
+    """How the coordinator moves the global encoder by the round's average change
+    (coordinator/server_optimizer.py). `fedavg` with lr 1 is Algorithm 1's plain average."""
+
+    name: Literal["fedavg", "fedavgm", "fedadam", "fedyogi"] = "fedavg"
+    lr: float = Field(1.0, gt=0.0)  # server learning rate (eta); ~1e-2..1e-1 for fedadam/fedyogi
+    momentum: float = Field(0.9, ge=0.0, lt=1.0)  # fedavgm
+    beta_1: float = Field(0.9, ge=0.0, lt=1.0)  # fedadam, fedyogi
+    beta_2: float = Field(0.99, ge=0.0, lt=1.0)
+    tau: float = Field(1e-3, gt=0.0)
+
+
+class PersonalizationConfig(Strict):
+    """What each node keeps and does for itself (node/personal.py): nothing of it leaves the node.
+
+    `local_head`: the classification head is the node's own and never sent; only the
+    prompt encoder is aggregated (FedPer). `adapt_epochs`: after the last round each
+    node tunes the final global encoder (and its head) on its own data and keeps the
+    result as its personalized model."""
+
+    local_head: bool = False
+    adapt_epochs: int = Field(0, ge=0, le=100)
+    adapt_lr: Optional[float] = Field(None, gt=0.0)  # None: fl.lr
+
+    def travels(self, name: str) -> bool:
+        """Whether a trainable parameter is aggregated (sent by the nodes); a local head is not."""
+        return not (self.local_head and name.startswith("head."))
+
+
 class FLConfig(Strict):
     """Federated Prompt Averaging (Algorithm 1) and the local training budget."""
 
@@ -107,6 +136,8 @@ class FLConfig(Strict):
     patience: Optional[int] = Field(None, ge=1)
     eval_batch_size: int = Field(64, ge=1)
     round_timeout: float = Field(3600.0, gt=0.0)
+    proximal_mu: float = Field(0.0, ge=0.0)  # FedProx: each node adds mu/2 ||w - w_global||^2 to its objective
+    server_optimizer: ServerOptimizerConfig = ServerOptimizerConfig()
 
 
 class DPConfig(Strict):
@@ -148,6 +179,7 @@ class ExperimentConfig(Strict):
     data: DataConfig = DataConfig()
     paradigm: Literal["federated", "monolingual", "centralized"] = "federated"
     fl: FLConfig = FLConfig()
+    personalization: PersonalizationConfig = PersonalizationConfig()
     dp: DPConfig = DPConfig()
     secagg: SecAggConfig = SecAggConfig()
     policy: Optional[Path] = None  # residency policy YAML (policies/)
@@ -184,10 +216,11 @@ class ExperimentConfig(Strict):
         """What the nodes are asked: no path, no coordinator-side setting."""
         plan = TrainingPlan(rounds=self.fl.rounds, local_epochs=self.fl.local_epochs, batch_size=self.fl.batch_size,
                             lr=self.fl.lr, weight_decay=self.fl.weight_decay, eval_batch_size=self.fl.eval_batch_size,
-                            max_train=self.data.max_train_per_client, max_eval=self.data.max_eval_per_client)
+                            max_train=self.data.max_train_per_client, max_eval=self.data.max_eval_per_client,
+                            proximal_mu=self.fl.proximal_mu)
         return ExperimentRequest(name=self.name, task=self.data.task, labels=list(labels), model=self.model,
                                  peft=self.peft, training=plan, dp=self.dp, secure_aggregation=self.secagg.enabled,
-                                 seed=self.seed)
+                                 personalization=self.personalization, seed=self.seed)
 
 
 class TrainingPlan(Strict):
@@ -201,6 +234,7 @@ class TrainingPlan(Strict):
     eval_batch_size: int = Field(ge=1)
     max_train: Optional[int] = Field(None, ge=1)
     max_eval: Optional[int] = Field(None, ge=1)
+    proximal_mu: float = Field(0.0, ge=0.0)
 
 
 class ExperimentRequest(Strict):
@@ -214,6 +248,7 @@ class ExperimentRequest(Strict):
     training: TrainingPlan
     dp: DPConfig
     secure_aggregation: bool
+    personalization: PersonalizationConfig = PersonalizationConfig()
     seed: int
 
     @field_validator("labels")

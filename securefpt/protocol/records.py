@@ -36,6 +36,7 @@ SURVIVORS = "securefpt-survivors"  # consistency message: the survivor set; repl
 SURVIVOR_SIGNATURES = "securefpt-survivor-signatures"  # SecAgg+ unmask message: the signatures, by node id
 
 WITNESS_QUERY = "query.witness"
+PERSONALIZE_QUERY = "query.personalize"
 
 
 def arrays_to_record(arrays: "Mapping[str, np.ndarray]") -> ArrayRecord:

@@ -41,6 +41,8 @@ MESSAGES: dict[str, str] = {
     "encoder-reused": "this node already contributed on this global encoder",
     "encoder-not-offered": "the encoder is not the one offered for this round",
     "evaluation-repeated": "this node already evaluated for this round of this run",
+    "personalization-refused": "personalization is not planned, was done already, or names an encoder "
+                               "this node did not evaluate in this run",
     # secure aggregation
     "peer-unauthenticated": "a peer's key advertisement does not verify against this node's trust store",
     "unmask-unsafe": "the unmask request could reveal a single node's update",

@@ -1,0 +1,101 @@
+"""What stays on a node: its local head and its personalized model (FedPer, local adaptation).
+
+With `personalization.local_head` the head over the pooled hidden states is the node's
+own: it is trained with the shared prompt encoder every round (under the same DP-SGD
+when the experiment asks for DP, so the encoder update it shapes stays covered) but is
+never sent; only the encoder is aggregated. This also keeps the head's gradient, which
+carries sentence embeddings and labels, from leaving the node.
+
+After the last round a node adapts the final global encoder (with its head) on its own
+data for `personalization.adapt_epochs` epochs and keeps the result here. Nothing of
+it is sent, so the adaptation spends no privacy budget towards the coordinator; the
+one number that may leave is its accuracy on the node's evaluation split, and only
+where the node's rules release evaluation metrics (node/app.py, `personalize`).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from pathlib import Path
+from typing import Mapping, Optional
+
+import numpy as np
+
+from securefpt.learning.artifacts import load_arrays, save_arrays
+
+HEAD = "head."
+MODEL_FILE = "personalized.safetensors"
+
+
+def folder_for(state_dir: Path, request_sha256: str) -> Path:
+    return Path(state_dir) / "personal" / request_sha256[:16]
+
+
+class Personal:
+    """A node's own parameters for one experiment, in its state folder."""
+
+    def __init__(self, state_dir: Path, request_sha256: str) -> None:
+        self.folder = folder_for(state_dir, request_sha256)
+
+    def head(self, initial: Mapping[str, np.ndarray]) -> "OrderedDict[str, np.ndarray]":
+        """The node's head: as last trained here, or the model's initial head before its first round."""
+        path = self.folder / "head.safetensors"
+        source = load_arrays(path) if path.is_file() else initial
+        return OrderedDict((k, source[k]) for k in initial if k.startswith(HEAD))
+
+    def keep_head(self, arrays: Mapping[str, np.ndarray]) -> None:
+        self._save("head.safetensors", {k: v for k, v in arrays.items() if k.startswith(HEAD)})
+
+    def keep_model(self, arrays: Mapping[str, np.ndarray]) -> Path:
+        return self._save(MODEL_FILE, arrays)
+
+    def model(self) -> Optional[dict]:
+        path = self.folder / MODEL_FILE
+        return load_arrays(path) if path.is_file() else None
+
+    def _save(self, name: str, arrays: Mapping[str, np.ndarray]) -> Path:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        tmp = self.folder / f"{name}.tmp"
+        save_arrays(tmp, arrays)
+        tmp.replace(self.folder / name)  # a crash leaves the previous version
+        return self.folder / name
+
+
+def personalized_predictor(run_dir: Path, node: str):
+    """`securefpt predict RUN --node NODE`: a function texts -> [(label, probability)] with the node's
+    personalized model of that run's experiment. NODE is the node's state folder, or a client id
+    under the run's `nodes/` (the simulation engine keeps its nodes' state there)."""
+    import json
+
+    import torch
+
+    from securefpt.config import load_config
+    from securefpt.errors import ConfigError
+    from securefpt.learning.modeling import build_model, set_trainable
+
+    run_dir = Path(run_dir)
+    state_dir = Path(node) if Path(node).is_dir() else run_dir / "nodes" / node
+    if not state_dir.is_dir():
+        raise ConfigError(f"--node {node}: neither a node's state folder nor a node of {run_dir}")
+    try:
+        cfg = load_config(run_dir / "config.yaml")
+        labels = json.loads((run_dir / "labels.json").read_text(encoding="utf-8"))
+    except OSError:
+        raise ConfigError(f"{run_dir}: not a run directory (config.yaml or labels.json missing)") from None
+    arrays = Personal(state_dir, cfg.request(labels).sha256()).model()
+    if arrays is None:
+        raise ConfigError(f"{state_dir}: no personalized model of this run's experiment "
+                          "(personalization.adapt_epochs or local_head was off, or the run did not finish)")
+    assembled = build_model(cfg.model, cfg.peft, len(labels), cfg.seed)
+    set_trainable(assembled.model, arrays)
+    assembled.model.eval()
+
+    @torch.no_grad()
+    def predict(texts: list[str]) -> list[tuple[str, float]]:
+        enc = assembled.tokenizer(texts, truncation=True, max_length=assembled.max_text_tokens, padding=True,
+                                  return_tensors="pt")
+        probs = assembled.model(enc["input_ids"], enc["attention_mask"]).softmax(-1)
+        best = probs.max(-1)
+        return [(labels[int(i)], float(p)) for p, i in zip(best.values, best.indices)]
+
+    return predict
