@@ -26,6 +26,7 @@ from securefpt.learning.training import evaluate, train_local
 from securefpt.node.personal import Personal, personalized_predictor
 from tests.attacks import hostile_app
 from tests.conftest import make_masakhanews_like, tsv_cfg_overrides
+from tests.test_cli import securefpt
 
 pytestmark = pytest.mark.slow
 LANGS = ["aa", "bb", "cc"]
@@ -116,6 +117,12 @@ def test_personalized_federation_equals_its_replay_and_keeps_each_head_at_home(c
     got = personalized_predictor(out, "bb")(texts)
     assert [label for label, _ in got] == [labels[int(i)] for i in probs.argmax(-1)]
     assert [p for _, p in got] == pytest.approx([float(p) for p in probs.max(-1).values], abs=1e-5)
+    # the command line: the node's model by its state folder; the run's own artifact, refused
+    cli = securefpt("predict", str(out), "--node", str(out / "nodes" / "bb"), *texts)
+    assert cli.returncode == 0, cli.stderr
+    assert [line.split("\t")[0] for line in cli.stdout.splitlines()] == [label for label, _ in got]
+    refused = securefpt("predict", str(out), texts[0])
+    assert refused.returncode == 2 and "--node" in refused.stderr and "Traceback" not in refused.stderr
 
 
 def test_monolingual_baseline_gets_the_adaptation_epochs_too(cfg, tmp_path):

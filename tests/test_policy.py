@@ -227,7 +227,10 @@ def test_an_expiring_attestation_drops_its_node_mid_run_and_withheld_metrics_sta
         calls.append(1)
         return real_participants(cfg, now or (datetime(2030, 7, 1, tzinfo=timezone.utc) if len(calls) > 1 else None))
 
-    monkeypatch.setattr(coordinator, "participants", participants_later)
+    import securefpt.coordinator.admission as admission
+
+    monkeypatch.setattr(coordinator, "participants", participants_later)  # the start
+    monkeypatch.setattr(admission, "participants", participants_later)  # before each round
     from securefpt.engines.simulation import run_federated_simulation
 
     cfg = load_config(None, tiny_overrides + fed_overrides(federation) + ["dp.enabled=true", "dp.target_epsilon=8"])

@@ -264,3 +264,22 @@ def test_fedprox_pulls_towards_the_global_encoder_and_survives_opacus_noise(priv
                                    err_msg=name)
         moved = max(moved, float(np.abs(w1[name] - w0[name]).max()))
     assert moved > 1e-3  # the first step moved, so the proximal term was not zero
+
+
+def test_a_node_refuses_a_plan_whose_noise_would_swamp_the_signal(dp_fed_cfg, tmp_path):
+    """sigma sqrt(d) / B above the limit is refused at setup, with the reason code; just below trains."""
+    from securefpt.errors import FederationError
+    from securefpt.node.budget import MAX_NOISE_TO_SIGNAL
+
+    cfg = dp_fed_cfg("fl.rounds=1", "secagg.enabled=false", "dp.target_epsilon=1000")
+    labels = label_space(cfg.data)
+    d = sum(a.size for a in get_trainable(build_model(cfg.model, cfg.peft, len(labels), 0).model).values())
+    batch = cfg.fl.batch_size  # q |D_k| = B for every node (each has more than B rows)
+    limit_sigma = MAX_NOISE_TO_SIGNAL * batch / d ** 0.5
+    with pytest.raises(FederationError, match="noise-swamps-signal"):
+        run_federated_simulation(cfg.model_copy(update={"dp": cfg.dp.model_copy(
+            update={"noise_multiplier": 1.05 * limit_sigma})}), tmp_path / "swamped", show_progress=False)
+    summary = run_federated_simulation(cfg.model_copy(update={"dp": cfg.dp.model_copy(
+        update={"noise_multiplier": 0.95 * limit_sigma})}), tmp_path / "trains", show_progress=False)
+    assert summary["rounds"][0]["participants"] == ["aa", "bb", "cc"]
+    assert summary["privacy"]["noise_multiplier"]["aa"] == pytest.approx(0.95 * limit_sigma)

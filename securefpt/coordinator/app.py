@@ -25,12 +25,13 @@ from flwr.common import FitIns, ndarrays_to_parameters, parameters_to_ndarrays
 from flwr.compat.common import recorddict_compat as compat
 from flwr.serverapp import Grid, ServerApp
 
+from securefpt.coordinator.admission import Admission
 from securefpt.coordinator.aggregation import select_clients, weighted_average
 from securefpt.coordinator.checkpoint import RunState, load_checkpoint, save_checkpoint
-from securefpt.coordinator.eligibility import Decision, cohort_minimums, participants
+from securefpt.coordinator.eligibility import participants
 from securefpt.coordinator.metering import MeteredGrid, exchange
 from securefpt.coordinator.progress import RunProgress
-from securefpt.coordinator.run_dir import ClientRecord, RoundRecord, RunRecorder
+from securefpt.coordinator.run_dir import RoundRecord, RunRecorder
 from securefpt.coordinator.secure_aggregation import SecAggSettings, resolve_settings, secure_fit_round
 from securefpt.coordinator.server_optimizer import ServerOptimizer
 from securefpt.errors import FederationError, RunInterrupted
@@ -38,9 +39,8 @@ from securefpt.learning.data import label_space
 from securefpt.learning.modeling import build_model, count_params, get_trainable
 from securefpt.protocol import records as R
 from securefpt.protocol.experiment import ExperimentConfig
-from securefpt.protocol.identity import check_proof, new_challenge
+from securefpt.coordinator.verdicts import describe, error_reason
 from securefpt.protocol.policy import load_policy
-from securefpt.protocol.refusals import MESSAGES, parse
 
 
 def drill(event: str) -> None:
@@ -68,17 +68,7 @@ def privacy_summary(cfg: ExperimentConfig, reports: dict[str, dict]) -> dict:
     }
 
 
-def describe(code: Optional[str], fallback: str) -> str:
-    """A node's answer, for the audit log and the summary: `code: message`."""
-    return f"{code}: {MESSAGES[code]}" if code in MESSAGES else fallback
-
-
-def _error_reason(msg: Message) -> str:
-    code = parse(msg.error.reason)
-    return describe(code, f"error code {msg.error.code}")
-
-
-class FederatedPromptAveraging:
+class FederatedPromptAveraging(Admission):
     """Runs one federated experiment on a Grid and writes its run directory."""
 
     def __init__(self, cfg: ExperimentConfig, out_dir: Path, grid: Grid, context: Context,
@@ -99,106 +89,6 @@ class FederatedPromptAveraging:
         self.witnessed: dict[int, int] = {}  # node id -> the last audit entry it acknowledged witnessing
         self.completed = self.resumed.completed if self.resumed else 0
         self.optimizer = ServerOptimizer(cfg.fl.server_optimizer)
-
-    # ------------------------------------------------------------------ setup
-    def _wait_for_nodes(self, expected: int, timeout: float = 120.0) -> list[int]:
-        deadline = time.monotonic() + timeout
-        nodes: list[int] = []
-        while time.monotonic() < deadline:
-            nodes = sorted(self.grid.get_node_ids())
-            if len(nodes) >= expected:
-                return nodes
-            time.sleep(0.1)
-        if not nodes:
-            raise FederationError(f"no node connected within {timeout:.0f}s")
-        return nodes
-
-    def _setup(self, nodes: list[int]) -> dict[int, str]:
-        """Hand each node the request and an identity challenge; learn who it is and whether it accepts.
-
-        A node whose identity does not hold (identity.py), a second node for a language
-        already served, a node that refuses the request and a malformed reply are each
-        left out, with the reason in the audit log.
-        """
-        challenge = new_challenge()
-        content = RecordDict({R.SETUP: ConfigRecord({"request": self.request.to_json(), "challenge": challenge})})
-        msgs = [Message(content, dst_node_id=n, message_type=MessageType.QUERY) for n in nodes]
-        replies = exchange(self.grid, msgs, timeout=self.cfg.fl.round_timeout)
-        self.setup_errors: list[str] = []
-        self.refused: dict[str, str] = {}  # language -> why its node(s) were left out
-        for node, reply in sorted(replies, key=lambda pair: pair[0]):
-            if reply.has_error():
-                self.setup_errors.append(_error_reason(reply))
-                continue
-            identity = reply.content.config_records.get(R.IDENTITY)
-            answer = reply.content.config_records.get(R.ANSWER)
-            if identity is None or answer is None or "accept" not in answer:
-                self.setup_errors.append("malformed setup reply")
-                continue
-            language, why = self._identify(node, identity, challenge)
-            if why is None and language in self.languages.values():
-                why = f"language '{language}' is already served by another node"
-            if why is None and not bool(answer["accept"]):
-                why = "refused the experiment: " + describe(str(answer.get("code")), "no reason code")
-            if self.policy is not None:
-                self.recorder.audit.append("identity", node=node, language=language,
-                                           client=str(identity.get("client-id", "")) or None,
-                                           accepted=why is None, reason=why or "identity holds")
-            if why is not None:
-                if language is not None:
-                    self.refused.setdefault(language, why)
-                continue
-            self.languages[node] = language
-        for reason in self.setup_errors:
-            self.recorder.audit.append("node_failed_setup", reason=reason)
-        if not self.languages:
-            raise FederationError("every node failed setup: "
-                                  + "; ".join(sorted(set(self.setup_errors) | set(self.refused.values()))[:3]))
-        return self.languages
-
-    def _identify(self, node: int, identity: ConfigRecord, challenge: str) -> tuple[Optional[str], Optional[str]]:
-        """(language, None) when this node may act for the institution it names; else (language?, why not).
-
-        With a policy the language is the one the registered, attested manifest serves,
-        never the node's own claim; without one (local trials) the node's word is taken.
-        """
-        claimed = str(identity.get("client-id", ""))
-        if self.policy is None:
-            return str(identity.get("language", "")) or None, None
-        who = next((p for p in self.participants.values() if p.client_id == claimed and p.manifest), None)
-        if who is None:
-            return None, f"client '{claimed}' is not registered for this experiment"
-        language = who.manifest.language
-        why = check_proof(who.manifest, claimed, str(identity.get("proof", "")), self.context.run_id, node, challenge,
-                          self.policy.server.require_key_proof)
-        return language, why
-
-    def _recheck_policy(self, server_round: int, eligible: list[int]) -> list[int]:
-        """Decide again before this round (an attestation may have expired since the last)."""
-        try:
-            now = participants(self.cfg)
-        except FederationError as exc:
-            now, reason = {}, str(exc)
-        keep = [n for n in eligible if self.languages[n] in now and now[self.languages[n]].decision.included]
-        for n in eligible:
-            if n not in keep:
-                lang = self.languages[n]
-                why = now[lang].decision.reason if lang in now else reason
-                self.recorder.audit.append("eligibility", round=server_round, client=lang, included=False, reason=why)
-        return keep
-
-    def _within_minimums(self, server_round: int, selected: list[int]) -> list[int]:
-        """The selected nodes whose regions' minimum cohorts this round meets: a round that cannot be
-        aggregated for a node is not started for it (it would refuse, and spend nothing, anyway)."""
-        if self.policy is None:
-            return selected
-        regions = {n: self.participants[self.languages[n]].region for n in selected}
-        kept = cohort_minimums(self.policy, {n: Decision(True, "selected") for n in selected}, regions)
-        for n, decision in kept.items():
-            if not decision.included:
-                self.recorder.audit.append("eligibility", round=server_round, client=self.languages[n],
-                                           included=False, reason=decision.reason)
-        return [n for n in selected if kept[n].included]
 
     def _artifact_region(self) -> Optional[str]:
         """Where the final artifact is stored: the coordinator's region (the policy allows it:
@@ -226,7 +116,7 @@ class FederatedPromptAveraging:
         for node, reply in replies:
             answered.add(node)
             if reply.has_error():
-                failures.append((node, _error_reason(reply)))
+                failures.append((node, error_reason(reply)))
                 continue
             update = _plaintext_update(reply, global_arrays, self.secagg_max_weight())
             if update is None:
@@ -291,7 +181,7 @@ class FederatedPromptAveraging:
             language = self.languages[node]
             answered.add(node)
             if reply.has_error():
-                declined[language] = f"no answer: {_error_reason(reply)}"
+                declined[language] = f"no answer: {error_reason(reply)}"
                 continue
             metrics = reply.content.metric_records.get(R.EVAL)
             answer = reply.content.config_records.get(R.ANSWER)
@@ -332,27 +222,6 @@ class FederatedPromptAveraging:
         self.progress.console.print(f"resuming after round {state.completed} (checkpoint in {self.recorder.out_dir})")
         return state
 
-    def _admit(self) -> tuple[dict[str, ClientRecord], list[int]]:
-        """Each institution's record (included or why not) and the nodes that take part."""
-        why_missing = "failed setup: " + ("; ".join(sorted(set(self.setup_errors))) or "no reply")
-        clients: dict[str, ClientRecord] = {}
-        for lang, who in self.participants.items():
-            answered = lang in self.languages.values()
-            included = who.decision.included and answered
-            missing = f"left out at setup: {self.refused[lang]}" if lang in self.refused else why_missing
-            reason = who.decision.reason if not who.decision.included else ("eligible" if answered else missing)
-            clients[who.client_id] = ClientRecord(region=who.region, language=lang, included=included, reason=reason)
-        if self.policy is not None:  # setup failures may leave a region's minimum cohort unmet: decide again
-            by_client = {c: Decision(r.included, r.reason) for c, r in clients.items()}
-            regions = {c: r.region for c, r in clients.items() if r.region is not None}
-            decided = cohort_minimums(self.policy, {c: d for c, d in by_client.items() if c in regions}, regions,
-                                      self.cfg.fl.fraction_fit, " after setup")
-            for c, d in decided.items():
-                clients[c] = ClientRecord(region=clients[c].region, language=clients[c].language, included=d.included,
-                                          reason=d.reason if not d.included else clients[c].reason)
-        admitted = {c.language for c in clients.values() if c.included}
-        return clients, sorted(n for n, lang in self.languages.items() if lang in admitted)
-
     def _personalize(self, nodes: list[int], final_arrays) -> Optional[dict[str, float]]:
         """Each node adapts the final encoder on its own data and keeps the result (node/personal.py);
         the accuracies its rules release come back (None: the experiment does not personalize)."""
@@ -372,7 +241,7 @@ class FederatedPromptAveraging:
                 accuracy[self.languages[node]] = value
             elif reply.has_error():
                 self.recorder.audit.append("personalization_failed", client=self.languages[node],
-                                           reason=_error_reason(reply))
+                                           reason=error_reason(reply))
         self.recorder.audit.append("personalized", accuracy=accuracy)
         return {lang: accuracy[lang] for lang in self.cfg.data.languages if lang in accuracy}
 

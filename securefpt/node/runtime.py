@@ -16,7 +16,7 @@ from securefpt.errors import DataError, ModelUnavailableError
 from securefpt.learning.data import ClientData, LabelError, load_examples
 from securefpt.learning.modeling import AssembledModel, build_model, get_trainable, set_trainable
 from securefpt.learning.training import EvalResult, TrainResult, evaluate, train_local
-from securefpt.node.budget import PrivacyPlan, plan_privacy
+from securefpt.node.budget import PrivacyPlan, check_noise, plan_privacy
 from securefpt.node.config import Node
 from securefpt.node.personal import Personal
 from securefpt.protocol.experiment import ExperimentRequest
@@ -69,7 +69,9 @@ class NodeRuntime:
         if not self.request.dp.enabled:
             return None
         if self._plan is None:
-            self._plan = plan_privacy(self.request, len(self.data.train))
+            plan = plan_privacy(self.request, len(self.data.train))
+            check_noise(plan, len(self.data.train), sum(a.size for a in self._initial.values()))
+            self._plan = plan
         return self._plan
 
     def fit(self, global_arrays, seed: int) -> tuple[dict, TrainResult]:

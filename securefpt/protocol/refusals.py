@@ -36,6 +36,8 @@ MESSAGES: dict[str, str] = {
     "protocol-parameters": "the secure aggregation parameters are below this node's rules",
     # budget and replay
     "budget-exhausted": "this round would exceed this node's privacy budget",
+    "noise-swamps-signal": "the planned DP noise would swamp the update (noise-to-signal far above what "
+                           "trains): use larger batches, fewer steps or a larger epsilon",
     "round-out-of-plan": "this round is not part of the accepted experiment",
     "round-replayed": "this node already answered this round of this run",
     "encoder-reused": "this node already contributed on this global encoder",
