@@ -175,3 +175,21 @@ def test_a_hostile_coordinator_cannot_use_personalization_as_an_oracle(cfg, tmp_
     assert steps["personalize again"]["aa"] == "personalization-refused"
     accuracy = [records for step, client, _, _, records in log["bytes"] if step == "personalize an evaluated encoder"]
     assert set(accuracy[0]["metric_records.eval"]) == {"accuracy"}  # trial nodes release their metrics
+
+
+def test_the_terminal_table_shows_the_personalized_accuracy_beside_the_global(tmp_path):
+    from rich.console import Console
+
+    from securefpt.engines.report import print_summary
+
+    summary = {"name": "x", "paradigm": "federated", "peft_method": "prompt_tuning",
+               "final": {"round": 2, "accuracy": {"aa": 0.5, "bb": 0.25, "avg": 0.375},
+                         "personalized_accuracy": {"aa": 0.75, "avg": 0.75}},  # bb releases nothing
+               "communication": {"bytes_up": 1, "bytes_down": 2}, "trainable_params": 1, "total_params": 2,
+               "clients": {}, "privacy": {"epsilon": {}}, "secure_aggregation": {"enabled": False},
+               "audit_log": "a", "audit_public_key": "b"}
+    console = Console(record=True, width=120)
+    print_summary(summary, tmp_path, console)
+    rows = {line.split()[1]: line.split()[2:] for line in console.export_text().splitlines()
+            if line.startswith("│") and line.split()[1] in ("aa", "bb", "avg")}
+    assert rows["aa"][:4] == ["│", "0.500", "│", "0.750"] and rows["bb"][:4] == ["│", "0.250", "│", "-"]

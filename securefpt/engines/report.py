@@ -13,8 +13,12 @@ def print_summary(summary: dict, out: Path, console: Console) -> None:
                         f"(round {summary['final']['round']})")
     table.add_column("language")
     table.add_column("accuracy", justify="right")
+    personal = summary["final"].get("personalized_accuracy")
+    if personal is not None:  # each node's own model, kept on the node (released figures only)
+        table.add_column("personalized", justify="right")
     for lang, acc in summary["final"]["accuracy"].items():
-        table.add_row(lang, f"{acc:.3f}", style="bold" if lang == "avg" else None)
+        extra = [] if personal is None else [f"{personal[lang]:.3f}" if personal.get(lang) is not None else "-"]
+        table.add_row(lang, f"{acc:.3f}", *extra, style="bold" if lang == "avg" else None)
     console.print(table)
     comm = summary["communication"]
     console.print(f"trainable {summary['trainable_params']:,} of {summary['total_params']:,} parameters; "
