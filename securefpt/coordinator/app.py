@@ -45,10 +45,15 @@ from securefpt.protocol.policy import load_policy
 
 def drill(event: str) -> None:
     """SECUREFPT_FAULTS="coordinator@round-N:sigint": the operator presses Ctrl-C right after round N
-    is checkpointed (a drill for the interrupt path, as node faults are in node/guards.py)."""
+    is checkpointed (a drill for the interrupt path, as node faults are in node/guards.py). The
+    ServerApp may run in another thread than the one Python delivers signals to: the drill waits
+    until the handler has run, so the press lands before the next exchange, as the drill means."""
+    from securefpt.coordinator.metering import STOP
+
     for item in os.environ.get("SECUREFPT_FAULTS", "").split(","):
         if item.strip() == f"coordinator@{event}:sigint":
             os.kill(os.getpid(), signal.SIGINT)
+            STOP.wait(timeout=10.0)
 
 
 def privacy_summary(cfg: ExperimentConfig, reports: dict[str, dict]) -> dict:
