@@ -231,7 +231,7 @@ class FederatedPromptAveraging(Admission):
         """Each node adapts the final encoder on its own data and keeps the result (node/personal.py);
         the accuracies its rules release come back (None: the experiment does not personalize)."""
         plan = self.cfg.personalization
-        if not (plan.adapt_epochs or plan.local_head):
+        if not plan.planned:
             return None
         content = RecordDict({R.GLOBAL: R.arrays_to_record(final_arrays)})
         msgs = [Message(content, dst_node_id=n, message_type=R.PERSONALIZE_QUERY) for n in nodes]

@@ -72,7 +72,8 @@ def save_classifier(folder: Path, model_cfg: ModelConfig, peft_cfg: PeftConfig, 
     head = {k: v for k, v in arrays.items() if k.startswith("head.")}
     if head:  # none where each node keeps its own head (personalization.local_head)
         save_arrays(folder / HEAD_FILE, head)
-    description = {"head": "shared" if head else "local to each node","labels": labels, "pooling": model_cfg.pooling, "model": model_cfg.name,
+    description = {"head": "shared" if head else "local to each node",
+                   "labels": labels, "pooling": model_cfg.pooling, "model": model_cfg.name,
                    "max_length": model_cfg.max_length, "peft_method": peft_cfg.method,
                    "num_virtual_tokens": peft_cfg.num_virtual_tokens if peft_cfg.method in
                    ("prompt_tuning", "p_tuning") else 0}

@@ -68,7 +68,7 @@ def dp_train(assembled: AssembledModel, examples: list[Example], optim, schedule
         generator=generator,
         secure_mode=True,
     )
-    proximal = Proximal(model, getattr(optim, "proximal_mu", 0.0))
+    proximal = Proximal(model, optim.proximal_mu)
     loss_fn = nn.CrossEntropyLoss()
     start = time.perf_counter()
     steps, total = 0, 0.0

@@ -92,7 +92,7 @@ def train_local(
     torch.manual_seed(seed)
     loader = make_loader(assembled, examples, fl.batch_size, shuffle=True, seed=seed)
     optimizer = make_optimizer(model, fl)
-    proximal = Proximal(model, getattr(fl, "proximal_mu", 0.0))
+    proximal = Proximal(model, fl.proximal_mu)
     loss_fn = nn.CrossEntropyLoss()
     start = time.perf_counter()
     steps, total_loss = 0, 0.0

@@ -192,7 +192,7 @@ def personalize(msg: Message, context: Context) -> Message:
         arrays = R.record_to_arrays(msg.content.array_records[R.GLOBAL])
     except (KeyError, TypeError, ValueError) as exc:
         raise NodeRefusal("malformed-request", repr(exc)) from None
-    planned = request.personalization.adapt_epochs > 0 or request.personalization.local_head
+    planned = request.personalization.planned
     if not planned or run.done("personalized", 0) or not run.evaluated_encoder(R.encoder_hash(arrays)):
         raise NodeRefusal("personalization-refused", f"planned={planned}")
     run.mark("personalized", 0)

@@ -27,15 +27,11 @@ HEAD = "head."
 MODEL_FILE = "personalized.safetensors"
 
 
-def folder_for(state_dir: Path, request_sha256: str) -> Path:
-    return Path(state_dir) / "personal" / request_sha256[:16]
-
-
 class Personal:
     """A node's own parameters for one experiment, in its state folder."""
 
     def __init__(self, state_dir: Path, request_sha256: str) -> None:
-        self.folder = folder_for(state_dir, request_sha256)
+        self.folder = Path(state_dir) / "personal" / request_sha256[:16]
 
     def head(self, initial: Mapping[str, np.ndarray]) -> "OrderedDict[str, np.ndarray]":
         """The node's head: as last trained here, or the model's initial head before its first round."""

@@ -119,6 +119,11 @@ class PersonalizationConfig(Strict):
     adapt_epochs: int = Field(0, ge=0, le=100)
     adapt_lr: Optional[float] = Field(None, gt=0.0)  # None: fl.lr
 
+    @property
+    def planned(self) -> bool:
+        """Whether nodes end the run with a model of their own (the `personalize` query)."""
+        return self.adapt_epochs > 0 or self.local_head
+
     def travels(self, name: str) -> bool:
         """Whether a trainable parameter is aggregated (sent by the nodes); a local head is not."""
         return not (self.local_head and name.startswith("head."))
