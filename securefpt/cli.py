@@ -1,4 +1,4 @@
-"""Command line: `securefpt run | demo | predict`.
+"""Command line: `securefpt run | demo | predict | study` and the operators' subcommands.
 
 Bad input exits non-zero with a one-line reason on stderr (never a traceback).
 """
@@ -115,6 +115,8 @@ def predict(
     language: Optional[str] = typer.Option(None, "--language", help="for monolingual runs: whose model"),
     node: Optional[str] = typer.Option(None, "--node", help="a node's personalized model: its state folder, "
                                        "or its client id under RUN/nodes/"),
+    pair: List[str] = typer.Option([], "--pair", help="sentence-pair tasks: the second sentence of each text, "
+                                   "in order (repeatable)"),
 ) -> None:
     """Classify text with a run's trained prompt encoder and head, or with one node's personalized model."""
     from securefpt.learning.predict import predict as do_predict
@@ -123,11 +125,43 @@ def predict(
     if texts == ["-"]:
         texts = [line.rstrip("\n") for line in sys.stdin if line.strip()]
     try:
-        results = personalized_predictor(run_dir, node)(texts) if node else do_predict(run_dir, texts, language)
+        if pair and len(pair) != len(texts):
+            raise SecureFPTError(f"--pair: {len(pair)} given for {len(texts)} texts (one each)")
+        pairs = pair or None
+        results = (personalized_predictor(run_dir, node)(texts, pairs) if node
+                   else do_predict(run_dir, texts, language, pairs))
     except SecureFPTError as exc:
         _fail(exc)
     for text, (label, prob) in zip(texts, results):
         typer.echo(f"{label}\t{prob:.3f}\t{text}")
+
+
+@app.command()
+def study(
+    config: Path = typer.Argument(..., help="study YAML (server/masakhanews-study.yaml)"),
+    out: Optional[Path] = typer.Option(None, "--out", help="study directory (default studies/<name>)"),
+    quiet: bool = typer.Option(False, "--quiet", help="no progress bars"),
+) -> None:
+    """Run a study (a grid of experiments) and write its report; finished cells are kept, so the same
+    command resumes an interrupted study."""
+    from securefpt.study.config import load_study
+    from securefpt.study.report import write_report
+    from securefpt.study.runner import run_study
+
+    try:
+        spec = load_study(config)
+        out = _folder(out or Path("studies") / spec.name)
+        records = run_study(spec, out, show_progress=not quiet,
+                            say=lambda line: err.print(line, highlight=False, soft_wrap=True))
+        from securefpt.config import load_config
+
+        report = write_report(spec, load_config(spec.experiment, spec.set), records, out)
+    except RunInterrupted as exc:
+        err.print(f"{exc}; the finished cells are kept: run the same command to resume", highlight=False)
+        raise typer.Exit(code=130)
+    except SecureFPTError as exc:
+        _fail(exc)
+    console.print(f"report: {report}", highlight=False)
 
 
 keys_app = typer.Typer(no_args_is_help=True, help="Keys and attestations for a federation.")

@@ -18,10 +18,9 @@ def test_tsv_parsing_keeps_quoted_newlines_tabs_and_quotes(tmp_path):
     path.write_text(TSV, encoding="utf-8")
     rows = read_masakhanews_tsv(path)
     assert len(rows) == 2
-    text, label = rows[0]
-    assert label == "sports"
-    assert text == 'Cup final. First line\nsecond line with a\ttab and "quotes"'
-    assert rows[1] == ("Vote, today. Plain body", "politics")
+    assert rows[0].label == "sports"
+    assert rows[0].text == 'Cup final. First line\nsecond line with a\ttab and "quotes"'
+    assert rows[1] == ("Vote, today. Plain body", "politics", None)
 
 
 def test_tsv_missing_column_and_file(tmp_path):

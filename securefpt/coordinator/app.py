@@ -139,7 +139,7 @@ class FederatedPromptAveraging(Admission):
         return change, [n for n in selected if n in answered and n not in failed], failures, losses, None
 
     def secagg_max_weight(self) -> float:
-        return float(self.cfg.secagg.max_weight or self.cfg.data.max_train_per_client or float("inf"))
+        return float(self.cfg.secagg.max_weight or self.cfg.data.largest_train() or float("inf"))
 
     def _secure_train_round(self, server_round: int, selected: list[int], global_arrays) -> tuple:
         """Secure round: the coordinator learns only sum_k w_k (h_k - h_g) (see secure_aggregation.py)."""

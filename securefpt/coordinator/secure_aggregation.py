@@ -92,14 +92,14 @@ def resolve_settings(cfg: ExperimentConfig, num_clients: int) -> SecAggSettings:
     if m * s.quantization_range >= s.modulus_range:
         raise bad("modulus_range", f"{s.modulus_range} could overflow: {m} clients x quantization_range "
                                    f"{s.quantization_range} must stay below it")
-    cap = cfg.data.max_train_per_client
+    cap = cfg.data.largest_train()
     # The closer max_weight is to the real |D_k|, the finer the weighted update's quantization.
     max_weight = s.max_weight if s.max_weight is not None else float(cap or 1000)
     if not max_weight > 0:
         raise bad("max_weight", f"must be positive, got {max_weight}")
     if cap is not None and cap > max_weight:
         raise bad("max_weight", f"{max_weight:g} is below a client's possible weight "
-                                f"(data.max_train_per_client={cap})")
+                                f"(data: a client may train on {cap} rows)")
     if s.min_cohort < 2:
         raise bad("min_cohort", f"must be at least 2, got {s.min_cohort}")
     if s.min_cohort > m:

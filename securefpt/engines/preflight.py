@@ -44,7 +44,7 @@ def task_labels(cfg: ExperimentConfig) -> list[str]:
         language = binding.language or node.language
         try:
             for split in (binding.train_split, binding.eval_split):
-                labels.update(binding.label_map.get(label, label) for _, label in read_rows(binding, language, split))
+                labels.update(binding.label_map.get(row.label, row.label) for row in read_rows(binding, language, split))
         except DataError as exc:
             raise DataError(f"{path}: {exc}") from None
     return sorted(labels)

@@ -6,9 +6,15 @@ from pathlib import Path
 
 from securefpt.protocol.experiment import ExperimentConfig
 
+PARTITIONS = "partitions"  # the clients' data of a partitioned trial, inside the run directory
+
 
 def run_experiment(cfg: ExperimentConfig, out_dir: Path, show_progress: bool = True, verbose: bool = False) -> dict:
     """Run `cfg` and return its summary (also written to `out_dir/summary.json`)."""
+    if cfg.data.partition is not None:
+        from securefpt.engines.partitions import partition_trial_data
+
+        cfg = partition_trial_data(cfg, Path(out_dir) / PARTITIONS)
     if cfg.paradigm == "federated":
         from securefpt.engines.simulation import run_federated_simulation
 

@@ -66,10 +66,11 @@ class PromptClassifierModel(PreTrainedModel):
         return SequenceClassifierOutput(logits=self.head(pooled))
 
     @torch.no_grad()
-    def predict(self, texts: list[str]) -> list[tuple[str, float]]:
-        """(label, probability) of each text."""
-        enc = self.tokenizer(list(texts), truncation=True, max_length=self.config.max_text_tokens, padding=True,
-                             return_tensors="pt")
+    def predict(self, texts: list[str], pairs: Optional[list[str]] = None) -> list[tuple[str, float]]:
+        """(label, probability) of each text, or of each (text, pair) for a sentence-pair task."""
+        from securefpt.learning.modeling import tokenize
+
+        enc = tokenize(self.tokenizer, texts, pairs, self.config.max_text_tokens)
         probs = torch.softmax(self(enc["input_ids"], enc["attention_mask"]).logits, dim=-1)
         best = probs.argmax(-1)
         return [(self.config.id2label[int(i)], float(probs[row, i])) for row, i in enumerate(best)]

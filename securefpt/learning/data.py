@@ -2,7 +2,8 @@
 
 Sources: `masakhanews_tsv` (a root of language folders holding the upstream TSVs),
 `hf` (a hub dataset through `datasets.load_dataset`), `csv` / `jsonl` (a root of
-language folders with `<split>.csv` / `<split>.jsonl` holding `text` and `label`), and
+language folders with `<split>.csv` / `<split>.jsonl` holding `text`, `label` and, for
+sentence pairs, `text_pair`), and
 `demo` (the small multilingual set shipped inside the package, see
 docs/demo_data.md).
 
@@ -18,7 +19,7 @@ import random
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, NamedTuple, Optional
 
 from securefpt.errors import DataError
 from securefpt.protocol.experiment import DataConfig
@@ -29,6 +30,15 @@ from securefpt.offline import datasets_offline, downloads_allowed
 class Example:
     text: str
     label: int
+    pair: Optional[str] = None  # the second sentence of a pair task (tokenized as a pair)
+
+
+class Row(NamedTuple):
+    """One record as read, its label still the source's name for it."""
+
+    text: str
+    label: str
+    pair: Optional[str] = None
 
 
 @dataclass
@@ -43,7 +53,7 @@ class ClientData:
 # ---------------------------------------------------------------- file readers
 
 
-def read_masakhanews_tsv(path: Path) -> list[tuple[str, str]]:
+def read_masakhanews_tsv(path: Path) -> list[Row]:
     """(text, label) pairs of a MasakhaNEWS TSV; text is headline + body.
 
     The body may hold quoted newlines and tabs, so a real CSV parser reads it.
@@ -63,12 +73,12 @@ def read_masakhanews_tsv(path: Path) -> list[tuple[str, str]]:
     rows = []
     for head, body, label in zip(headline, frame["text"], frame["category"]):
         text = f"{head.strip()}. {body.strip()}" if head.strip() else body.strip()
-        rows.append((text, label.strip()))
+        rows.append(Row(text, label.strip()))
     return rows
 
 
-def read_labeled_file(path: Path) -> list[tuple[str, str]]:
-    """(text, label) pairs of a `.csv` (columns text,label) or `.jsonl` file."""
+def read_labeled_file(path: Path) -> list[Row]:
+    """Rows of a `.csv` (columns text,label[,text_pair]) or `.jsonl` file."""
     if not path.is_file():
         raise DataError(f"{path}: file not found")
     if path.suffix == ".csv":
@@ -92,7 +102,8 @@ def read_labeled_file(path: Path) -> list[tuple[str, str]]:
     for number, rec in enumerate(records, 1):
         if "text" not in rec or "label" not in rec:
             raise DataError(f"{path}: record {number} needs 'text' and 'label'")
-        rows.append((str(rec["text"]), str(rec["label"])))
+        pair = rec.get("text_pair")
+        rows.append(Row(str(rec["text"]), str(rec["label"]), None if pair is None else str(pair)))
     return rows
 
 
@@ -112,7 +123,7 @@ def demo_languages() -> list[str]:
 # ---------------------------------------------------------------- splits
 
 
-def read_rows(cfg: DataConfig, language: str, split: str) -> list[tuple[str, str]]:
+def read_rows(cfg: DataConfig, language: str, split: str) -> list[Row]:
     if cfg.source == "masakhanews_tsv":
         return read_masakhanews_tsv(Path(cfg.root) / language / f"{split}.tsv")
     if cfg.source in ("csv", "jsonl"):
@@ -120,11 +131,11 @@ def read_rows(cfg: DataConfig, language: str, split: str) -> list[tuple[str, str
     if cfg.source == "demo":
         rows = [json.loads(x) for x in _demo_file(language).read_text(encoding="utf-8").splitlines() if x]
         wanted = "train" if split == cfg.train_split else "eval"
-        return [(r["text"], r["label"]) for r in rows if r["split"] == wanted]
+        return [Row(r["text"], r["label"]) for r in rows if r["split"] == wanted]
     return _hf_rows(cfg, language, split)
 
 
-def _hf_rows(cfg: DataConfig, language: str, split: str) -> list[tuple[str, str]]:
+def _hf_rows(cfg: DataConfig, language: str, split: str) -> list[Row]:
     hf = cfg.hf
     assert hf is not None
     real_split = hf.train_split if split == cfg.train_split else hf.eval_split
@@ -149,17 +160,20 @@ def _hf_rows(cfg: DataConfig, language: str, split: str) -> list[tuple[str, str]
         ) from None
     if hf.language_field:
         ds = ds.filter(lambda r: r[hf.language_field] == language)
-    for field in (hf.text_field, hf.label_field):
+    text_fields = [hf.text_field] if isinstance(hf.text_field, str) else list(hf.text_field)
+    for field in [*text_fields, hf.label_field] + ([hf.pair_field] if hf.pair_field else []):
         if field not in ds.column_names:
             raise DataError(f"data.hf: field '{field}' not in {ds.column_names}")
-    label_names = None
     feature = ds.features[hf.label_field]
-    if hasattr(feature, "names"):
-        label_names = feature.names
+    label_names = feature.names if hasattr(feature, "names") else None  # a ClassLabel's names
     rows = []
     for rec in ds:
         label = rec[hf.label_field]
-        rows.append((str(rec[hf.text_field]), label_names[label] if label_names else str(label)))
+        if label_names is not None and label == -1:  # hub convention: an unlabeled row (XNLI's test-less splits)
+            continue
+        text = ". ".join(str(rec[f]).strip() for f in text_fields if str(rec[f]).strip())
+        rows.append(Row(text, label_names[label] if label_names else str(label),
+                        str(rec[hf.pair_field]) if hf.pair_field else None))
     return rows
 
 
@@ -171,12 +185,12 @@ def label_space(cfg: DataConfig) -> list[str]:
         if cfg.source == "masakhanews_tsv" and listed is not None and listed.is_file():
             labels.update(x.strip() for x in listed.read_text(encoding="utf-8").split() if x.strip())
         else:
-            for split in (cfg.train_split, cfg.eval_split):
-                labels.update(label for _, label in read_rows(cfg, language, split))
+            for split in (cfg.train_split_of(language), cfg.eval_split):
+                labels.update(row.label for row in read_rows(cfg, language, split))
     return sorted(labels)
 
 
-def _sample(rows: list[tuple[str, str]], cap: int | None, seed: int, tag: str) -> list[tuple[str, str]]:
+def _sample(rows: list[Row], cap: int | None, seed: int, tag: str) -> list[Row]:
     rows = list(rows)
     random.Random(f"{seed}:{tag}").shuffle(rows)
     return rows[:cap] if cap is not None else rows
@@ -193,13 +207,13 @@ def load_examples(binding, language: str, labels: list[str], max_train: int | No
     index = {name: i for i, name in enumerate(labels)}
     label_map = label_map or {}
 
-    def encode(rows: list[tuple[str, str]], split: str) -> list[Example]:
+    def encode(rows: list[Row], split: str) -> list[Example]:
         out = []
-        for text, label in rows:
-            label = label_map.get(label, label)
+        for row in rows:
+            label = label_map.get(row.label, row.label)
             if label not in index:
                 raise LabelError(f"{language}/{split}: label '{label}' is not in the label space {labels}")
-            out.append(Example(text=text, label=index[label]))
+            out.append(Example(text=row.text, label=index[label], pair=row.pair))
         return out
 
     train = _sample(read_rows(binding, language, binding.train_split), max_train, seed, f"{language}:train")
@@ -214,4 +228,5 @@ def load_examples(binding, language: str, labels: list[str], max_train: int | No
 
 def load_client_data(cfg: DataConfig, language: str, labels: list[str], seed: int) -> ClientData:
     """A language's data as an experiment's local-trial section describes it (baselines, trial nodes)."""
-    return load_examples(cfg, language, labels, cfg.max_train_per_client, cfg.max_eval_per_client, seed)
+    binding = cfg.model_copy(update={"train_split": cfg.train_split_of(language)})
+    return load_examples(binding, language, labels, cfg.max_train_of(language), cfg.max_eval_per_client, seed)

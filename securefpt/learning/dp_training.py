@@ -39,8 +39,7 @@ def os_entropy_seed() -> int:
 
 
 def tensor_dataset(assembled: AssembledModel, examples: list[Example]) -> TensorDataset:
-    enc = assembled.tokenizer([ex.text for ex in examples], truncation=True, max_length=assembled.max_text_tokens,
-                              padding="max_length", return_tensors="pt")
+    enc = assembled.encode(examples, padding="max_length")
     labels = torch.tensor([ex.label for ex in examples], dtype=torch.long)
     return TensorDataset(enc["input_ids"], enc["attention_mask"], labels)
 

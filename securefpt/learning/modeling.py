@@ -153,6 +153,18 @@ def _prompt_encoder(peft_cfg: PeftConfig, backbone: nn.Module, tokenizer_path: s
     return PromptEncoder(cfg)
 
 
+def tokenize(tokenizer, texts: list[str], pairs: Optional[list[Optional[str]]], max_length: int,
+             padding: str | bool = True) -> dict:
+    """Token ids and attention mask of texts, or of sentence pairs tokenized as pairs (the
+    model's own pair template, e.g. `[CLS] a [SEP] b [SEP]`, truncating the longer first)."""
+    if pairs is not None and any(p is not None for p in pairs):
+        if any(p is None for p in pairs):
+            raise ValueError("a batch mixes single texts and sentence pairs")
+        return tokenizer(list(texts), list(pairs), truncation="longest_first", max_length=max_length,
+                         padding=padding, return_tensors="pt")
+    return tokenizer(list(texts), truncation=True, max_length=max_length, padding=padding, return_tensors="pt")
+
+
 @dataclass
 class AssembledModel:
     model: PromptClassifier
@@ -161,6 +173,11 @@ class AssembledModel:
 
     def trainable_names(self) -> list[str]:
         return trainable_names(self.model)
+
+    def encode(self, examples, padding: str | bool = True) -> dict:
+        """Tokenize examples (`.text`, `.pair`) within the room the virtual tokens leave."""
+        return tokenize(self.tokenizer, [ex.text for ex in examples], [ex.pair for ex in examples],
+                        self.max_text_tokens, padding)
 
 
 def build_model(
@@ -171,18 +188,8 @@ def build_model(
         raise ConfigError(f"need at least 2 labels to classify, got {num_labels}")
     tokenizer = load_tokenizer(model_cfg)
     backbone = load_backbone(model_cfg, len(tokenizer), seed)
-    for p in backbone.parameters():
-        p.requires_grad_(peft_cfg.method == "full")
-
     torch.manual_seed(seed)
-    prompt = None
-    if peft_cfg.method in ("prompt_tuning", "p_tuning"):
-        prompt = _prompt_encoder(peft_cfg, backbone, _source(model_cfg.name))
-    elif peft_cfg.method == "lora":
-        backbone = _inject_lora(backbone, peft_cfg)
-    model = PromptClassifier(
-        backbone, prompt, peft_cfg.num_virtual_tokens, num_labels, model_cfg.pooling
-    )
+    model = assemble(backbone, peft_cfg, num_labels, model_cfg.pooling, _source(model_cfg.name))
     max_positions = getattr(backbone.config, "max_position_embeddings", model_cfg.max_length)
     # XLM-R style models reserve position ids for padding; keep two spare positions.
     total = min(model_cfg.max_length, max_positions - 2)
@@ -194,6 +201,19 @@ def build_model(
         )
     model.train()
     return AssembledModel(model=model, tokenizer=tokenizer, max_text_tokens=max_text)
+
+
+def assemble(backbone: nn.Module, peft_cfg: PeftConfig, num_labels: int, pooling: str,
+             tokenizer_path: Optional[str] = None) -> PromptClassifier:
+    """The classifier over a frozen `backbone` with what `peft_cfg` trains (and only that trainable)."""
+    for p in backbone.parameters():
+        p.requires_grad_(peft_cfg.method == "full")
+    prompt = None
+    if peft_cfg.method in ("prompt_tuning", "p_tuning"):
+        prompt = _prompt_encoder(peft_cfg, backbone, tokenizer_path)
+    elif peft_cfg.method == "lora":
+        backbone = _inject_lora(backbone, peft_cfg)
+    return PromptClassifier(backbone, prompt, peft_cfg.num_virtual_tokens, num_labels, pooling)
 
 
 def lora_targets(backbone: nn.Module, peft_cfg: PeftConfig) -> list[str]:

@@ -8,6 +8,7 @@ from typing import Optional
 from securefpt.learning.classifier import load_classifier
 
 
-def predict(run_dir: Path, texts: list[str], language: Optional[str] = None) -> list[tuple[str, float]]:
-    """(label, probability) for each text."""
-    return load_classifier(run_dir, language).predict(texts)
+def predict(run_dir: Path, texts: list[str], language: Optional[str] = None,
+            pairs: Optional[list[str]] = None) -> list[tuple[str, float]]:
+    """(label, probability) for each text (or each text and its pair)."""
+    return load_classifier(run_dir, language).predict(texts, pairs)

@@ -16,13 +16,7 @@ from securefpt.learning.modeling import AssembledModel
 
 def _collate(assembled: AssembledModel) -> Callable[[list[Example]], dict[str, torch.Tensor]]:
     def collate(batch: list[Example]) -> dict[str, torch.Tensor]:
-        enc = assembled.tokenizer(
-            [ex.text for ex in batch],
-            truncation=True,
-            max_length=assembled.max_text_tokens,
-            padding=True,
-            return_tensors="pt",
-        )
+        enc = assembled.encode(batch)
         return {
             "input_ids": enc["input_ids"],
             "attention_mask": enc["attention_mask"],

@@ -67,7 +67,7 @@ def personalized_predictor(run_dir: Path, node: str):
 
     from securefpt.config import load_config
     from securefpt.errors import ConfigError
-    from securefpt.learning.modeling import build_model, set_trainable
+    from securefpt.learning.modeling import build_model, set_trainable, tokenize
 
     run_dir = Path(run_dir)
     state_dir = Path(node) if Path(node).is_dir() else run_dir / "nodes" / node
@@ -87,9 +87,8 @@ def personalized_predictor(run_dir: Path, node: str):
     assembled.model.eval()
 
     @torch.no_grad()
-    def predict(texts: list[str]) -> list[tuple[str, float]]:
-        enc = assembled.tokenizer(texts, truncation=True, max_length=assembled.max_text_tokens, padding=True,
-                                  return_tensors="pt")
+    def predict(texts: list[str], pairs: Optional[list[str]] = None) -> list[tuple[str, float]]:
+        enc = tokenize(assembled.tokenizer, texts, pairs, assembled.max_text_tokens)
         probs = assembled.model(enc["input_ids"], enc["attention_mask"]).softmax(-1)
         best = probs.max(-1)
         return [(labels[int(i)], float(p)) for p, i in zip(best.values, best.indices)]

@@ -55,9 +55,26 @@ class HFDataConfig(Strict):
     from_disk: bool = False
     train_split: str = "train"
     eval_split: str = "validation"
-    text_field: str = "text"
+    text_field: Union[str, list[str]] = "text"  # several fields (a title and a body) are joined with ". "
+    pair_field: Optional[str] = None  # the second text of a sentence pair (XNLI: premise / hypothesis)
     label_field: str = "label"
     language_field: Optional[str] = None
+
+
+class LanguageData(Strict):
+    """One language's departure from the experiment's data section (data-efficiency studies)."""
+
+    train_split: Optional[str] = None
+    max_train: Optional[int] = Field(None, ge=1)
+
+
+class PartitionConfig(Strict):
+    """Clients that are not languages: the languages' data pooled and split across `clients`
+    with flwr-datasets, IID or Dirichlet over languages (engines/partitions.py; local trials only)."""
+
+    clients: int = Field(ge=2, le=100)
+    scheme: Literal["iid", "dirichlet"] = "iid"
+    alpha: float = Field(0.5, gt=0.0)  # dirichlet: smaller is more skewed
 
 
 class DataConfig(Strict):
@@ -79,6 +96,21 @@ class DataConfig(Strict):
     max_train_per_client: Optional[int] = Field(None, ge=1)
     max_eval_per_client: Optional[int] = Field(None, ge=1)
     hf: Optional[HFDataConfig] = None
+    per_language: dict[str, LanguageData] = Field(default_factory=dict)
+    partition: Optional[PartitionConfig] = None
+
+    def train_split_of(self, language: str) -> str:
+        own = self.per_language.get(language)
+        return own.train_split if own is not None and own.train_split else self.train_split
+
+    def max_train_of(self, language: str) -> Optional[int]:
+        own = self.per_language.get(language)
+        return own.max_train if own is not None and own.max_train else self.max_train_per_client
+
+    def largest_train(self) -> Optional[int]:
+        """The most training rows any language may use (None: no cap)."""
+        caps = [self.max_train_of(language) for language in self.languages]
+        return None if None in caps else max(caps)
 
     @model_validator(mode="after")
     def _source_needs(self) -> "DataConfig":
@@ -92,6 +124,9 @@ class DataConfig(Strict):
             raise ValueError("data.languages has duplicates")
         if self.labels is not None and (len(self.labels) < 2 or len(set(self.labels)) != len(self.labels)):
             raise ValueError("data.labels must name at least 2 distinct labels")
+        unknown = sorted(set(self.per_language) - set(self.languages))
+        if unknown:
+            raise ValueError(f"data.per_language names languages not in data.languages: {unknown}")
         return self
 
 
@@ -202,6 +237,9 @@ class ExperimentConfig(Strict):
             )
         if self.policy is not None and self.clients is None:
             raise ValueError("clients: a folder of client manifests is required with a policy")
+        if self.data.partition is not None and self.clients is not None:
+            raise ValueError("data.partition splits the operator's own trial data; a federation's nodes "
+                             "(clients) bind their own data")
         if self.dp.enabled and self.dp.noise_multiplier is None and self.dp.target_epsilon is None:
             raise ValueError("dp: set dp.target_epsilon or dp.noise_multiplier")
         return self
@@ -221,7 +259,7 @@ class ExperimentConfig(Strict):
         """What the nodes are asked: no path, no coordinator-side setting."""
         plan = TrainingPlan(rounds=self.fl.rounds, local_epochs=self.fl.local_epochs, batch_size=self.fl.batch_size,
                             lr=self.fl.lr, weight_decay=self.fl.weight_decay, eval_batch_size=self.fl.eval_batch_size,
-                            max_train=self.data.max_train_per_client, max_eval=self.data.max_eval_per_client,
+                            max_train=self.data.largest_train(), max_eval=self.data.max_eval_per_client,
                             proximal_mu=self.fl.proximal_mu)
         return ExperimentRequest(name=self.name, task=self.data.task, labels=list(labels), model=self.model,
                                  peft=self.peft, training=plan, dp=self.dp, secure_aggregation=self.secagg.enabled,

@@ -1,0 +1,98 @@
+"""`securefpt study CONFIG`: run a study's cells, each once, and write its report.
+
+A cell is one experiment (the base with the study's and the cell's overrides) run into
+`STUDY/cells/<name>/`. A finished cell leaves `cell.json` (the experiment's digest and the
+figures the report needs) and is never run again while its experiment is unchanged; a
+cell that was interrupted, or whose experiment changed, is cleared and run afresh. So an
+interrupted study resumes with the same command where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+from securefpt.config import load_config
+from securefpt.protocol.experiment import ExperimentConfig
+from securefpt.study.config import Cell, StudyConfig
+
+CELL_RECORD = "cell.json"
+
+
+def cell_config(study: StudyConfig, cell: Cell) -> ExperimentConfig:
+    cfg = load_config(study.experiment, list(study.set) + list(cell.set))
+    return cfg.model_copy(update={"name": f"{study.name}-{cell.name}"})
+
+
+def language_accuracy(run_dir: Path, cfg: ExperimentConfig) -> dict[str, float]:
+    """Accuracy of a run's final global model on each language's own evaluation rows (the same rows a
+    language's client evaluates), for runs whose clients are partitions rather than languages."""
+    from securefpt.learning.classifier import load_classifier
+    from securefpt.learning.data import load_client_data
+
+    classifier = load_classifier(run_dir)
+    labels = [classifier.config.id2label[i] for i in range(len(classifier.config.id2label))]
+    accuracy = {}
+    for language in cfg.data.languages:
+        rows = load_client_data(cfg.data, language, labels, cfg.seed).eval
+        predicted = []
+        for start in range(0, len(rows), cfg.fl.eval_batch_size):
+            batch = rows[start:start + cfg.fl.eval_batch_size]
+            predicted += classifier.predict([ex.text for ex in batch],
+                                            [ex.pair for ex in batch] if batch[0].pair is not None else None)
+        accuracy[language] = sum(labels[ex.label] == label for ex, (label, _) in zip(rows, predicted)) / len(rows)
+    accuracy["avg"] = sum(accuracy.values()) / len(cfg.data.languages)
+    return accuracy
+
+
+def _record(cfg: ExperimentConfig, summary: dict, run_dir: Path, seconds: float) -> dict:
+    by_language = summary["final"]["accuracy"]
+    if cfg.data.partition is not None and cfg.paradigm != "monolingual":
+        by_language = language_accuracy(run_dir, cfg)
+    return {"experiment_sha256": cfg.sha256(), "seconds": round(seconds, 1), "paradigm": cfg.paradigm,
+            "peft_method": cfg.peft.method,
+            "partition": cfg.data.partition.model_dump() if cfg.data.partition else None,
+            "accuracy": by_language, "client_accuracy": summary["final"]["accuracy"],
+            "trainable_params": summary["trainable_params"], "total_params": summary["total_params"],
+            "bytes": summary["communication"]["bytes_up"] + summary["communication"]["bytes_down"],
+            "clients": len(summary["clients"]), "rounds": len(summary["rounds"])}
+
+
+def finished(folder: Path, cfg: ExperimentConfig) -> Optional[dict]:
+    path = folder / CELL_RECORD
+    if not path.is_file():
+        return None
+    record = json.loads(path.read_text(encoding="utf-8"))
+    return record if record.get("experiment_sha256") == cfg.sha256() else None
+
+
+def run_study(study: StudyConfig, out: Path, show_progress: bool = True,
+              say: Callable[[str], None] = print) -> dict[str, dict]:
+    """Run every cell not yet finished, in order; the records of all cells, by name."""
+    from securefpt.engines.runner import run_experiment
+
+    cells = study.all_cells()
+    configs = {cell.name: cell_config(study, cell) for cell in cells}  # every cell validated before any runs
+    records: dict[str, dict] = {}
+    started = time.perf_counter()
+    for number, cell in enumerate(cells, start=1):
+        folder = out / "cells" / cell.name
+        cfg = configs[cell.name]
+        done = finished(folder, cfg)
+        if done is not None:
+            records[cell.name] = done
+            say(f"[{number}/{len(cells)}] {cell.name}: finished earlier (avg {done['accuracy']['avg']:.3f})")
+            continue
+        if folder.exists():  # interrupted, or its experiment changed: start it afresh
+            shutil.rmtree(folder)
+        say(f"[{number}/{len(cells)}] {cell.name}: running ({time.perf_counter() - started:.0f} s into this session)")
+        begin = time.perf_counter()
+        summary = run_experiment(cfg, folder, show_progress=show_progress)
+        record = _record(cfg, summary, folder, time.perf_counter() - begin)
+        (folder / CELL_RECORD).write_text(json.dumps(record, indent=2), encoding="utf-8")
+        records[cell.name] = record
+        say(f"[{number}/{len(cells)}] {cell.name}: avg {record['accuracy']['avg']:.3f} in {record['seconds']:.0f} s")
+    return records
