@@ -98,3 +98,21 @@ def test_a_bad_study_file_is_one_line(tmp_path):
     (tmp_path / "study.yaml").write_text(STUDY)
     result = securefpt("study", str(tmp_path / "study.yaml"))
     assert result.returncode == 2 and "base.yaml not found" in result.stderr
+
+
+def test_the_shipped_masakhanews_study_is_valid_and_covers_the_paper():
+    from pathlib import Path
+
+    from securefpt.study.config import load_study
+    from securefpt.study.runner import cell_config
+
+    study = load_study(Path(__file__).resolve().parents[1] / "server" / "masakhanews-study.yaml")
+    configs = {cell.name: cell_config(study, cell) for cell in study.all_cells()}
+    federated = {c.peft.method for c in configs.values() if c.paradigm == "federated" and c.data.partition is None}
+    assert federated == {"prompt_tuning", "p_tuning", "lora", "full"}
+    assert {(c.paradigm, c.peft.method) for c in configs.values()} >= {
+        ("monolingual", "prompt_tuning"), ("centralized", "prompt_tuning"), ("monolingual", "full"),
+        ("centralized", "full")}
+    assert {c.data.partition.scheme for c in configs.values() if c.data.partition} == {"iid", "dirichlet"}
+    assert min(study.data_efficiency.sizes) == 30
+    assert all(not c.personalization.planned for c in configs.values())  # the paper's setting: one shared head
