@@ -144,6 +144,7 @@ def study(
 ) -> None:
     """Run a study (a grid of experiments) and write its report; finished cells are kept, so the same
     command resumes an interrupted study."""
+    from securefpt.config import load_config
     from securefpt.study.config import load_study
     from securefpt.study.report import write_report
     from securefpt.study.runner import run_study
@@ -153,8 +154,6 @@ def study(
         out = _folder(out or Path("studies") / spec.name)
         records = run_study(spec, out, show_progress=not quiet,
                             say=lambda line: err.print(line, highlight=False, soft_wrap=True))
-        from securefpt.config import load_config
-
         report = write_report(spec, load_config(spec.experiment, spec.set), records, out)
     except RunInterrupted as exc:
         err.print(f"{exc}; the finished cells are kept: run the same command to resume", highlight=False)

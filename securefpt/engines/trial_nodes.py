@@ -46,8 +46,9 @@ def write_trial_nodes(cfg: ExperimentConfig, folder: Path) -> list[Path]:
         manifest = {"client_id": language, "region": TRIAL_REGION, "language": language,
                     "data_location": "this machine (local trial)", "attestation": attestation.to_dict()}
         binding = {"source": data.source, "train_split": data.train_split_of(language), "eval_split": data.eval_split}
-        if data.max_train_of(language) is not None:  # the node's own cap: it may use less than asked, never more
-            binding["max_train"] = data.max_train_of(language)
+        cap = data.max_train_of(language)
+        if cap is not None:  # the node's own cap: it may use less than asked, never more
+            binding["max_train"] = cap
         if data.root is not None:
             binding["root"] = str(data.root)
         if data.hf is not None:

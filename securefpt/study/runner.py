@@ -30,20 +30,16 @@ def cell_config(study: StudyConfig, cell: Cell) -> ExperimentConfig:
 def language_accuracy(run_dir: Path, cfg: ExperimentConfig) -> dict[str, float]:
     """Accuracy of a run's final global model on each language's own evaluation rows (the same rows a
     language's client evaluates), for runs whose clients are partitions rather than languages."""
-    from securefpt.learning.classifier import load_classifier
+    from securefpt.learning.artifacts import ARTIFACT, load_arrays
     from securefpt.learning.data import load_client_data
+    from securefpt.learning.modeling import build_model, set_trainable
+    from securefpt.learning.training import evaluate
 
-    classifier = load_classifier(run_dir)
-    labels = [classifier.config.id2label[i] for i in range(len(classifier.config.id2label))]
-    accuracy = {}
-    for language in cfg.data.languages:
-        rows = load_client_data(cfg.data, language, labels, cfg.seed).eval
-        predicted = []
-        for start in range(0, len(rows), cfg.fl.eval_batch_size):
-            batch = rows[start:start + cfg.fl.eval_batch_size]
-            predicted += classifier.predict([ex.text for ex in batch],
-                                            [ex.pair for ex in batch] if batch[0].pair is not None else None)
-        accuracy[language] = sum(labels[ex.label] == label for ex, (label, _) in zip(rows, predicted)) / len(rows)
+    labels = json.loads((run_dir / "labels.json").read_text(encoding="utf-8"))
+    assembled = build_model(cfg.model, cfg.peft, len(labels), cfg.seed)
+    set_trainable(assembled.model, load_arrays(run_dir / ARTIFACT))
+    accuracy = {language: evaluate(assembled, load_client_data(cfg.data, language, labels, cfg.seed).eval,
+                                   cfg.fl.eval_batch_size).accuracy for language in cfg.data.languages}
     accuracy["avg"] = sum(accuracy.values()) / len(cfg.data.languages)
     return accuracy
 
