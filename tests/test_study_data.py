@@ -89,7 +89,7 @@ def test_nc_shaped_hub_data_joins_title_and_body_and_names_its_classes(tmp_path)
 
     features = datasets.Features({"news_title": datasets.Value("string"), "news_body": datasets.Value("string"),
                                   "news_category": datasets.ClassLabel(names=NC)})
-    for lang in ("de",):
+    for lang in ("de", "fr"):  # one save_to_disk folder per language, as XGLUE NC's configs nc.de, nc.fr
         split = datasets.Dataset.from_dict({"news_title": [f"{lang} title {i}" for i in range(6)],
                                             "news_body": [f"body {i}" for i in range(6)],
                                             "news_category": [i % 3 for i in range(6)]}, features=features)
@@ -97,12 +97,14 @@ def test_nc_shaped_hub_data_joins_title_and_body_and_names_its_classes(tmp_path)
             str(tmp_path / f"nc.{lang}"))
     hf = {"path": str(tmp_path / "nc.{lang}"), "from_disk": True, "text_field": ["news_title", "news_body"],
           "label_field": "news_category"}
-    cfg = DataConfig(source="hf", languages=["de"], eval_split="validation", hf={**hf, "path": str(tmp_path / "nc.de")})
+    cfg = DataConfig(source="hf", languages=["de", "fr"], eval_split="validation", hf=hf)
     assert label_space(cfg) == sorted(NC)
-    data = load_client_data(cfg, "de", sorted(NC), 0)
-    assert {ex.text for ex in data.train} == {f"de title {i}. body {i}" for i in range(6)}
-    assert all(ex.pair is None for ex in data.train)
-    assert Counter(sorted(NC)[ex.label] for ex in data.train) == Counter({c: 2 for c in NC})
+    for lang in ("de", "fr"):
+        data = load_client_data(cfg, lang, sorted(NC), 0)
+        assert {ex.text for ex in data.train} == {f"{lang} title {i}. body {i}" for i in range(6)}
+        assert len(data.eval) == 3
+        assert all(ex.pair is None for ex in data.train)
+        assert Counter(sorted(NC)[ex.label] for ex in data.train) == Counter({c: 2 for c in NC})
 
 
 def test_one_language_can_train_on_another_split_and_fewer_rows(tmp_path, tiny_overrides):
@@ -177,9 +179,13 @@ def test_a_small_dirichlet_alpha_concentrates_languages_and_iid_mixes_them(tmp_p
     assert skewed > 0.7 and skewed > iid + 0.3
 
 
-def test_a_federation_s_nodes_are_never_partitioned_by_the_coordinator(tmp_path, tiny_overrides):
+@pytest.mark.parametrize("shaping", [["data.partition.clients=3"], ["data.per_language.eng.max_train=4"]])
+def test_a_federation_s_nodes_are_never_partitioned_or_shrunk_by_the_coordinator(tmp_path, tiny_overrides, shaping):
+    """A node's data and its row cap are its own (node.yaml): a study's data-efficiency cell run against a
+    federation would otherwise be measured on data the nodes never shrank."""
     with pytest.raises(Exception, match="a federation's nodes .clients. bind their own data"):
-        load_config(None, tiny_overrides + ["data.partition.clients=3", f"clients={tmp_path}"])
+        load_config(None, tiny_overrides + [*shaping, f"clients={tmp_path}"])
+    load_config(None, tiny_overrides + shaping)  # the operator's own trial data may be shaped
 
 
 @pytest.fixture

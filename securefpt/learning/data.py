@@ -140,21 +140,22 @@ def _hf_rows(cfg: DataConfig, language: str, split: str) -> list[Row]:
     assert hf is not None
     real_split = hf.train_split if split == cfg.train_split else hf.eval_split
     name = hf.name.format(lang=language) if hf.name else None
+    path = hf.path.format(lang=language)
     try:
         import datasets
 
         datasets_offline()
         if hf.from_disk:
-            ds = datasets.load_from_disk(hf.path)[real_split]
+            ds = datasets.load_from_disk(path)[real_split]
         else:
             files = {k: [v.format(lang=language) for v in ([f] if isinstance(f, str) else f)]
                      for k, f in (hf.data_files or {}).items()} or None
-            ds = datasets.load_dataset(hf.path, name, data_files=files, split=real_split)
+            ds = datasets.load_dataset(path, name, data_files=files, split=real_split)
     except Exception as exc:  # offline, missing config, unknown split ...
         hint = "" if downloads_allowed() else (" (offline: SECUREFPT_ALLOW_DOWNLOAD=1 allows downloads; local files "
                                                "load with data.hf.data_files or from_disk)")
         raise DataError(
-            f"data.hf: cannot load {hf.path}"
+            f"data.hf: cannot load {path}"
             + (f" ({name})" if name else "")
             + f" split {real_split}: {type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}{hint}"
         ) from None

@@ -49,7 +49,7 @@ class HFDataConfig(Strict):
     SECUREFPT_ALLOW_DOWNLOAD=1), a builder with local `data_files` in hub formats (`path: json`,
     `csv`, `parquet`), or a folder written by `save_to_disk` (`from_disk: true`)."""
 
-    path: str
+    path: str  # "{lang}" is replaced by the language (one save_to_disk folder per language)
     name: Optional[str] = None  # a config name; "{lang}" is replaced by the language
     data_files: Optional[dict[str, Union[str, list[str]]]] = None  # split -> file(s), for a builder
     from_disk: bool = False
@@ -237,9 +237,9 @@ class ExperimentConfig(Strict):
             )
         if self.policy is not None and self.clients is None:
             raise ValueError("clients: a folder of client manifests is required with a policy")
-        if self.data.partition is not None and self.clients is not None:
-            raise ValueError("data.partition splits the operator's own trial data; a federation's nodes "
-                             "(clients) bind their own data")
+        if self.clients is not None and (self.data.partition is not None or self.data.per_language):
+            raise ValueError("data.partition and data.per_language shape the operator's own trial data; a "
+                             "federation's nodes (clients) bind their own data and their own row caps")
         if self.dp.enabled and self.dp.noise_multiplier is None and self.dp.target_epsilon is None:
             raise ValueError("dp: set dp.target_epsilon or dp.noise_multiplier")
         return self
