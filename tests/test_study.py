@@ -88,6 +88,23 @@ def test_a_study_resumes_after_an_interruption_without_redoing_finished_cells(tm
     assert re.findall(r"\] ([\w.-]+): running", third.stderr) == ["efficiency-federated-4"]
 
 
+def test_a_cell_measured_by_another_securefpt_is_run_again(tmp_path):
+    """A cached figure is reused only for the same experiment and the same securefpt (the code that
+    measured it); an older record would also lack the fields a newer report reads."""
+    from securefpt import __version__
+    from securefpt.config import load_config
+    from securefpt.study.runner import CELL_RECORD, finished
+
+    (tmp_path / "base.yaml").write_text(BASE)
+    cfg = load_config(tmp_path / "base.yaml")
+    record = {"experiment_sha256": cfg.sha256(), "securefpt": __version__, "accuracy": {"avg": 0.5}}
+    (tmp_path / CELL_RECORD).write_text(json.dumps(record))
+    assert finished(tmp_path, cfg) == record
+    assert finished(tmp_path, load_config(tmp_path / "base.yaml", ["fl.lr=0.01"])) is None
+    (tmp_path / CELL_RECORD).write_text(json.dumps({**record, "securefpt": "0.0.1"}))
+    assert finished(tmp_path, cfg) is None
+
+
 def test_a_bad_study_file_is_one_line(tmp_path):
     (tmp_path / "base.yaml").write_text(BASE)
     (tmp_path / "study.yaml").write_text(STUDY.replace("cells: [monolingual, fl-prompt]", "cells: [nope]"))

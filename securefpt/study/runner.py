@@ -1,10 +1,12 @@
 """`securefpt study CONFIG`: run a study's cells, each once, and write its report.
 
 A cell is one experiment (the base with the study's and the cell's overrides) run into
-`STUDY/cells/<name>/`. A finished cell leaves `cell.json` (the experiment's digest and the
-figures the report needs) and is never run again while its experiment is unchanged; a
-cell that was interrupted, or whose experiment changed, is cleared and run afresh. So an
-interrupted study resumes with the same command where it stopped.
+`STUDY/cells/<name>/`. A finished cell leaves `cell.json` (the experiment's digest, the
+securefpt version that measured it, and the figures the report needs) and is never run
+again while both are unchanged; a cell that was interrupted, whose experiment changed, or
+that an older securefpt measured, is cleared and run afresh. So an interrupted study
+resumes with the same command where it stopped. The data files are not part of the key:
+after editing them, run into a new study folder.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import time
 from pathlib import Path
 from typing import Callable, Optional
 
+from securefpt import __version__
 from securefpt.config import load_config
 from securefpt.protocol.experiment import ExperimentConfig
 from securefpt.study.config import Cell, StudyConfig
@@ -48,7 +51,7 @@ def _record(cfg: ExperimentConfig, summary: dict, run_dir: Path, seconds: float)
     by_language = summary["final"]["accuracy"]
     if cfg.data.partition is not None and cfg.paradigm != "monolingual":
         by_language = language_accuracy(run_dir, cfg)
-    return {"experiment_sha256": cfg.sha256(), "seconds": round(seconds, 1), "paradigm": cfg.paradigm,
+    return {"experiment_sha256": cfg.sha256(), "securefpt": __version__, "seconds": round(seconds, 1), "paradigm": cfg.paradigm,
             "peft_method": cfg.peft.method,
             "partition": cfg.data.partition.model_dump() if cfg.data.partition else None,
             "accuracy": by_language, "client_accuracy": summary["final"]["accuracy"],
@@ -62,7 +65,8 @@ def finished(folder: Path, cfg: ExperimentConfig) -> Optional[dict]:
     if not path.is_file():
         return None
     record = json.loads(path.read_text(encoding="utf-8"))
-    return record if record.get("experiment_sha256") == cfg.sha256() else None
+    same = record.get("experiment_sha256") == cfg.sha256() and record.get("securefpt") == __version__
+    return record if same else None
 
 
 def run_study(study: StudyConfig, out: Path, show_progress: bool = True,
