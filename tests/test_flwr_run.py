@@ -68,3 +68,18 @@ def test_flwr_run_runs_the_experiment_on_flowers_local_simulation(clean_copy, tm
         found = subprocess.run(["pgrep", "-f", f"flower-superlink.*--port {http}"], capture_output=True, text=True)
         for pid in found.stdout.split():
             os.kill(int(pid), signal.SIGTERM)
+
+
+def test_the_app_declares_the_version_flower_requires_and_the_cli_reports():
+    """`flwr run .` refuses a pyproject.toml without a static [project].version (a dynamic one broke every
+    Flower-run test once); the study cache keys cells on securefpt.__version__, so the two must agree."""
+    import tomllib
+
+    from flwr.common.config import validate_fields_in_config
+
+    import securefpt
+
+    config = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))
+    valid, errors, _ = validate_fields_in_config(config)
+    assert valid, errors
+    assert config["project"]["version"] == securefpt.__version__
