@@ -51,8 +51,8 @@ def _record(cfg: ExperimentConfig, summary: dict, run_dir: Path, seconds: float)
     by_language = summary["final"]["accuracy"]
     if cfg.data.partition is not None and cfg.paradigm != "monolingual":
         by_language = language_accuracy(run_dir, cfg)
-    return {"experiment_sha256": cfg.sha256(), "securefpt": __version__, "seconds": round(seconds, 1), "paradigm": cfg.paradigm,
-            "peft_method": cfg.peft.method,
+    return {"experiment_sha256": cfg.sha256(), "securefpt": __version__, "seconds": round(seconds, 1),
+            "paradigm": cfg.paradigm, "peft_method": cfg.peft.method,
             "partition": cfg.data.partition.model_dump() if cfg.data.partition else None,
             "accuracy": by_language, "client_accuracy": summary["final"]["accuracy"],
             "trainable_params": summary["trainable_params"], "total_params": summary["total_params"],
