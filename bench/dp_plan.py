@@ -44,8 +44,9 @@ def main() -> None:
             for batch in args.batches:
                 if batch > size:
                     continue
-                request = load_config(args.config, args.overrides + [
-                    "dp.enabled=true", f"dp.target_epsilon={epsilon}", f"fl.batch_size={batch}"]).request(labels)
+                recipe = cfg.model_copy(update={"dp": cfg.dp.model_copy(update={"target_epsilon": epsilon}),
+                                                "fl": cfg.fl.model_copy(update={"batch_size": batch})})
+                request = recipe.request(labels)
                 plan = plan_privacy(request, size)
                 ratio = noise_to_signal(plan, size, trainable)
                 verdict = "refuses" if ratio > MAX_NOISE_TO_SIGNAL else "accepts"
