@@ -78,6 +78,12 @@ def main() -> None:
                 print(f"{label} - monolingual: " + ", ".join(f"{lang} {acc[lang] - mono[lang]:+.3f}"
                                                               for lang in languages)
                       + f", avg {acc['avg'] - mono['avg']:+.3f}")
+        if "centralized" in results:  # how much of pooling's gain over training alone a federated run captures
+            gain = results["centralized"]["accuracy"]["avg"] - mono["avg"]
+            for label, r in results.items():
+                if label not in ("monolingual", "centralized") and gain > 0:
+                    print(f"{label}: {(r['accuracy']['avg'] - mono['avg']) / gain:.0%} of centralized training's "
+                          f"gain over monolingual ({gain:+.3f})")
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "paradigms.json").write_text(json.dumps({k: v["accuracy"] for k, v in results.items()}, indent=2))
     _plot(results, languages, args.out / "paradigms.png")

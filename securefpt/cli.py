@@ -15,7 +15,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from securefpt.errors import RunInterrupted, SecureFPTError
+from securefpt.errors import ConfigError, RunInterrupted, SecureFPTError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Privacy-hardened federated prompt tuning.")
 console = Console()
@@ -92,7 +92,7 @@ def demo(
 ) -> None:
     """Federated prompt tuning on the embedded default (packaged MiniLM, demo data), offline,
     under the demo federation's policy (made once in $SECUREFPT_HOME/demo-federation)."""
-    from securefpt.coordinator.audit_key import securefpt_home
+    from securefpt.home import securefpt_home
     from securefpt.operators.keys import make_federation
 
     config = Path(str(resources.files("securefpt") / "configs" / "demo.yaml"))
@@ -209,7 +209,7 @@ def keys_demo(
 ) -> None:
     """A demo federation: authorities, the coordinator's audit key, each institution's keys,
     manifest and node configuration (see securefpt/operators/keys.py for the layout)."""
-    from securefpt.coordinator.audit_key import securefpt_home
+    from securefpt.home import securefpt_home
     from securefpt.operators.keys import make_federation
 
     folder = _folder(folder or securefpt_home() / "demo-federation")
@@ -276,29 +276,34 @@ def policy_explain(
 
 
 def _pinned_key(log: Path, policy: Optional[Path], public_key: Optional[Path]) -> tuple[Path, str]:
-    """The key to verify with, and where it came from: given, pinned in a given policy, or pinned
-    in the policy the run's own config.yaml names (an institution should pass its own copy)."""
+    """The key to verify with, and where it came from: a key the verifier holds (given, or pinned in
+    its own copy of the policy). The run directory's files are the coordinator's: a key found through
+    them would verify a log the coordinator re-signed, so they only decide what to ask for. Without a
+    flag, a local trial (no federation policy) verifies with the operator's own key."""
     from securefpt.config import read_yaml_mapping
-    from securefpt.coordinator.audit_key import securefpt_home
+    from securefpt.home import securefpt_home
     from securefpt.protocol.policy import load_policy
 
     if public_key is not None:
         return public_key, "the given key"
-    if policy is None:
-        named = read_yaml_mapping(log.parent / "config.yaml").get("policy") if (log.parent / "config.yaml").is_file() \
-            else None
-        if named is None:  # a run without a federation: the operator's own key
-            return securefpt_home() / "coordinator" / "audit.pub", "the operator's own audit key"
-        policy = Path(named)
-    return load_policy(policy).server.audit_key, f"the key pinned in {policy}"
+    if policy is not None:
+        return load_policy(policy).server.audit_key, f"the key pinned in {policy}"
+    config = log.parent / "config.yaml"
+    federated = config.is_file() and read_yaml_mapping(config).get("policy") is not None
+    own = securefpt_home() / "coordinator" / "audit.pub"
+    if federated or not own.is_file():
+        raise ConfigError(f"{log}: name a key you hold: --policy YOUR_COPY_OF_THE_POLICY (it pins the "
+                          "coordinator's key) or --public-key KEY; the run directory's own files are the "
+                          "coordinator's and cannot vouch for its log")
+    return own, "the operator's own audit key"
 
 
 @audit_app.command("verify")
 def audit_verify(
     log: Path,
     policy: Optional[Path] = typer.Option(None, "--policy", help="your copy of the federation's policy: verify "
-                                                                 "with the coordinator key it pins (default: the "
-                                                                 "policy the run names)"),
+                                                                 "with the coordinator key it pins (required for "
+                                                                 "a federation's run, or --public-key)"),
     public_key: Optional[Path] = typer.Option(None, "--public-key", help="verify with this Ed25519 key instead"),
     witness: List[Path] = typer.Option([], "--witness", help="a node's state folder, or a folder of them "
                                                             "(a simulation run's nodes/); repeatable"),

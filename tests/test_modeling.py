@@ -100,3 +100,34 @@ def test_packaged_minilm_loads_offline():
     trainable, total = count_params(a.model)
     assert total > 22_000_000
     assert trainable == 8 * 384 + 384 * 7 + 7
+
+
+@pytest.mark.parametrize("virtual_tokens", [3, 20], ids=["cut", "repeated"])
+def test_text_initialisation_is_peft_s_own(virtual_tokens):
+    """The prompt starts from the init text's token embeddings exactly as PEFT's TEXT init makes it
+    (securefpt passes its loaded tokenizer instead of letting PEFT load one by path)."""
+    from peft import PromptTuningConfig
+    from peft.tuners.prompt_tuning.model import PromptEmbedding
+
+    from securefpt.learning.builtin_models import minilm_path
+
+    peft_cfg = PeftConfig(num_virtual_tokens=virtual_tokens, prompt_init="text")
+    assembled = build_model(TINY, peft_cfg, num_labels=3, seed=0)
+    backbone = assembled.model.backbone
+    reference = PromptEmbedding(PromptTuningConfig(
+        task_type="SEQ_CLS", num_virtual_tokens=virtual_tokens, token_dim=backbone.config.hidden_size,
+        num_transformer_submodules=1, num_attention_heads=2, num_layers=2, prompt_tuning_init="TEXT",
+        prompt_tuning_init_text=peft_cfg.init_text, tokenizer_name_or_path=str(minilm_path())),
+        backbone.get_input_embeddings())
+    assert torch.equal(assembled.model.prompt_encoder.embedding.weight, reference.embedding.weight)
+
+
+def test_cuda_without_a_gpu_is_a_config_error():
+    from securefpt.errors import ConfigError
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a CUDA GPU")
+    with pytest.raises(ConfigError, match="model.device=cuda: this machine has no CUDA GPU"):
+        build_model(TINY.model_copy(update={"device": "cuda"}), PeftConfig(), num_labels=3, seed=0)
+    assembled = build_model(TINY.model_copy(update={"device": "auto"}), PeftConfig(), num_labels=3, seed=0)
+    assert assembled.model.head.weight.device.type == "cpu" and assembled.model.autocast_dtype is None

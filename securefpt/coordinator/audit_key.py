@@ -15,17 +15,10 @@ from typing import Optional
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from securefpt.errors import ConfigError
+from securefpt.home import securefpt_home
 from securefpt.protocol.attestation import load_private, load_public, new_key, public_raw, save_private, save_public
 from securefpt.protocol.experiment import ExperimentConfig
 from securefpt.protocol.policy import load_policy
-
-HOME_ENV = "SECUREFPT_HOME"
-
-
-def securefpt_home() -> Path:
-    """The operator's own folder for keys and demo federations (never inside a run directory)."""
-    return Path(os.environ.get(HOME_ENV) or Path.home() / ".securefpt")
-
 
 def _inside(path: Path, folder: Path) -> bool:
     return Path(os.path.realpath(path)).is_relative_to(os.path.realpath(folder))

@@ -30,6 +30,7 @@ import yaml
 from securefpt.coordinator.audit_key import coordinator_key
 from securefpt.errors import ConfigError
 from securefpt.coordinator.audit_log import AuditLog
+from securefpt.learning.builtin_models import model_facts
 from securefpt.learning.artifacts import ARTIFACT
 from securefpt.protocol.audit import file_sha256
 from securefpt.learning.adapter import save_classifier
@@ -180,6 +181,7 @@ class RunRecorder:
             "paradigm": self.cfg.paradigm,
             "peft_method": self.cfg.peft.method,
             "model": self.cfg.model.name,
+            "backbone": backbone_facts(self.cfg.model.name, languages),
             "labels": self.labels,
             "final": {"round": final.round, "accuracy": {**final.accuracy, "avg": final.avg()}},
             "rounds": [r.to_dict() for r in self.rounds],
@@ -230,3 +232,13 @@ class RunRecorder:
         self.audit.append("artifact", path=str(path), sha256=file_sha256(path), storage_region=region,
                           adapter_sha256=file_sha256(adapter) if adapter.is_file() else None)
         return path
+
+
+def backbone_facts(name: str, languages: list[str]) -> dict[str, Any]:
+    """What the summary says of the frozen model: its origin, its weights (a 4-bit origin where so) and
+    which of the run's languages its pretraining did not cover (None where unknown)."""
+    facts = model_facts(name)
+    outside = None if facts.pretraining_languages is None else \
+        [lang for lang in languages if lang not in facts.pretraining_languages]
+    return {"name": name, "origin": facts.origin, "weights": facts.weights,
+            "languages_outside_pretraining": outside}

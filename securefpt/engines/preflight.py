@@ -52,8 +52,9 @@ def task_labels(cfg: ExperimentConfig) -> list[str]:
 
 def check_nodes(paths: list[Path], cfg: ExperimentConfig) -> None:
     """Each node's configuration, data, labels and model, as its node would read them."""
-    from securefpt.learning.modeling import load_tokenizer
+    from securefpt.learning.modeling import load_tokenizer, torch_device
 
+    torch_device(cfg.model.device)
     labels = list(cfg.data.labels or task_labels(cfg))
     if len(labels) < 2:
         raise DataError(f"the task '{cfg.data.task}' needs at least 2 labels, the data has {labels}")

@@ -8,6 +8,12 @@ from rich.console import Console
 from rich.table import Table
 
 
+def released(value: float) -> str:
+    """A figure as the node released it: 0.2 stays 0.2 (a node that rounds to one decimal), never 0.200."""
+    text = format(round(value, 3), "g") if value == round(value, 2) else f"{value:.3f}"
+    return text if "." in text else text + ".0"
+
+
 def print_summary(summary: dict, out: Path, console: Console) -> None:
     table = Table(title=f"{summary['name']}: {summary['paradigm']} {summary['peft_method']} "
                         f"(round {summary['final']['round']})")
@@ -17,9 +23,15 @@ def print_summary(summary: dict, out: Path, console: Console) -> None:
     if personal is not None:  # each node's own model, kept on the node (released figures only)
         table.add_column("personalized", justify="right")
     for lang, acc in summary["final"]["accuracy"].items():
-        extra = [] if personal is None else [f"{personal[lang]:.3f}" if personal.get(lang) is not None else "-"]
-        table.add_row(lang, f"{acc:.3f}", *extra, style="bold" if lang == "avg" else None)
+        extra = [] if personal is None else [released(personal[lang]) if personal.get(lang) is not None else "-"]
+        table.add_row(lang, released(acc) if lang != "avg" else f"{acc:.3f}", *extra,
+                      style="bold" if lang == "avg" else None)
     console.print(table)
+    backbone = summary.get("backbone")
+    if backbone:
+        outside = backbone["languages_outside_pretraining"]
+        console.print(f"model: {backbone['name']} ({backbone['origin']}; {backbone['weights']})"
+                      + (f"; not in its pretraining: {', '.join(outside)}" if outside else ""), highlight=False)
     comm = summary["communication"]
     console.print(f"trainable {summary['trainable_params']:,} of {summary['total_params']:,} parameters; "
                   f"{comm['bytes_up']:,} bytes up, {comm['bytes_down']:,} bytes down")

@@ -17,11 +17,11 @@ from pathlib import Path
 
 import yaml
 
+from securefpt.learning.builtin_models import PACKAGED_MODELS
 from securefpt.protocol.attestation import issue, new_key, public_raw, save_private, save_public
 from securefpt.protocol.experiment import ExperimentConfig
 
 TRIAL_REGION = "local"
-PACKAGED = ("builtin:minilm", "builtin:tiny")
 
 
 def trial_rules(cfg: ExperimentConfig) -> dict:
@@ -55,7 +55,7 @@ def write_trial_nodes(cfg: ExperimentConfig, folder: Path) -> list[Path]:
             binding["hf"] = data.hf.model_dump(mode="json")
         node = {"manifest": "manifest.yaml", "key": "node.key", "rules": trial_rules(cfg),
                 "trust": {TRIAL_REGION: "../trust/trial-authority.pub"}, "data": {data.task: binding},
-                "models": {} if cfg.model.name in PACKAGED else {cfg.model.name: cfg.model.name},
+                "models": {} if cfg.model.name in PACKAGED_MODELS else {cfg.model.name: cfg.model.name},
                 "state_dir": "."}
         (home / "manifest.yaml").write_text(yaml.safe_dump(manifest, sort_keys=False), encoding="utf-8")
         (home / "node.yaml").write_text(yaml.safe_dump(node, sort_keys=False), encoding="utf-8")

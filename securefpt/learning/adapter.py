@@ -50,7 +50,7 @@ def peft_config(model_cfg: ModelConfig, peft_cfg: PeftConfig, backbone):
 
 def _base_name(model_cfg: ModelConfig) -> str:
     """What the adapter names as its base: the packaged MiniLM's folder, or the model as configured."""
-    from securefpt.learning.modeling import BUILTIN_MINILM, minilm_path
+    from securefpt.learning.builtin_models import BUILTIN_MINILM, minilm_path
 
     return str(minilm_path()) if model_cfg.name == BUILTIN_MINILM else model_cfg.name
 

@@ -33,10 +33,11 @@ class PromptClassifierConfig(PretrainedConfig):
     model_type = "securefpt-prompt-classifier"
 
     def __init__(self, pooling: str = "mean", num_virtual_tokens: int = 0, hidden_size: int = 0,
-                 max_text_tokens: int = 128, **kwargs) -> None:
+                 max_text_tokens: int = 128, input_prefix: str = "", **kwargs) -> None:
         super().__init__(**kwargs)
         self.pooling, self.num_virtual_tokens = pooling, num_virtual_tokens
         self.hidden_size, self.max_text_tokens = hidden_size, max_text_tokens
+        self.input_prefix = input_prefix  # what the model saw before every text in training
 
 
 class PromptClassifierModel(PreTrainedModel):
@@ -70,7 +71,8 @@ class PromptClassifierModel(PreTrainedModel):
         """(label, probability) of each text, or of each (text, pair) for a sentence-pair task."""
         from securefpt.learning.modeling import tokenize
 
-        enc = tokenize(self.tokenizer, texts, pairs, self.config.max_text_tokens)
+        prefix = getattr(self.config, "input_prefix", "")
+        enc = tokenize(self.tokenizer, [prefix + t for t in texts], pairs, self.config.max_text_tokens)
         probs = torch.softmax(self(enc["input_ids"], enc["attention_mask"]).logits, dim=-1)
         best = probs.argmax(-1)
         return [(self.config.id2label[int(i)], float(probs[row, i])) for row, i in enumerate(best)]
@@ -139,6 +141,7 @@ def load_classifier(run_dir: Path, language: Optional[str] = None) -> PromptClas
         max_text = min(cfg.model.max_length, positions - 2) - description["num_virtual_tokens"]
     config = PromptClassifierConfig(pooling=description["pooling"], num_virtual_tokens=description["num_virtual_tokens"],
                                     hidden_size=encoder.config.hidden_size, max_text_tokens=max_text,
+                                    input_prefix=cfg.model.input_prefix,
                                     id2label=dict(enumerate(labels)), label2id={v: i for i, v in enumerate(labels)})
     model = PromptClassifierModel(config, encoder)
     head = load_arrays(folder / HEAD_FILE)

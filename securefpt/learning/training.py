@@ -94,7 +94,7 @@ def train_local(
         for batch in loader:
             optimizer.zero_grad(set_to_none=True)
             logits = model(batch["input_ids"], batch["attention_mask"])
-            loss = loss_fn(logits, batch["labels"])
+            loss = loss_fn(logits, batch["labels"].to(logits.device))
             loss.backward()
             proximal.add_gradient()
             optimizer.step()
@@ -125,7 +125,7 @@ def evaluate(assembled: AssembledModel, examples: list[Example], batch_size: int
     correct, total_loss, n = 0, 0.0, 0
     loss_fn = nn.CrossEntropyLoss(reduction="sum")
     for batch in make_loader(assembled, examples, batch_size, shuffle=False, seed=0):
-        logits = model(batch["input_ids"], batch["attention_mask"])
+        logits = model(batch["input_ids"], batch["attention_mask"]).cpu()
         total_loss += float(loss_fn(logits, batch["labels"]))
         correct += int((logits.argmax(-1) == batch["labels"]).sum())
         n += len(batch["labels"])

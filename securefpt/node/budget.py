@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import Optional
 
@@ -83,13 +84,23 @@ def check_noise(plan: PrivacyPlan, num_examples: int, dimension: int) -> None:
 
 
 def epsilon_of(history: list[tuple[float, float, int]], delta: float, accountant: str) -> float:
-    """Opacus's epsilon for a (noise multiplier, sample rate, steps) history."""
+    """Opacus's epsilon for a (noise multiplier, sample rate, steps) history. Steps of the same
+    mechanism (sigma, q) are one entry of their summed steps: composition does not care how they
+    were grouped, and the accountant's cost then stays flat as rounds add entries."""
+    merged: dict[tuple[float, float], int] = {}
+    for s, q, n in history:
+        merged[(float(s), float(q))] = merged.get((float(s), float(q)), 0) + int(n)
+    return _epsilon(tuple(sorted((s, q, n) for (s, q), n in merged.items() if n > 0)), float(delta), accountant)
+
+
+@lru_cache(maxsize=4096)
+def _epsilon(history: tuple[tuple[float, float, int], ...], delta: float, accountant: str) -> float:
     if not history:
         return 0.0
     from opacus.accountants import create_accountant
 
     acc = create_accountant(mechanism=accountant)
-    acc.history = [(float(s), float(q), int(n)) for s, q, n in history]
+    acc.history = list(history)
     return float(acc.get_epsilon(delta=delta))
 
 

@@ -32,6 +32,7 @@ from pydantic import Field, ValidationError, model_validator
 
 from securefpt.config import first_error, read_yaml_mapping
 from securefpt.errors import ConfigError
+from securefpt.learning.builtin_models import PACKAGED_MODELS
 from securefpt.protocol.attestation import (Attestation, attested_key, check_attestation, load_private, load_public,
                                             public_raw)
 from securefpt.protocol.experiment import HFDataConfig, Strict
@@ -39,7 +40,6 @@ from securefpt.protocol.policy import ClientManifest, NodeRules, load_manifest, 
 
 STATE_ENV = "SECUREFPT_NODE_STATE"  # engine-given base folder of nodes without a `state_dir`
 SIM_NODES_ENV = "SECUREFPT_SIM_NODES"  # simulation engine: a JSON list of node.yaml paths, by partition id
-PACKAGED_MODELS = ("builtin:minilm", "builtin:tiny")
 
 
 class DataBinding(Strict):
@@ -175,17 +175,20 @@ def _cached(path: str, mtime: float, state_base: Optional[str]) -> Node:
     return load_node(Path(path), state_base=Path(state_base) if state_base else None)
 
 
+FLWR_SIM_ENV = "SECUREFPT_FLWR_SIMULATION"  # the node's own opt-in to Flower's simulation's partition list
 PARTITIONS = "partitions.json"  # Flower's own simulation (`flwr run .`): the virtual nodes' files, by partition id
 
 
 def _where(context) -> tuple[Path, Optional[str]]:
-    """This node's configuration file and the engine-given base of its state folder.
+    """This node's configuration file and the engine-given base of its state folder, named only by
+    the node's own side: its SuperNode's node config or its process environment.
 
     - deployment: the SuperNode's node config names them (`config`, `state-dir`);
     - securefpt's simulation engine: the operator's own process environment;
     - Flower's simulation (`flwr run .` on one machine): a virtual node has only its partition
-      id, so it reads the list the ServerApp wrote under the run's `out-dir` (one machine, one
-      operator: every institution's files are the operator's).
+      id. Only where the node's environment opts in (FLWR_SIM_ENV=1, which scripts/setup.sh puts
+      in the virtual environment's activate) does it read the list the ServerApp wrote under the
+      run's `out-dir`: the run config is the coordinator's, and may not name a node's identity.
     """
     node_config = context.node_config
     if "config" in node_config:
@@ -194,9 +197,9 @@ def _where(context) -> tuple[Path, Optional[str]]:
     if listed is not None and "partition-id" in node_config:
         return Path(json.loads(listed)[int(node_config["partition-id"])]), os.environ.get(STATE_ENV)
     out = context.run_config.get("out-dir") if "partition-id" in node_config else None
-    if out is not None:
+    if out is not None and os.environ.get(FLWR_SIM_ENV) == "1":
         index = Path(str(out)) / "nodes" / PARTITIONS
-        for _ in range(600):  # the ServerApp writes it before its first message; wait for a slow disk
+        for _ in range(50):  # the ServerApp writes it before its first message; allow a slow disk
             if index.is_file():
                 break
             time.sleep(0.1)
@@ -204,7 +207,9 @@ def _where(context) -> tuple[Path, Optional[str]]:
         pid = int(node_config["partition-id"])
         if pid < len(paths):
             return Path(paths[pid]), str(Path(str(out)) / "nodes")
-    raise ConfigError("this node has no configuration: start it with --node-config 'config=\"node.yaml\"'")
+    raise ConfigError("this node has no configuration: start it with --node-config 'config=\"node.yaml\"'"
+                      + (f" (or, for flwr run . on one machine, set {FLWR_SIM_ENV}=1 in the node's environment)"
+                         if "partition-id" in node_config else ""))
 
 
 def this_node(context) -> Node:

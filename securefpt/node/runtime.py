@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Optional
 
-from securefpt.errors import DataError, ModelUnavailableError
+from securefpt.errors import ConfigError, DataError, ModelUnavailableError
 from securefpt.learning.data import ClientData, LabelError, load_examples
 from securefpt.learning.modeling import AssembledModel, build_model, get_trainable, set_trainable
 from securefpt.learning.training import EvalResult, TrainResult, evaluate, train_local
@@ -49,7 +49,7 @@ class NodeRuntime:
         try:
             model_cfg = request.model.model_copy(update={"name": source})
             self.assembled: AssembledModel = build_model(model_cfg, request.peft, len(request.labels), request.seed)
-        except ModelUnavailableError as exc:
+        except (ModelUnavailableError, ConfigError) as exc:  # a model or device this node cannot load
             raise NodeRefusal("model-not-allowed", str(exc)) from None
         self._plan: Optional[PrivacyPlan] = None
         self.personal = Personal(node.state_dir, request.sha256())
@@ -115,7 +115,7 @@ _RUNTIMES: "dict[tuple[str, str], NodeRuntime]" = {}
 def get_runtime(node: Node, request: ExperimentRequest) -> NodeRuntime:
     key = (str(node.path), request.sha256())
     if key not in _RUNTIMES:
-        if len(_RUNTIMES) >= 4:
+        if len(_RUNTIMES) >= 16:  # the frozen weights are one shared memory map; a runtime is small
             _RUNTIMES.pop(next(iter(_RUNTIMES)))
         _RUNTIMES[key] = NodeRuntime(node, request)
     return _RUNTIMES[key]

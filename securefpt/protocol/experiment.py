@@ -25,9 +25,11 @@ class Strict(BaseModel):
 class ModelConfig(Strict):
     """The frozen pre-trained language model, by name: each node maps the name to its own copy."""
 
-    name: str = "builtin:minilm"
+    name: str = "builtin:multilingual-e5-small"
     max_length: int = Field(128, ge=8, le=4096)
     pooling: Literal["mean", "cls"] = "mean"
+    input_prefix: str = Field("", max_length=64)  # put before every text (E5 was trained with "query: ")
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: a CUDA GPU where there is one (bf16 autocast)
 
 
 class PeftConfig(Strict):

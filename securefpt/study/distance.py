@@ -53,6 +53,7 @@ CC100_GIB = {
 
 # Pretraining mixes by model name (shares need not sum to 1). MiniLM (all-MiniLM-L6-v2) is English only.
 PRETRAINING_MIX = {
+    "builtin:multilingual-e5-small": CC100_GIB,  # XLM-R's vocabulary and pretraining languages
     "builtin:minilm": {"en": 1.0},
     "builtin:tiny": {"en": 1.0},
     "xlm-roberta-base": CC100_GIB,
