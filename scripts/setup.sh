@@ -21,11 +21,12 @@ if ! python -c "import torch" 2>/dev/null; then
 fi
 python -m pip install -q -e ".[test]"
 python -m securefpt.engines.flower_home "$PWD/.flwr" securefpt/configs/demo.yaml
-if ! grep -q "securefpt: Flower" .venv/bin/activate; then
+if ! grep -q "SECUREFPT_FLWR_SIMULATION" .venv/bin/activate; then
   cat >> .venv/bin/activate <<ACTIVATE
 # securefpt: Flower's CLI for this checkout (flwr run .)
 export FLWR_HOME="$PWD/.flwr"
 export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1
+export SECUREFPT_FLWR_SIMULATION=1   # this machine's virtual nodes read their files by partition id
 ACTIVATE
 fi
 echo "securefpt installed in .venv ($(python -c 'import securefpt; print(securefpt.__version__)'))"

@@ -28,17 +28,60 @@ def first_error(exc: ValidationError) -> str:
     return f"{loc}: {msg}" + (f" (and {more} more)" if more > 0 else "")
 
 
+MAX_YAML_NODES = 100_000  # what a document may expand to once its aliases are followed
+
+
+class _BoundedLoader(yaml.SafeLoader):
+    """PyYAML's safe loader that refuses a document whose aliases expand past MAX_YAML_NODES (an
+    "alias bomb": a few hundred bytes that expand to billions of nodes when anything walks them)."""
+
+    def compose_document(self):
+        node = super().compose_document()
+        if node is not None and _expanded_size(node, {}, set()) > MAX_YAML_NODES:
+            raise yaml.YAMLError(f"aliases expand to more than {MAX_YAML_NODES:,} nodes")
+        return node
+
+
+def _expanded_size(node, sizes: dict[int, int], open_nodes: set[int]) -> int:
+    """Nodes in the document once every alias is expanded (each shared node's size computed once)."""
+    key = id(node)
+    if key in sizes:
+        return sizes[key]
+    if key in open_nodes:
+        raise yaml.YAMLError("a recursive alias")
+    open_nodes.add(key)
+    children = []
+    if isinstance(node, yaml.SequenceNode):
+        children = node.value
+    elif isinstance(node, yaml.MappingNode):
+        children = [part for pair in node.value for part in pair]
+    total = 1
+    for child in children:
+        total += _expanded_size(child, sizes, open_nodes)
+        if total > MAX_YAML_NODES:
+            break
+    open_nodes.discard(key)
+    sizes[key] = total
+    return total
+
+
+def safe_load(text: str) -> Any:
+    """`yaml.safe_load` with the alias bound above."""
+    return yaml.load(text, Loader=_BoundedLoader)
+
+
 def read_yaml_mapping(path: Path) -> dict[str, Any]:
     """A YAML file whose top level is a mapping (an empty file is an empty mapping)."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: file not found")
     try:
-        loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+        loaded = safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         line = f" (line {mark.line + 1})" if mark is not None else ""
-        raise ConfigError(f"{path}: malformed YAML{line}") from None
+        reason = "" if mark is not None else f": {exc}"
+        raise ConfigError(f"{path}: malformed YAML{line}{reason}") from None
     if loaded is None:
         return {}
     if not isinstance(loaded, dict):
@@ -49,7 +92,7 @@ def read_yaml_mapping(path: Path) -> dict[str, Any]:
 def _parse_value(text: str) -> Any:
     """Parse an override value as YAML (numbers, bools, lists), else keep the string."""
     try:
-        return yaml.safe_load(text)
+        return safe_load(text)
     except yaml.YAMLError:
         return text
 

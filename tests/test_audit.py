@@ -221,3 +221,46 @@ def test_cli_verify_exit_codes_pinned_key_and_witnesses(log, tmp_path):
     assert res.returncode == 1 and "line 5" in res.stderr
     res = subprocess.run(cmd[:6] + ["--witness", str(tmp_path / "nowhere")], capture_output=True, text=True)
     assert res.returncode != 0
+
+
+def test_verify_without_a_key_the_institution_holds_refuses_instead_of_trusting_the_run_directory(log, tmp_path):
+    """A coordinator re-signs the log with a new key and writes a policy pinning that key into the run
+    directory's config.yaml: `audit verify LOG` with no key of the verifier's own must not pass."""
+    path, _, _ = log
+    forged = new_key()
+    save_public(forged, tmp_path / "forged.pub")
+    resign(path, forged)
+    (tmp_path / "policy.yaml").write_text("version: 1\nserver: {region: eu, artifact_regions: [eu], audit_key: forged.pub}\n"
+                                          "regions: {eu: {authority_key: forged.pub, export_to: [eu]}}\n")
+    (tmp_path / "config.yaml").write_text(f"name: x\npolicy: {tmp_path / 'policy.yaml'}\n")
+    res = subprocess.run([sys.executable, "-m", "securefpt.cli", "audit", "verify", str(path)],
+                         capture_output=True, text=True)
+    assert res.returncode == 2 and "name a key you hold" in res.stderr and "intact" not in res.stdout
+    genuine = tmp_path / "server.pub"  # the key the institution holds still catches the forgery
+    res = subprocess.run([sys.executable, "-m", "securefpt.cli", "audit", "verify", str(path), "--public-key",
+                          str(genuine)], capture_output=True, text=True)
+    assert res.returncode == 1 and "TAMPERED" in res.stderr
+
+
+def test_a_log_forked_per_node_at_genesis_fails_with_every_witness(log, tmp_path):
+    """The coordinator shows node aa one log and node bb another (each internally valid and signed,
+    each extending nothing the node had seen), in the same run. Verifying either log with both nodes'
+    witness folders must fail: one run, two logs."""
+    path, key, _ = log
+    other = tmp_path / "fork" / "audit.jsonl"
+    other.parent.mkdir()
+    audit = AuditLog(other, key)
+    for i in range(5):
+        audit.append("round", round=i + 1, participants=["eng"], epsilon={"eng": 9.0})  # a different history
+    audit.close()
+    nodes = write_trial_nodes(load_config(None, ["data.languages=[aa, bb]"]), tmp_path / "nodes")
+    for node_file, log_path in zip(nodes, (path, other)):
+        entries = read_entries(log_path)
+        witness(load_node(node_file), 7, ConfigRecord({
+            "log-id": entries[0]["hash"], "seq": 4, "head": entries[4]["hash"], "from-seq": 0,
+            "digests": [e["digest"] for e in entries]}))
+    for log_path in (path, other):
+        entries = read_entries(log_path)
+        records, problems = load_witnesses([tmp_path / "nodes"], entries[0]["hash"])
+        assert len(records) == 1 and check_witnesses(entries, records) is None  # each fork alone looks fine
+        assert problems and "witnessed another log" in problems[0] and "run 7" in problems[0]

@@ -151,3 +151,9 @@ def test_certs_make_a_ca_and_a_superlink_certificate_it_signed(tmp_path):
     names = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     assert "localhost" in names.get_values_for_type(x509.DNSName)
     assert (tmp_path / "tls" / "server.key").stat().st_mode & 0o077 == 0
+
+
+def test_the_table_prints_a_rounded_release_as_released():
+    from securefpt.engines.report import released
+
+    assert [released(v) for v in (0.2, 0.72, 0.7166666, 1.0)] == ["0.2", "0.72", "0.717", "1.0"]

@@ -64,3 +64,32 @@ def test_relative_paths_resolve_against_the_file(tmp_path):
 def test_bad_override_syntax():
     with pytest.raises(ConfigError, match="dotted.key=value"):
         load_config(None, ["fl.rounds"])
+
+
+ALIAS_BOMB = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
+    f"{n}: &{n} [{', '.join([f'*{p}'] * 9)}]\n" for p, n in zip("abcdefgh", "bcdefghi")) + "name: *i\n"
+
+
+def _loaders():
+    from securefpt.node.config import load_node
+    from securefpt.protocol.policy import load_policy
+    from securefpt.study.config import load_study
+
+    return {"experiment": load_config, "policy": load_policy, "node": load_node, "study": load_study}
+
+
+@pytest.mark.timeout(20)
+@pytest.mark.parametrize("kind", ["experiment", "policy", "node", "study"])
+def test_a_yaml_alias_bomb_is_refused_before_anything_walks_it(tmp_path, kind):
+    """A few hundred bytes whose aliases expand to 9^9 (387 million) nodes: every YAML securefpt reads
+    refuses it with one line, instead of expanding it into memory."""
+    path = write(tmp_path, ALIAS_BOMB)
+    assert len(ALIAS_BOMB) < 400
+    with pytest.raises(ConfigError) as err:
+        _loaders()[kind](path)
+    assert "aliases expand to more than" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_a_few_honest_aliases_still_load(tmp_path):
+    path = write(tmp_path, "seed: &three 3\nname: aliased\nfl: {rounds: *three}\n")
+    assert load_config(path).fl.rounds == 3 and load_config(path).name == "aliased"

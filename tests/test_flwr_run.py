@@ -47,7 +47,8 @@ def test_flwr_run_runs_the_experiment_on_flowers_local_simulation(clean_copy, tm
     write_flower_home(tmp_path / "flwr-home", experiment)  # what scripts/setup.sh writes to .flwr/
     http, control = free_port(), free_port()
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "FLWR_HOME": str(tmp_path / "flwr-home"),
-           "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1", "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(http),
+           "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1", "SECUREFPT_FLWR_SIMULATION": "1",
+           "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(http),
            "FLWR_LOCAL_CONTROL_API_PORT": str(control), "SECUREFPT_HOME": str(tmp_path / "home"), "COLUMNS": "200"}
     out = tmp_path / "out"
     command = [str(BIN / "flwr"), "run", ".", "--stream", "--run-config",

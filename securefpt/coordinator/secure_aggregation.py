@@ -31,6 +31,9 @@ from flwr.compat.common import recorddict_compat as compat
 from securefpt.coordinator.secagg_relay import AuthenticatedSecAggPlus, Relay
 from securefpt.errors import ConfigError
 from securefpt.protocol.experiment import ExperimentConfig
+from securefpt.protocol.mask_prg import use_full_seed_masks
+
+use_full_seed_masks()  # the nodes expand masks from the whole shared secret: unmask the same way
 
 
 @dataclass(frozen=True)

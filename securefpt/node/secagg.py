@@ -23,6 +23,7 @@ Messages that are not part of a SecAgg+ round go straight to the handler.
 from __future__ import annotations
 
 import json
+import logging
 from typing import cast
 
 import numpy as np
@@ -30,7 +31,7 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.app.message_type import MessageType
 from flwr.client.mod import secaggplus_mod
 from flwr.clientapp.typing import ClientAppCallable
-from flwr.common import parameters_to_ndarrays
+from flwr.common import ndarrays_to_parameters, parameters_to_ndarrays
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, RECORD_KEY_STATE, Key, Stage
 from flwr.compat.common import recorddict_compat as compat
 
@@ -40,7 +41,11 @@ from securefpt.protocol import key_advertisement as ka
 from securefpt.protocol import records as R
 from securefpt.protocol.attestation import b64, unb64
 from securefpt.protocol.experiment import ExperimentRequest
+from securefpt.protocol.mask_prg import use_full_seed_masks
 from securefpt.protocol.refusals import NodeRefusal
+
+_LOG = logging.getLogger("securefpt.node")
+use_full_seed_masks()  # masks from the whole shared secret, not Flower's 32-bit fold of it
 
 ROUND_STATE = "securefpt-secagg"  # this round's verified peers, in the node's Context state
 
@@ -143,7 +148,14 @@ def _share_keys(node: Node, msg: Message, context: Context, call_next: ClientApp
 
 
 def _checked_handler(context: Context, call_next: ClientAppCallable) -> ClientAppCallable:
-    """The train handler, followed by the checks on what SecAgg+ is about to mask."""
+    """The train handler, followed by what makes the masked vector safe to sum and mute about |D_k|.
+
+    The coordinator chooses `max_weight` and `clipping_range`; a refusal that depended on the
+    node's weight (|D_k| / max_weight above 1) or on its update's size against them would answer
+    one bit of |D_k| per round. So the node never refuses on them: it caps its weight at 1 and
+    scales its weighted update into the clipping range (its direction kept; Flower's quantizer
+    would otherwise clip each coordinate), noting either in its own log only. A non-finite update
+    is refused: it would break the sum, and NaN depends on no size the coordinator can choose."""
 
     def handler(msg: Message, ctxt: Context) -> Message:
         reply = call_next(msg, ctxt)
@@ -152,15 +164,23 @@ def _checked_handler(context: Context, call_next: ClientAppCallable) -> ClientAp
         state = context.state.config_records[RECORD_KEY_STATE]
         clip, max_weight = float(state["clipping_range"]), float(state["max_weight"])
         fitres = compat.recorddict_to_fitres(reply.content, keep_input=True)
-        ratio = fitres.num_examples / max_weight
-        if not 0 < ratio <= 1:
-            raise NodeRefusal("weight-out-of-range", f"|D_k|={fitres.num_examples}, max_weight={max_weight:g}")
         arrays = parameters_to_ndarrays(fitres.parameters)
         if not all(np.isfinite(a).all() for a in arrays):
             raise NodeRefusal("update-not-finite")
+        if not max_weight > 0 or fitres.num_examples <= 0:
+            raise NodeRefusal("weight-out-of-range", f"|D_k|={fitres.num_examples}, max_weight={max_weight:g}")
+        weight = min(float(fitres.num_examples), max_weight)  # ratio <= 1 whatever |D_k|
         peak = max((float(np.abs(a).max()) for a in arrays if a.size), default=0.0)
-        if ratio * peak > clip:
-            raise NodeRefusal("update-out-of-range", f"weighted update {ratio * peak:.4g} > clipping_range {clip:g}")
+        ratio = weight / max_weight
+        room = 0.999 * clip / (ratio * peak) if peak > 0 else 1.0
+        if weight == float(fitres.num_examples) and room >= 1.0:
+            return reply
+        _LOG.info("secagg: weight capped at max_weight (%s) or update scaled by %.4g to fit clipping_range %g",
+                  weight != fitres.num_examples, min(room, 1.0), clip)
+        fitres.num_examples = int(weight) if float(weight).is_integer() else weight
+        if room < 1.0:
+            fitres.parameters = ndarrays_to_parameters([a * room for a in arrays])
+        reply.content = compat.fitres_to_recorddict(fitres, keep_input=True)
         return reply
 
     return handler

@@ -138,8 +138,12 @@ def witness_payload(record: dict) -> bytes:
 def load_witnesses(folders: Iterable[Path], log_id: str) -> tuple[list[dict], list[str]]:
     """The witness records of this log under each folder (a node's state folder or a folder of
     them, e.g. a simulation run's nodes/), and the problems found: a record whose signature does
-    not verify with the key its own attestation names is reported, not used."""
-    records, problems = [], []
+    not verify with the key its own attestation names is reported, not used, and so is a record
+    showing that, in a run this log's witnesses took part in, some node was shown a different log
+    (a coordinator that forks its log at genesis, one fork per node, would otherwise pass with the
+    witnesses of the fork it presents)."""
+    every: list[dict] = []
+    problems: list[str] = []
     for folder in folders:
         files = [Path(folder)] if Path(folder).is_file() else sorted(Path(folder).rglob(WITNESS_FILE))
         if not files:
@@ -154,6 +158,13 @@ def load_witnesses(folders: Iterable[Path], log_id: str) -> tuple[list[dict], li
                     signed = False
                 if not signed:
                     problems.append(f"{path}:{number}: a witness record whose signature does not verify")
-                elif record["log_id"] == log_id:
-                    records.append(record)
+                else:
+                    every.append(record)
+    records = [r for r in every if r["log_id"] == log_id]
+    runs = {int(r["run_id"]) for r in records}
+    for other in every:  # a log forked per node: in the same run, another node was shown another log
+        if other["log_id"] != log_id and int(other["run_id"]) in runs:
+            problems.append(f"node '{other['client_id']}' witnessed another log ({str(other['log_id'])[:12]}) in "
+                            f"run {other['run_id']}, which this log's witnesses saw: the log was forked")
+            break
     return records, problems

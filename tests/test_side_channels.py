@@ -1,0 +1,87 @@
+"""Side channels a hostile coordinator plays against a node (issue: no oracles). Each test runs the
+probe and asserts that what the coordinator gets back no longer depends on the private value."""
+
+import time
+
+import numpy as np
+import pytest
+from flwr.app import ConfigRecord, Context, Message, Metadata, RecordDict
+from flwr.app.message_type import MessageType
+from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_STATE
+from flwr.compat.common import recorddict_compat as compat
+
+from securefpt.node.secagg import _checked_handler
+
+
+def _collect_reply(rows: int, update: np.ndarray, max_weight: float, clip: float):
+    """What the node's COLLECT check hands to Flower's masking, for a node that trained on `rows`."""
+    state = RecordDict({RECORD_KEY_STATE: ConfigRecord({"clipping_range": clip, "max_weight": max_weight})})
+    context = Context(run_id=1, node_id=7, node_config={}, state=state, run_config={})
+    request = Message(content=RecordDict(), metadata=Metadata(
+        run_id=1, message_id="m1", src_node_id=1, dst_node_id=7, reply_to_message_id="", group_id="1",
+        created_at=time.time(), ttl=60.0, message_type=MessageType.TRAIN))
+
+    def train(msg, ctxt):
+        fitres = FitRes(Status(Code.OK, ""), ndarrays_to_parameters([update]), rows, {})
+        return Message(compat.fitres_to_recorddict(fitres, keep_input=True), reply_to=msg)
+
+    reply = _checked_handler(context, train)(request, context)
+    assert not reply.has_error()
+    fitres = compat.recorddict_to_fitres(reply.content, keep_input=True)
+    return fitres.num_examples, parameters_to_ndarrays(fitres.parameters)[0]
+
+
+@pytest.mark.parametrize("max_weight", [8.0, 20.0, 64.0], ids=["below-both", "between", "above-both"])
+def test_the_weight_bound_the_coordinator_chooses_answers_no_bit_of_the_dataset_size(max_weight):
+    """Before: a node refused (`weight-out-of-range`) iff |D_k| > max_weight, one bit of |D_k| per
+    round. Now two nodes of 10 and 50 rows answer alike for every bound: a weight capped at
+    max_weight, never a refusal."""
+    update = np.linspace(-0.01, 0.01, 12, dtype=np.float32)
+    small, large = (_collect_reply(n, update, max_weight, clip=8.0) for n in (10, 50))
+    assert small[0] == min(10, max_weight) and large[0] == min(50, max_weight)
+    assert small[0] / max_weight <= 1 and large[0] / max_weight <= 1
+
+
+def test_the_clipping_range_the_coordinator_chooses_answers_no_bit_of_the_update_size():
+    """Before: `update-out-of-range` iff |D_k|/max_weight x max|update| > clipping_range. Now the node
+    scales its update into range (direction kept) whatever the range."""
+    update = np.array([0.5, -2.0, 1.0], dtype=np.float32)
+    for clip in (10.0, 1.0, 1e-3):
+        weight, sent = _collect_reply(16, update, 16.0, clip)
+        assert np.abs(sent).max() <= clip
+        assert np.allclose(sent / np.abs(sent).max(), update / np.abs(update).max(), atol=1e-6)
+    weight, sent = _collect_reply(16, update, 16.0, 10.0)
+    assert np.array_equal(sent, update)  # an update inside the range is sent as it is
+
+
+def test_a_non_finite_update_is_still_refused():
+    from securefpt.protocol.refusals import NodeRefusal
+
+    with pytest.raises(NodeRefusal, match="update-not-finite"):
+        _collect_reply(10, np.array([np.nan, 1.0], dtype=np.float32), 16.0, 8.0)
+
+
+def test_a_supernode_s_identity_never_comes_from_the_coordinator_s_run_config(tmp_path, monkeypatch):
+    """A SuperNode started with only a partition id: a hostile coordinator's run config names an
+    `out-dir` whose partition list points at a node.yaml of its choosing. Without the node's own
+    opt-in (its environment) the node refuses at once, naming how to configure it; with it (flwr run .
+    on one machine, set by setup.sh) it reads the list."""
+    import json
+
+    from securefpt.errors import ConfigError
+    from securefpt.node.config import FLWR_SIM_ENV, SIM_NODES_ENV, _where
+
+    planted = tmp_path / "out" / "nodes"
+    planted.mkdir(parents=True)
+    (planted / "partitions.json").write_text(json.dumps([str(tmp_path / "coordinator-chosen" / "node.yaml")]))
+    context = Context(run_id=1, node_id=7, node_config={"partition-id": 0}, state=RecordDict(),
+                      run_config={"out-dir": str(tmp_path / "out")})
+    monkeypatch.delenv(SIM_NODES_ENV, raising=False)
+    monkeypatch.delenv(FLWR_SIM_ENV, raising=False)
+    start = time.monotonic()
+    with pytest.raises(ConfigError, match="this node has no configuration") as err:
+        _where(context)
+    assert FLWR_SIM_ENV in str(err.value) and time.monotonic() - start < 2.0  # no minute-long wait
+    monkeypatch.setenv(FLWR_SIM_ENV, "1")
+    assert _where(context)[0] == tmp_path / "coordinator-chosen" / "node.yaml"  # the node opted in
