@@ -22,8 +22,7 @@ from flwr.common.secure_aggregation.crypto.symmetric_encryption import decrypt, 
 from flwr.common.secure_aggregation.ndarrays_arithmetic import factor_extract, parameters_mod
 from flwr.common.secure_aggregation.quantization import dequantize
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
-from flwr.common.secure_aggregation.secaggplus_utils import (pseudo_rand_gen, share_keys_plaintext_concat,
-                                                             share_keys_plaintext_separate)
+from flwr.common.secure_aggregation.secaggplus_utils import share_keys_plaintext_concat, share_keys_plaintext_separate
 from flwr.common.serde import message_to_proto
 from flwr.compat.common import recorddict_compat as compat
 from flwr.serverapp import Grid, ServerApp
@@ -31,6 +30,7 @@ from flwr.supercore.primitives.asymmetric import (bytes_to_private_key, bytes_to
                                                   private_key_to_bytes, public_key_to_bytes)
 
 from securefpt.protocol import records as R
+from securefpt.protocol.mask_prg import expand_mask as pseudo_rand_gen  # the masks' public expansion, as the nodes run it
 from securefpt.protocol.identity import new_challenge
 from securefpt.protocol.refusals import parse
 
