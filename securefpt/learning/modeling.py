@@ -71,11 +71,12 @@ def load_backbone(cfg: ModelConfig, vocab_size: int, seed: int) -> nn.Module:
             attention_probs_dropout_prob=0.0,
         )
         return BertModel(tiny, add_pooling_layer=False)
+    source = resolve(cfg.name)
     try:
-        backbone = AutoModel.from_pretrained(resolve(cfg.name), **hf_offline_kwargs())
+        backbone = AutoModel.from_pretrained(source, **hf_offline_kwargs())
     except (OSError, ValueError) as exc:
         raise ModelUnavailableError(_unavailable(cfg.name, exc)) from None
-    share_weights(backbone, resolve(cfg.name))
+    share_weights(backbone, source)
     return backbone
 
 
