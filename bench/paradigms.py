@@ -8,7 +8,10 @@ the monolingual baseline get the same epochs: `fl.rounds x fl.local_epochs` plus
 
     python bench/paradigms.py server/masakhanews.yaml [--set key=value ...] \\
         [--variant fedper=personalization.local_head=true,fl.server_optimizer.name=fedavgm] \\
-        [--paradigms monolingual centralized] [--out runs/bench-paradigms]
+        [--paradigms monolingual centralized] [--out runs/bench-paradigms] [--reuse]
+
+`--reuse` keeps a run whose folder already holds a `summary.json` of the same config (a
+long benchmark can then be resumed run by run); its wall time is the one recorded then.
 
 A variant is NAME=overrides (comma-separated key=value); without --variant: `fedavg`
 (no overrides) and `fedper` (a local head).
@@ -40,6 +43,7 @@ def main() -> None:
     parser.add_argument("--variant", dest="variants", action="append", default=None)
     parser.add_argument("--paradigms", nargs="*", default=["monolingual", "centralized"])
     parser.add_argument("--out", type=Path, default=Path("runs/bench-paradigms"))
+    parser.add_argument("--reuse", action="store_true", help="keep finished runs of the same config")
     args = parser.parse_args()
 
     runs = [(p, p, [f"paradigm={p}"]) for p in args.paradigms]
@@ -48,10 +52,13 @@ def main() -> None:
     results: dict[str, dict] = {}
     for name, paradigm, extra in runs:
         cfg = load_config(args.config, args.overrides + extra)
-        start = time.perf_counter()
-        shutil.rmtree(args.out / name, ignore_errors=True)  # a fresh run each time
-        summary = run_experiment(cfg, args.out / name, show_progress=False)
-        seconds = time.perf_counter() - start
+        summary, seconds = _finished(args.out / name, cfg) if args.reuse else (None, None)
+        if summary is None:
+            start = time.perf_counter()
+            shutil.rmtree(args.out / name, ignore_errors=True)  # a fresh run each time
+            summary = run_experiment(cfg, args.out / name, show_progress=False)
+            seconds = time.perf_counter() - start
+            (args.out / name / "bench.json").write_text(json.dumps({"seconds": seconds}))
         final = summary["final"]
         label = f"{name} (global)" if paradigm == "federated" else name
         results[label] = {"accuracy": final["accuracy"], "seconds": seconds}
@@ -59,7 +66,7 @@ def main() -> None:
             results[f"{name} (personalized)"] = {"accuracy": final["personalized_accuracy"], "seconds": seconds}
         print(f"{name}: avg={final['accuracy']['avg']:.3f}"
               + (f", personalized {final['personalized_accuracy']['avg']:.3f}" if final.get("personalized_accuracy")
-                 else "") + f" ({seconds:.0f}s)", flush=True)
+                 else "") + f" ({_seconds(seconds)} s)", flush=True)
 
     languages = cfg.data.languages
     print()
@@ -68,7 +75,7 @@ def main() -> None:
     for label, r in results.items():
         acc = r["accuracy"]
         print(f"| {label} | " + " | ".join(f"{acc[lang]:.3f}" for lang in languages)
-              + f" | **{acc['avg']:.3f}** | {r['seconds']:.0f} |")
+              + f" | **{acc['avg']:.3f}** | {_seconds(r['seconds'])} |")
     if "monolingual" in results:
         mono = results["monolingual"]["accuracy"]
         print()
@@ -87,6 +94,22 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "paradigms.json").write_text(json.dumps({k: v["accuracy"] for k, v in results.items()}, indent=2))
     _plot(results, languages, args.out / "paradigms.png")
+
+
+def _finished(folder: Path, cfg) -> tuple[dict | None, float | None]:
+    """A finished run of exactly `cfg` in `folder` (its summary and recorded seconds), else (None, None)."""
+    summary_path, config_path = folder / "summary.json", folder / "config.yaml"
+    if not (summary_path.is_file() and config_path.is_file()):
+        return None, None
+    if load_config(config_path).model_dump() != cfg.model_dump():
+        return None, None
+    timing = folder / "bench.json"
+    seconds = json.loads(timing.read_text())["seconds"] if timing.is_file() else None
+    return json.loads(summary_path.read_text()), seconds
+
+
+def _seconds(seconds: float | None) -> str:
+    return "n/a" if seconds is None else f"{seconds:.0f}"
 
 
 def _plot(results, languages, path: Path) -> None:

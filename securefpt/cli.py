@@ -70,6 +70,10 @@ def _run(config: Optional[Path], out: Optional[Path], overrides: List[str], quie
     from securefpt.engines.report import print_summary
 
     print_summary(summary, out, console)
+    if summary.get("stopped_by_refusals"):  # the results so far are kept; the run did not do what was asked
+        err.print(f"[red]error:[/red] the run stopped before its last round: "
+                  f"{summary['stopped_before_the_last_round']}", highlight=False, soft_wrap=True)
+        raise typer.Exit(code=3)
 
 
 @app.command()
@@ -90,7 +94,7 @@ def demo(
     set_: List[str] = typer.Option([], "--set", help="override a key: dotted.key=value (repeatable)"),
     quiet: bool = typer.Option(False, "--quiet"),
 ) -> None:
-    """Federated prompt tuning on the embedded default (packaged MiniLM, demo data), offline,
+    """Federated prompt tuning on the embedded default (multilingual e5, 4-bit origin; demo data), offline,
     under the demo federation's policy (made once in $SECUREFPT_HOME/demo-federation)."""
     from securefpt.home import securefpt_home
     from securefpt.operators.keys import make_federation

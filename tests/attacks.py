@@ -69,8 +69,8 @@ class Hostile:
                                        for k, r in replies.items()}
         return replies
 
-    def train(self, step: str, client: str, server_round: int, arrays) -> Message:
-        fitins = FitIns(ndarrays_to_parameters(list(arrays.values())), {"server-round": server_round})
+    def train(self, step: str, client: str, server_round: int, arrays, **flags) -> Message:
+        fitins = FitIns(ndarrays_to_parameters(list(arrays.values())), {"server-round": server_round, **flags})
         msg = Message(compat.fitins_to_recorddict(fitins, True), dst_node_id=self.ids([client])[0],
                       message_type=MessageType.TRAIN)
         return self.send(step, [msg])[client]

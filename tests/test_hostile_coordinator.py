@@ -122,6 +122,9 @@ def first_run(h: Hostile) -> None:
     h.evaluate("offer round 3 on one encoder", "shares-c", 2, e[5], next_round=3)
     h.train("train round 3 on another encoder", "shares-c", 3, e[6])
     h.setup("rename the experiment in the run", {**honest, "name": "another-name"}, to=["open-b", "shares-c"])
+    # a node that accepted secure aggregation, sent a plain train message that claims to be secure
+    h.setup("the experiment under secure aggregation", secure, to=["strict-a"])
+    h.train("plaintext training under a 'secure' flag", "strict-a", 1, e[7], secure=True)
 
 
 def second_run(h: Hostile) -> None:
@@ -174,6 +177,12 @@ def test_the_budget_binds_where_it_is_spent_offer_or_no_offer(played):
     assert outcome(played, "train round 3 on another encoder")["shares-c"] == "encoder-not-offered"
 
 
+def test_a_secure_flag_in_a_plain_train_message_gets_no_update_in_the_clear(played):
+    """Only the node's own SecAgg+ collect stage masks a reply; the coordinator's flag proves nothing."""
+    assert outcome(played, "the experiment under secure aggregation") == {"strict-a": "ok"}
+    assert outcome(played, "plaintext training under a 'secure' flag") == {"strict-a": "secagg-required"}
+
+
 def test_renaming_the_experiment_gives_no_fresh_budget(played):
     assert set(outcome(played, "rename the experiment in the run").values()) == {"setup-changed"}
     # a new run: open-b spent 3.76 of its lifetime 4.5 on the first experiment; two more rounds would reach 5.04
@@ -209,5 +218,5 @@ def test_no_byte_the_coordinator_received_derives_from_a_nodes_data_unless_its_r
                 for v in value if isinstance(value, list) else [value]:
                     if isinstance(v, (int, float)) and not isinstance(v, bool) and client in lang_of:
                         assert v not in counts[lang_of[client]], (step, client, name, key, v)
-        if kind == MessageType.TRAIN and client is not None:
+        if kind == MessageType.TRAIN and client is not None and records:  # a reply, not a refusal
             assert lang_of[client] != "aa"  # the node that requires secure aggregation trained nothing in the clear

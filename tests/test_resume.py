@@ -115,3 +115,98 @@ def test_ctrl_c_stops_at_the_next_exchange_and_the_same_command_resumes_to_the_u
     assert [r["round"] for r in a["rounds"]] == [1, 2, 3] and a["final"]["accuracy"] == b["final"]["accuracy"]
     x, y = (load_arrays(tmp_path / d / "prompt_encoder.safetensors") for d in ("run", "whole"))
     assert all(np.array_equal(x[k], y[k]) for k in y)
+
+
+def _cli(tmp_path, languages, extra):
+    """`securefpt run` on a small MasakhaNEWS-like tree, as a command line for a run directory."""
+    from tests.conftest import TINY, make_masakhanews_like, tsv_cfg_overrides
+
+    root = make_masakhanews_like(tmp_path / "data", languages)
+    sets = [f"--set={s}" for s in TINY + tsv_cfg_overrides(root, languages) + extra]
+    (tmp_path / "exp.yaml").write_text("name: interrupted\n")
+    return lambda out: [sys.executable, "-m", "securefpt.cli", "run", "--quiet", "--out", str(out), *sets,
+                        str(tmp_path / "exp.yaml")]
+
+
+def _node_files(out, lang):
+    state = out / "nodes" / lang
+    runs = sorted((json.loads(p.read_text()) for p in (state / "runs").glob("*.json")),
+                  key=lambda r: min(r["trained"] or [99]))
+    held = json.loads((state / "held.json").read_text()) if (state / "held.json").is_file() else {}
+    return runs, json.loads((state / "encoders.json").read_text()), held
+
+
+def test_ctrl_c_after_the_aggregate_resumes_by_evaluating_it_and_no_node_trains_that_round_again(tmp_path):
+    """The interrupt lands after round 2's aggregate is checkpointed, before its evaluation (the
+    issue's 'round 34: evaluating'). The same command evaluates that aggregate, trains round 3 only,
+    and ends equal to an uninterrupted run (plaintext, no DP: deterministic)."""
+    import numpy as np
+
+    command = _cli(tmp_path, ["aa", "bb"], ["fl.rounds=3", "secagg.enabled=false"])
+    env = {**os.environ, "SECUREFPT_FAULTS": "coordinator@round-2:aggregated:sigint"}
+    stopped = subprocess.run(command(tmp_path / "run"), capture_output=True, text=True, env=env, timeout=600)
+    assert stopped.returncode == 130, stopped.stderr
+    assert stopped.stderr.strip().splitlines()[-1] == (
+        f"interrupted: {tmp_path / 'run'} keeps its checkpoint after round 1 (round 2 is aggregated; its evaluation "
+        "is redone); run the same command to resume")
+    resumed = subprocess.run(command(tmp_path / "run"), capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming after round 1 (round 2 aggregated)" in resumed.stderr
+    whole = subprocess.run(command(tmp_path / "whole"), capture_output=True, text=True, timeout=600)
+    assert whole.returncode == 0, whole.stderr
+    a, b = (json.loads((tmp_path / d / "summary.json").read_text()) for d in ("run", "whole"))
+    assert [r["round"] for r in a["rounds"]] == [1, 2, 3] and a["final"]["accuracy"] == b["final"]["accuracy"]
+    assert [r["accuracy"] for r in a["rounds"]] == [r["accuracy"] for r in b["rounds"]]
+    x, y = (load_arrays(tmp_path / d / "prompt_encoder.safetensors") for d in ("run", "whole"))
+    assert all(np.array_equal(x[k], y[k]) for k in y)
+    for lang in ("aa", "bb"):  # rounds 1 and 2 in the first run, round 3 in the second; 3 encoders spent
+        runs, spent, _ = _node_files(tmp_path / "run", lang)
+        assert [r["trained"] for r in runs] == [[1, 2], [3]] and len(set(spent)) == 3
+    verdict = verify_log(tmp_path / "run" / "audit.jsonl", load_public(a["audit_public_key"]), a["audit_head"])
+    assert verdict.ok, verdict.reason
+
+
+@pytest.mark.parametrize("stage, first_run", [("collect_masked_vectors", [1]), ("unmask", [1, 2])])
+def test_ctrl_c_inside_a_secure_round_resumes_and_the_nodes_train_that_round_once_more(tmp_path, stage, first_run):
+    """Interrupted before a SecAgg+ stage of round 2. Before collect, no node has trained round 2.
+    Before unmask, every node trained on round 2's encoder, but none revealed unmask shares, so no
+    sum with their updates could be unmasked: each held that encoder (node/state.py) and trains
+    round 2 again in the resumed run; then it is spent, like every other."""
+    command = _cli(tmp_path, ["aa", "bb", "cc"], ["fl.rounds=3", "secagg.enabled=true"])
+    env = {**os.environ, "SECUREFPT_FAULTS": f"coordinator@round-2:{stage}:sigint"}
+    stopped = subprocess.run(command(tmp_path / "run"), capture_output=True, text=True, env=env, timeout=600)
+    assert stopped.returncode == 130, stopped.stderr
+    for lang in ("aa", "bb", "cc"):
+        runs, spent, held = _node_files(tmp_path / "run", lang)
+        assert runs[0]["trained"] == first_run and len(spent) == 1  # round 2's encoder is not spent
+        assert list(held.values()) == ([{"round": 2, "attempts": 1}] if 2 in first_run else [])
+    resumed = subprocess.run(command(tmp_path / "run"), capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert [r["round"] for r in summary["rounds"]] == [1, 2, 3]
+    assert all(r["participants"] == ["aa", "bb", "cc"] for r in summary["rounds"])
+    assert summary["secure_aggregation"]["aborted_rounds"] == []
+    for lang in ("aa", "bb", "cc"):
+        runs, spent, held = _node_files(tmp_path / "run", lang)
+        assert [r["trained"] for r in runs] == [first_run, [2, 3]] and len(set(spent)) == len(spent) == 3
+        assert held == {}
+    verdict = verify_log(tmp_path / "run" / "audit.jsonl", load_public(summary["audit_public_key"]),
+                         summary["audit_head"])
+    assert verdict.ok, verdict.reason
+
+
+def test_a_node_never_trains_again_on_an_encoder_whose_unmask_shares_it_revealed(tmp_path):
+    """The bound of the retry: once a node answered the unmask stage on an encoder (the sum with
+    its update could be unmasked), it refuses that encoder for good, in any run and any round."""
+    from securefpt.node.state import MAX_ATTEMPTS, NodeState
+
+    state = NodeState(tmp_path)
+    state.hold_encoder("e1", 2)
+    assert state.may_train("e1", 2) and not state.may_train("e1", 3)  # its own round only
+    for _ in range(MAX_ATTEMPTS - 1):
+        state.hold_encoder("e1", 2)
+    assert not state.may_train("e1", 2)  # a bounded number of attempts
+    state.hold_encoder("e2", 4)
+    state.record_encoder("e2")  # it revealed its unmask shares
+    assert state.trained_on("e2") and not state.may_train("e2", 4)
+    assert "e2" not in json.loads((tmp_path / "held.json").read_text())

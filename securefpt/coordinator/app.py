@@ -1,18 +1,20 @@
 """The Flower ServerApp: Federated Prompt Averaging (Algorithm 1) over the engine's Grid.
 
-A run: `setup` (every node gets the experiment request and an identity challenge; the
-policy's eligibility decisions and the nodes' own answers decide who takes part), then
-an evaluation of the initial encoder that also offers round 1. One round: select
-m = max(C*K, 1) of the nodes that accepted the offer, train (SecAgg+ or plaintext),
-form the new global encoder, and send it to every node in one `evaluate` message that
-also offers the next round. The coordinator only proposes: every node checks every
-message against its own rules, and a malformed or missing reply counts as a dropout.
+A run reads top-down in `_run`: prepare (the model's shared encoder, or the checkpoint a
+restarted coordinator resumes from), admit (setup: every node gets the experiment request
+and an identity challenge; the policy's decisions and the nodes' own answers decide who
+takes part), an evaluation of the current encoder that also offers the next round, one
+line per round, finish (artifact, personalization, summary, the last witness).
+
+One round (`_round`): select m = max(C*K, 1) of the nodes that accepted the offer, train
+(SecAgg+ or plaintext), form the new global encoder, checkpoint it, and send it to every
+node in one `evaluate` message that also offers the next round; checkpoint again. The
+coordinator only proposes: every node checks every message against its own rules, and a
+malformed or missing reply counts as a dropout (coordinator/phases.py triages them).
 """
 
 from __future__ import annotations
 
-import os
-import signal
 import time
 from collections import OrderedDict
 from dataclasses import asdict
@@ -20,40 +22,25 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import numpy as np
-from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
-from flwr.common import FitIns, ndarrays_to_parameters, parameters_to_ndarrays
-from flwr.compat.common import recorddict_compat as compat
+from flwr.app import Context, Message
 from flwr.serverapp import Grid, ServerApp
 
 from securefpt.coordinator.admission import Admission
-from securefpt.coordinator.aggregation import select_clients, weighted_average
+from securefpt.coordinator.aggregation import select_clients
 from securefpt.coordinator.checkpoint import RunState, load_checkpoint, save_checkpoint
 from securefpt.coordinator.eligibility import participants
-from securefpt.coordinator.metering import MeteredGrid, exchange
+from securefpt.coordinator.interrupts import drill
+from securefpt.coordinator.metering import MeteredGrid
+from securefpt.coordinator.phases import EvalOutcome, RoundPhases, TrainOutcome
 from securefpt.coordinator.progress import RunProgress
 from securefpt.coordinator.run_dir import RoundRecord, RunRecorder
-from securefpt.coordinator.secure_aggregation import SecAggSettings, resolve_settings, secure_fit_round
+from securefpt.coordinator.secure_aggregation import resolve_settings
 from securefpt.coordinator.server_optimizer import ServerOptimizer
 from securefpt.errors import FederationError, RunInterrupted
 from securefpt.learning.data import label_space
 from securefpt.learning.modeling import build_model, count_params, get_trainable
-from securefpt.protocol import records as R
 from securefpt.protocol.experiment import ExperimentConfig
-from securefpt.coordinator.verdicts import describe, error_reason
 from securefpt.protocol.policy import load_policy
-
-
-def drill(event: str) -> None:
-    """SECUREFPT_FAULTS="coordinator@round-N:sigint": the operator presses Ctrl-C right after round N
-    is checkpointed (a drill for the interrupt path, as node faults are in node/guards.py). The
-    ServerApp may run in another thread than the one Python delivers signals to: the drill waits
-    until the handler has run, so the press lands before the next exchange, as the drill means."""
-    from securefpt.coordinator.metering import STOP
-
-    for item in os.environ.get("SECUREFPT_FAULTS", "").split(","):
-        if item.strip() == f"coordinator@{event}:sigint":
-            os.kill(os.getpid(), signal.SIGINT)
-            STOP.wait(timeout=10.0)
 
 
 def privacy_summary(cfg: ExperimentConfig, reports: dict[str, dict]) -> dict:
@@ -80,7 +67,6 @@ class FederatedPromptAveraging(Admission):
                  show_progress: bool = True, on_receive: Optional[Callable[[Message], None]] = None) -> None:
         self.cfg = cfg
         self.context = context
-        self.secagg: Optional[SecAggSettings] = None  # sized in run() for the nodes that take part
         self.grid = MeteredGrid(grid, on_receive=on_receive)
         self.participants = participants(cfg)  # the residency policy's decisions, before any training
         self.policy = load_policy(cfg.policy) if cfg.policy is not None else None  # as at the start of the run
@@ -91,125 +77,60 @@ class FederatedPromptAveraging(Admission):
         self.progress = RunProgress(enabled=show_progress)
         self.rng = np.random.default_rng(cfg.seed)
         self.languages: dict[int, str] = {}  # node id -> language, fixed at setup (authenticated identity)
-        self.witnessed: dict[int, int] = {}  # node id -> the last audit entry it acknowledged witnessing
-        self.completed = self.resumed.completed if self.resumed else 0
+        self.phases = RoundPhases(cfg, self.grid, context, self.progress, self.recorder.audit, self.languages)
         self.optimizer = ServerOptimizer(cfg.fl.server_optimizer)
+        self.state: Optional[RunState] = None
 
     def _artifact_region(self) -> Optional[str]:
         """Where the final artifact is stored: the coordinator's region (the policy allows it:
         `participants` refuses a run whose policy does not, before any round)."""
         return self.policy.server.region if self.policy is not None else None
 
-    def _in_order(self, langs) -> list[str]:
-        chosen = set(langs)
+    def _in_order(self, nodes) -> list[str]:
+        chosen = {self.languages.get(n, n) for n in nodes}
         return [lang for lang in self.cfg.data.languages if lang in chosen]
 
-    # ------------------------------------------------------------------ rounds
-    def _train_round(self, server_round: int, selected: list[int], global_arrays) -> tuple:
-        """Plaintext round: each selected node returns h_k and |D_k| (Algorithm 1); returns the
-        average change sum_k w_k h_k / sum_k w_k - h_g, as a secure round does."""
-        parameters = ndarrays_to_parameters(list(global_arrays.values()))
-        fitins = FitIns(parameters, {"server-round": server_round})
-        msgs = [
-            Message(compat.fitins_to_recorddict(fitins, True), dst_node_id=n, message_type=MessageType.TRAIN)
-            for n in selected
-        ]
-        task = self.progress.clients(f"round {server_round}: training", len(selected))
-        replies = exchange(self.grid, msgs, timeout=self.cfg.fl.round_timeout, on_reply=lambda _: task.advance())
-        task.done()
-        updates, failures, losses, answered = [], [], [], set()
-        for node, reply in replies:
-            answered.add(node)
-            if reply.has_error():
-                failures.append((node, error_reason(reply)))
-                continue
-            update = _plaintext_update(reply, global_arrays, self.secagg_max_weight())
-            if update is None:
-                failures.append((node, "malformed training reply"))
-                continue
-            updates.append(update[:2])
-            if update[2] is not None:
-                losses.append(update[2])
-        failures += [(n, "no reply before fl.round_timeout") for n in selected if n not in answered]
-        change = None
-        if updates:
-            average = weighted_average(updates)
-            change = OrderedDict((k, average[k].astype(np.float64) - global_arrays[k]) for k in global_arrays)
-        failed = dict(failures)
-        return change, [n for n in selected if n in answered and n not in failed], failures, losses, None
+    def run(self) -> dict:
+        """The run, with the audit log open (and its writer's lock held) for as long as it lasts."""
+        try:
+            return self._run()
+        except RunInterrupted:
+            state = self.state
+            done = state.completed if state else (self.resumed.completed if self.resumed else 0)
+            self.recorder.audit.append("run_interrupted", after_round=done)
+            pending = (f" (round {state.pending.round} is aggregated; its evaluation is redone)"
+                       if state is not None and state.pending is not None else "")
+            raise RunInterrupted(f"interrupted: {self.recorder.out_dir} keeps its checkpoint after round "
+                                 f"{done}{pending}; run the same command to resume") from None
+        finally:
+            self.progress.stop()
+            self.recorder.audit.close()
 
-    def secagg_max_weight(self) -> float:
-        return float(self.cfg.secagg.max_weight or self.cfg.data.largest_train() or float("inf"))
+    def _run(self) -> dict:
+        state, params = self._prepare()
+        eligible, clients = self._admit_nodes(state)
+        last_round = state.completed if state.stopped else self.cfg.fl.rounds
+        self.progress.start(last_round - state.completed)
+        offer, stopped = self._resume_evaluation(state, eligible, last_round)
+        for server_round in range(state.completed + 1, last_round + 1):
+            if stopped:
+                break
+            offer, stopped = self._round(server_round, state, eligible, offer, last_round)
+        self.progress.stop()
+        return self._finish(state, eligible, clients, params, stopped)
 
-    def _secure_train_round(self, server_round: int, selected: list[int], global_arrays) -> tuple:
-        """Secure round: the coordinator learns only sum_k w_k (h_k - h_g) (see secure_aggregation.py)."""
-        task = self.progress.clients(f"round {server_round}: secure aggregation", 1)
-        outcome = secure_fit_round(self.grid, self.context, self.secagg, server_round, selected, global_arrays,
-                                   {"server-round": server_round})
-        task.advance()
-        task.done()
-        contributors = [n for n in selected if n in set(outcome.contributors)]
-        failures = [(n, outcome.failures.get(n, "dropped out of the secure round")) for n in selected
-                    if n not in set(contributors)]
-        if outcome.aborted:  # each node's own refusal where it sent one
-            failures = [(n, outcome.failures.get(n) or f"round aborted: {outcome.why}") for n in selected]
-            self.recorder.audit.append("secure_round_aborted", round=server_round, reason=outcome.why)
-            return None, [], failures, [], outcome.why
-        return outcome.average_change, contributors, failures, [], None
-
-    def _audit_head(self, node: int) -> ConfigRecord:
-        """The log's head for `node` to witness, with the digests since the last head it acknowledged."""
-        audit = self.recorder.audit
-        start = self.witnessed.get(node, -1) + 1
-        return ConfigRecord({"log-id": audit.log_id, "seq": audit.seq - 1, "head": audit.head, "from-seq": start,
-                             "digests": audit.digests[start:]})
-
-    def _acknowledged(self, node: int, reply: Message) -> None:
-        ack = reply.content.config_records.get(R.WITNESS)
-        if ack is not None and isinstance(ack.get("seq"), int):
-            self.witnessed[node] = int(ack["seq"])
-
-    def _evaluate(self, server_round: int, nodes: list[int], global_arrays, next_round: int) -> tuple:
-        """Send the round's aggregate to every node: released accuracies, privacy reports, and each
-        node's answer to the offer of `next_round` (0: none), keyed by the node's authenticated id.
-        Each message carries the audit head for the node to witness."""
-        content = lambda node: RecordDict({  # noqa: E731
-            R.GLOBAL: R.arrays_to_record(global_arrays), R.AUDIT_HEAD: self._audit_head(node),
-            R.ROUND: ConfigRecord({"server-round": server_round, "next-round": next_round})})
-        msgs = [Message(content(n), dst_node_id=n, message_type=MessageType.EVALUATE) for n in nodes]
-        task = self.progress.clients(f"round {server_round}: evaluating", len(nodes))
-        replies = exchange(self.grid, msgs, timeout=self.cfg.fl.round_timeout, on_reply=lambda _: task.advance())
-        task.done()
-        accuracy, privacy, willing, declined = {}, {}, [], {}
-        answered = set()
-        for node, reply in replies:
-            language = self.languages[node]
-            answered.add(node)
-            if reply.has_error():
-                declined[language] = f"no answer: {error_reason(reply)}"
-                continue
-            metrics = reply.content.metric_records.get(R.EVAL)
-            answer = reply.content.config_records.get(R.ANSWER)
-            report = reply.content.config_records.get(R.PRIVACY)
-            if metrics is None or answer is None or "accept" not in answer:
-                declined[language] = "malformed evaluation reply"
-                continue
-            self._acknowledged(node, reply)
-            if isinstance(metrics.get("accuracy"), float) and 0.0 <= metrics["accuracy"] <= 1.0:
-                accuracy[language] = float(metrics["accuracy"])
-            if report is not None and len(report):
-                privacy[language] = dict(report)
-            if bool(answer["accept"]):
-                willing.append(node)
-            elif next_round:
-                declined[language] = describe(str(answer.get("code")), "declined without a reason code")
-        for node in nodes:
-            if node not in answered:
-                declined[self.languages[node]] = "no answer before fl.round_timeout"
-        order = self.cfg.data.languages
-        return ({lang: accuracy[lang] for lang in order if lang in accuracy},
-                {lang: privacy[lang] for lang in order if lang in privacy}, sorted(willing),
-                {lang: declined[lang] for lang in order if lang in declined})
+    # ------------------------------------------------------------------ before the first round
+    def _prepare(self) -> tuple[RunState, tuple[int, int]]:
+        """The shared encoder to start from (a fresh model's, or the resumed checkpoint's) and the
+        model's (trainable, total) parameter counts."""
+        cfg = self.cfg
+        assembled = build_model(cfg.model, cfg.peft, len(self.labels), cfg.seed)
+        shared = cfg.personalization.travels  # a local head stays on each node
+        initial = OrderedDict((k, v) for k, v in get_trainable(assembled.model).items() if shared(k))
+        params = count_params(assembled.model)
+        del assembled
+        self.state = self._initial_state(initial)
+        return self.state, params
 
     def _initial_state(self, global_arrays: OrderedDict) -> RunState:
         """A fresh start, or the checkpoint of a run whose coordinator restarted; its
@@ -224,174 +145,135 @@ class FederatedPromptAveraging(Admission):
             state.best_arrays = OrderedDict((k, state.best_arrays[k]) for k in order)
         self.rng.bit_generator.state = state.rng_state
         self.optimizer.load_flat_state(state.optimizer_state)
-        self.progress.console.print(f"resuming after round {state.completed} (checkpoint in {self.recorder.out_dir})")
+        pending = f" (round {state.pending.round} aggregated)" if state.pending is not None else ""
+        self.progress.console.print(f"resuming after round {state.completed}{pending} "
+                                    f"(checkpoint in {self.recorder.out_dir})")
         return state
 
-    def _personalize(self, nodes: list[int], final_arrays) -> Optional[dict[str, float]]:
-        """Each node adapts the final encoder on its own data and keeps the result (node/personal.py);
-        the accuracies its rules release come back (None: the experiment does not personalize)."""
-        plan = self.cfg.personalization
-        if not plan.planned:
-            return None
-        content = RecordDict({R.GLOBAL: R.arrays_to_record(final_arrays)})
-        msgs = [Message(content, dst_node_id=n, message_type=R.PERSONALIZE_QUERY) for n in nodes]
-        task = self.progress.clients(f"personalizing ({plan.adapt_epochs} local epochs)", len(nodes))
-        replies = exchange(self.grid, msgs, timeout=self.cfg.fl.round_timeout, on_reply=lambda _: task.advance())
-        task.done()
-        accuracy = {}
-        for node, reply in replies:
-            metrics = None if reply.has_error() else reply.content.metric_records.get(R.EVAL)
-            value = metrics.get("accuracy") if metrics is not None else None
-            if isinstance(value, float) and 0.0 <= value <= 1.0:
-                accuracy[self.languages[node]] = value
-            elif reply.has_error():
-                self.recorder.audit.append("personalization_failed", client=self.languages[node],
-                                           reason=error_reason(reply))
-        self.recorder.audit.append("personalized", accuracy=accuracy)
-        return {lang: accuracy[lang] for lang in self.cfg.data.languages if lang in accuracy}
-
-    def _witness_end(self, nodes: list[int]) -> None:
-        """The final audit head, for every node to witness (the entries after the last evaluation)."""
-        msgs = [Message(RecordDict({R.AUDIT_HEAD: self._audit_head(n)}), dst_node_id=n,
-                        message_type=R.WITNESS_QUERY) for n in nodes]
-        for node, reply in exchange(self.grid, msgs, timeout=self.cfg.fl.round_timeout):
-            if not reply.has_error():
-                self._acknowledged(node, reply)
-
-    def run(self) -> dict:
-        """The run, with the audit log open (and its writer's lock held) for as long as it lasts."""
-        try:
-            return self._run()
-        except RunInterrupted:
-            self.recorder.audit.append("run_interrupted", after_round=self.completed)
-            raise RunInterrupted(f"interrupted: {self.recorder.out_dir} keeps its checkpoint after round "
-                                 f"{self.completed}; run the same command to resume") from None
-        finally:
-            self.progress.stop()
-            self.recorder.audit.close()
-
-    def _run(self) -> dict:
-        cfg = self.cfg
-        audit = self.recorder.audit
-        assembled = build_model(cfg.model, cfg.peft, len(self.labels), cfg.seed)
-        shared = cfg.personalization.travels  # a local head stays on each node
-        state = self._initial_state(OrderedDict((k, v) for k, v in get_trainable(assembled.model).items() if shared(k)))
-        trainable, total = count_params(assembled.model)
-        del assembled
-
-        self._setup(self._wait_for_nodes(len(cfg.data.languages)))
+    def _admit_nodes(self, state: RunState) -> tuple[list[int], dict]:
+        """Setup, then who takes part (recorded); the SecAgg+ settings are sized for them."""
+        self._setup(self._wait_for_nodes(len(self.cfg.data.languages)))
         clients, eligible = self._admit()
-        audit.append("eligibility", round=state.completed, clients={k: asdict(v) for k, v in clients.items()})
+        self.recorder.audit.append("eligibility", round=state.completed,
+                                   clients={k: asdict(v) for k, v in clients.items()})
         if not eligible:
-            raise FederationError("no eligible node answered: " + "; ".join(f"{k}: {v.reason}" for k, v in clients.items()))
-        if cfg.secagg.enabled:  # the protocol is sized for the nodes that actually take part
-            self.secagg = resolve_settings(cfg, len(eligible))
+            raise FederationError("no eligible node answered: " + "; ".join(f"{k}: {v.reason}"
+                                                                          for k, v in clients.items()))
+        if self.cfg.secagg.enabled:
+            self.phases.secagg = resolve_settings(self.cfg, len(eligible))
+        return eligible, clients
 
-        last_round = state.completed if state.stopped else cfg.fl.rounds
-        stopped = "early stopping" if state.stopped else None
-        self.progress.start(last_round - state.completed)
-        # the current encoder, evaluated once more; its message offers the first round to train
-        _, _, willing, declined = self._evaluate(state.completed, eligible, state.global_arrays,
-                                                 state.completed + 1 if state.completed < last_round else 0)
-        for server_round in range(state.completed + 1, last_round + 1):
-            start = time.perf_counter()
-            up0, down0 = self.grid.snapshot()
-            if cfg.policy is not None and server_round > 1:
-                eligible = self._recheck_policy(server_round, eligible)
-            willing = [n for n in willing if n in eligible]
-            for lang, why in declined.items():
-                audit.append("declined", round=server_round, client=lang, reason=why)
-            if not willing:
-                why = "; ".join(sorted(set(declined.values()))) or "no node answered"
-                audit.append("no_willing_nodes", round=server_round, reasons=sorted(set(declined.values())))
-                stopped = f"round {server_round}: every node declined ({why})"
-                self.progress.console.print(f"{stopped}; stopping", highlight=False)
-                break
-            selected = self._within_minimums(server_round,
-                                             select_clients(willing, cfg.fl.fraction_fit, self.rng,
-                                                            population=len(eligible)))
-            train = self._secure_train_round if self.secagg is not None else self._train_round
-            train_start = time.perf_counter()
-            if self.secagg is not None and len(selected) < max(2, self.secagg.min_cohort):
-                change, contributors, failures, losses, why = None, [], [
-                    (n, f"secure aggregation needs {max(2, self.secagg.min_cohort)} nodes") for n in selected], [], None
-            else:
-                change, contributors, failures, losses, why = train(server_round, selected, state.global_arrays)
-            train_seconds = time.perf_counter() - train_start
-            aborted = change is None
-            if not aborted:
-                state.global_arrays = self.optimizer.step(server_round, state.global_arrays, change)
-                state.optimizer_state = self.optimizer.flat_state()
-            state.secure_rounds.append({"round": server_round, "participants": self._in_order(
-                self.languages[n] for n in contributors), "dropouts": self._in_order(self.languages[n] for n, _ in failures),
-                "aborted": aborted})
-            next_round = server_round + 1 if server_round < last_round else 0
-            round_declined = declined
-            accuracy, privacy, willing, declined = self._evaluate(server_round, eligible, state.global_arrays,
-                                                                  next_round)
-            if privacy:
-                state.latest_privacy.update(privacy)
-                audit.append("privacy", round=server_round,
-                             epsilon={lang: p.get("epsilon") for lang, p in privacy.items()})
-            up1, down1 = self.grid.snapshot()
-            record = RoundRecord(
-                round=server_round, accuracy=accuracy, seconds=time.perf_counter() - start,
-                train_seconds=train_seconds, participants=self._in_order(self.languages[n] for n in contributors),
-                failures=sorted(f"{self.languages.get(n, n)}: {why}" for n, why in failures),
-                train_loss=float(np.mean(losses)) if losses else None, bytes_up=up1 - up0, bytes_down=down1 - down0,
-                aborted=aborted, declined=round_declined,
-                epsilon={lang: p["epsilon"] for lang, p in privacy.items() if "epsilon" in p} or None,
-            )
-            self.recorder.add_round(record)
-            self.progress.round_done(record)
-            state.stopped = state.observe(record, state.global_arrays, cfg.fl.patience)
-            state.completed, state.rng_state = server_round, self.rng.bit_generator.state
-            save_checkpoint(self.recorder.out_dir, cfg, state, self.recorder.key)
-            self.completed = server_round
-            drill(f"round-{server_round}")
-            if state.stopped:
-                audit.append("early_stop", round=server_round, best_round=state.best_round)
-                stopped = "early stopping"
-                break
-        self.progress.stop()
+    def _resume_evaluation(self, state: RunState, eligible: list[int],
+                           last_round: int) -> tuple[EvalOutcome, Optional[str]]:
+        """Evaluate the current encoder once more; its message offers the next round. A round the
+        checkpoint holds as aggregated but not evaluated is completed by this evaluation."""
+        if state.pending is None:
+            nxt = state.completed + 1 if state.completed < last_round else 0
+            return self.phases.evaluate(state.completed, eligible, state.global_arrays, nxt), (
+                "early stopping" if state.stopped else None)
+        record, start, snapshot = state.pending, time.perf_counter(), self.grid.snapshot()
+        nxt = record.round + 1 if record.round < last_round else 0
+        evaluated = self.phases.evaluate(record.round, eligible, state.global_arrays, nxt)
+        return evaluated, self._complete_round(state, record, evaluated, start, snapshot)
+
+    # ------------------------------------------------------------------ one round
+    def _round(self, server_round: int, state: RunState, eligible: list[int], offer: EvalOutcome,
+               last_round: int) -> tuple[EvalOutcome, Optional[str]]:
+        """Train, aggregate, evaluate: the next round's offer, and why the run stops (None: it goes on)."""
+        start, snapshot = time.perf_counter(), self.grid.snapshot()
+        if self.cfg.policy is not None and server_round > 1:
+            eligible[:] = self._recheck_policy(server_round, eligible)
+        willing = [n for n in offer.willing if n in eligible]
+        for lang, why in offer.declined.items():
+            self.recorder.audit.append("declined", round=server_round, client=lang, reason=why)
+        if not willing:
+            return offer, self._nobody_willing(server_round, offer)
+        selected = self._within_minimums(server_round, select_clients(
+            willing, self.cfg.fl.fraction_fit, self.rng, population=len(eligible)))
+        trained = self.phases.train(server_round, selected, state.global_arrays)
+        record = self._aggregate(server_round, state, trained, offer, start, snapshot)
+        nxt = server_round + 1 if server_round < last_round else 0
+        start, snapshot = time.perf_counter(), self.grid.snapshot()
+        evaluated = self.phases.evaluate(server_round, eligible, state.global_arrays, nxt)
+        return evaluated, self._complete_round(state, record, evaluated, start, snapshot)
+
+    def _nobody_willing(self, server_round: int, offer: EvalOutcome) -> str:
+        why = "; ".join(sorted(set(offer.declined.values()))) or "no node answered"
+        self.recorder.audit.append("no_willing_nodes", round=server_round, reasons=sorted(set(offer.declined.values())))
+        stopped = f"round {server_round}: every node declined ({why})"
+        self.progress.console.print(f"{stopped}; stopping", highlight=False)
+        return stopped
+
+    def _aggregate(self, server_round: int, state: RunState, trained: TrainOutcome, offer: EvalOutcome,
+                   start: float, snapshot: tuple[int, int]) -> RoundRecord:
+        """The new global encoder (the server optimizer's step), checkpointed before it is evaluated:
+        an interruption from here on never asks a node to train this round again."""
+        if not trained.aborted:
+            state.global_arrays = self.optimizer.step(server_round, state.global_arrays, trained.change)
+            state.optimizer_state = self.optimizer.flat_state()
+        participants_, dropouts = self._in_order(trained.contributors), self._in_order(n for n, _ in trained.failures)
+        state.secure_rounds.append({"round": server_round, "participants": participants_, "dropouts": dropouts,
+                                    "aborted": trained.aborted})
+        up, down = self.grid.snapshot()
+        seconds = time.perf_counter() - start
+        state.pending = RoundRecord(
+            round=server_round, accuracy={}, seconds=seconds, train_seconds=seconds, participants=participants_,
+            failures=sorted(f"{self.languages.get(n, n)}: {why}" for n, why in trained.failures),
+            train_loss=float(np.mean(trained.losses)) if trained.losses else None,
+            bytes_up=up - snapshot[0], bytes_down=down - snapshot[1], aborted=trained.aborted,
+            declined=offer.declined)
+        state.rng_state = self.rng.bit_generator.state
+        save_checkpoint(self.recorder.out_dir, self.cfg, state, self.recorder.key)
+        drill(f"round-{server_round}:aggregated")
+        return state.pending
+
+    def _complete_round(self, state: RunState, record: RoundRecord, evaluated: EvalOutcome, start: float,
+                        snapshot: tuple[int, int]) -> Optional[str]:
+        """Record an evaluated round and checkpoint it; "early stopping" when patience ran out."""
+        if evaluated.privacy:
+            state.latest_privacy.update(evaluated.privacy)
+            self.recorder.audit.append("privacy", round=record.round,
+                                       epsilon={lang: p.get("epsilon") for lang, p in evaluated.privacy.items()})
+        up, down = self.grid.snapshot()
+        record.accuracy = evaluated.accuracy
+        record.epsilon = {lang: p["epsilon"] for lang, p in evaluated.privacy.items() if "epsilon" in p} or None
+        record.seconds += time.perf_counter() - start
+        record.bytes_up += up - snapshot[0]
+        record.bytes_down += down - snapshot[1]
+        self.recorder.add_round(record)
+        self.progress.round_done(record)
+        state.stopped = state.observe(record, state.global_arrays, self.cfg.fl.patience)
+        state.completed, state.pending = record.round, None
+        save_checkpoint(self.recorder.out_dir, self.cfg, state, self.recorder.key)
+        drill(f"round-{record.round}")
+        if state.stopped:
+            self.recorder.audit.append("early_stop", round=record.round, best_round=state.best_round)
+            return "early stopping"
+        return None
+
+    # ------------------------------------------------------------------ after the last round
+    def _finish(self, state: RunState, eligible: list[int], clients: dict, params: tuple[int, int],
+                stopped: Optional[str]) -> dict:
+        """The artifact, each node's personalization, summary.json, and the last head to witness."""
         if not self.recorder.rounds:
             raise FederationError("no round completed: every node declined the first round")
-
         final_record, final_arrays = self.recorder.rounds[-1], state.global_arrays
-        if cfg.fl.patience is not None and state.best_round is not None:
+        if self.cfg.fl.patience is not None and state.best_round is not None:
             final_record, final_arrays = state.best_record(), state.best_arrays
         self.recorder.save_artifact(final_arrays, region=self._artifact_region())
-        personalized = self._personalize(eligible, final_arrays)
-        secure = {"enabled": self.secagg is not None}
-        if self.secagg is not None:
-            secure.update(settings=asdict(self.secagg), rounds=state.secure_rounds,
+        personalized = self.phases.personalize(eligible, final_arrays)
+        secure: dict = {"enabled": self.phases.secagg is not None}
+        if self.phases.secagg is not None:
+            secure.update(settings=asdict(self.phases.secagg), rounds=state.secure_rounds,
                           aborted_rounds=[r["round"] for r in state.secure_rounds if r["aborted"]])
-        summary = self.recorder.write_summary(final_record, trainable, total, clients, secure_aggregation=secure,
-                                              privacy=privacy_summary(cfg, state.latest_privacy),
-                                              extra={"stopped_before_the_last_round": stopped},
+        refused = stopped is not None and stopped != "early stopping"
+        summary = self.recorder.write_summary(final_record, *params, clients, secure_aggregation=secure,
+                                              privacy=privacy_summary(self.cfg, state.latest_privacy),
+                                              extra={"stopped_before_the_last_round": stopped,
+                                                     "stopped_by_refusals": refused},
                                               personalized=personalized)
-        self._witness_end(eligible)
+        self.phases.witness_end(eligible)
         return summary
-
-
-def _plaintext_update(reply: Message, global_arrays, max_weight: float):
-    """(arrays, |D_k|, loss or None) of a plaintext training reply, or None when it is malformed:
-    wrong names or shapes, non-finite values, or a weight that is not a positive count."""
-    try:
-        fitres = compat.recorddict_to_fitres(reply.content, keep_input=False)
-        values = parameters_to_ndarrays(fitres.parameters)
-    except Exception:  # a reply the codec cannot read is that node dropping out
-        return None
-    names = list(global_arrays)
-    if len(values) != len(names) or any(v.shape != global_arrays[n].shape for n, v in zip(names, values)):
-        return None
-    if not all(np.isfinite(v).all() for v in values):
-        return None
-    weight = fitres.num_examples
-    if isinstance(weight, bool) or not isinstance(weight, int) or not 0 < weight <= max_weight:
-        return None
-    loss = fitres.metrics.get("loss")
-    return OrderedDict(zip(names, values)), float(weight), float(loss) if isinstance(loss, float) else None
 
 
 def build_server_app(cfg: ExperimentConfig, out_dir: Path, show_progress: bool = True,

@@ -1,12 +1,15 @@
 """The coordinator's state between rounds, checkpointed so a restarted coordinator resumes.
 
-After every completed round the ServerApp writes `checkpoint/` in its run directory:
-the global encoder (and the best one so far), the server optimizer's state, the completed rounds' records, and the
-selection RNG, signed with the coordinator's audit key together with the SHA-256 of
-each array file. A checkpoint whose signature, file names or files do not hold is
-refused before any engine starts. A restarted coordinator given the same experiment
-and run directory continues with the next round, so no completed round is lost or
-repeated. The audit log continues its chain (audit_log.py) and the nodes' privacy
+Twice a round the ServerApp writes `checkpoint/` in its run directory: once the round's
+aggregate is formed (the round is then `pending`: trained and aggregated, not yet
+evaluated) and once it is evaluated. A checkpoint holds the global encoder (and the best
+one so far), the server optimizer's state, the completed rounds' records, the pending
+round's record, and the selection RNG, signed with the coordinator's audit key together
+with the SHA-256 of each array file. A checkpoint whose signature, file names or files do
+not hold is refused before any engine starts. A restarted coordinator given the same
+experiment and run directory evaluates a pending round, then continues with the next, so
+no completed round is lost or repeated and no node is asked to train on an encoder again
+once its update was aggregated. The audit log continues its chain (audit_log.py) and the nodes' privacy
 ledgers stay on the nodes (node/budget.py), so nothing here can reset a budget.
 
 Writes are atomic: arrays go to files named by round, then `state.json` is replaced
@@ -43,6 +46,7 @@ class RunState:
 
     global_arrays: "OrderedDict[str, np.ndarray]"
     completed: int = 0  # the last completed round
+    pending: Optional[RoundRecord] = None  # a round aggregated (global_arrays) but not yet evaluated
     rounds: list[RoundRecord] = field(default_factory=list)
     secure_rounds: list[dict] = field(default_factory=list)
     latest_privacy: dict[str, dict] = field(default_factory=dict)
@@ -73,10 +77,12 @@ def _round_record(d: dict) -> RoundRecord:
 
 
 def save_checkpoint(out_dir: Path, cfg: ExperimentConfig, state: RunState, key: Ed25519PrivateKey) -> Path:
-    """Write the state after a completed round, signed with the coordinator's audit key."""
+    """Write the state after a round's aggregate or its evaluation, signed with the coordinator's audit key."""
     folder = Path(out_dir) / FOLDER
     folder.mkdir(parents=True, exist_ok=True)
-    stem = f"round-{state.completed:04d}"
+    # the aggregate's files and the evaluated round's have different names: a crash while one is
+    # written leaves the other's state.json with intact files
+    stem = f"round-{state.completed:04d}" if state.pending is None else f"round-{state.pending.round:04d}-aggregated"
     files = {"global": f"{stem}.global.safetensors"}
     save_arrays(folder / files["global"], state.global_arrays)
     if state.best_arrays is not None:
@@ -87,6 +93,7 @@ def save_checkpoint(out_dir: Path, cfg: ExperimentConfig, state: RunState, key: 
         save_arrays(folder / files["optimizer"], state.optimizer_state)
     meta = json.loads(json.dumps({
         "config_sha256": cfg.sha256(), "completed": state.completed,
+        "pending": asdict(state.pending) if state.pending is not None else None,
         "files": {role: {"name": name, "sha256": file_sha256(folder / name)} for role, name in files.items()},
         "rounds": [asdict(r) for r in state.rounds], "secure_rounds": state.secure_rounds,
         "latest_privacy": state.latest_privacy, "best_round": state.best_round, "stale": state.stale,
@@ -112,7 +119,7 @@ def _verified(folder: Path, meta: dict, public) -> str:
         return "its signature does not verify with the coordinator's audit key (edited or swapped)"
     for role, entry in meta["files"].items():
         name = str(entry["name"])
-        if not re.fullmatch(r"round-\d{4}\.(global|best|optimizer)\.safetensors", name) or \
+        if not re.fullmatch(r"round-\d{4}(-aggregated)?\.(global|best|optimizer)\.safetensors", name) or \
                 not (folder / name).resolve().is_relative_to(folder.resolve()):
             return f"its {role} file {name!r} is not a checkpoint file name"
         if not (folder / name).is_file() or file_sha256(folder / name) != entry["sha256"]:
@@ -163,6 +170,7 @@ def load_checkpoint(out_dir: Path, cfg: ExperimentConfig, check_experiment: bool
     return RunState(
         global_arrays=OrderedDict(load_arrays(folder / files["global"]["name"])),
         completed=int(meta["completed"]),
+        pending=RoundRecord(**meta["pending"]) if meta.get("pending") else None,
         rounds=[_round_record(r) for r in meta["rounds"]],
         secure_rounds=meta["secure_rounds"],
         latest_privacy=meta["latest_privacy"],

@@ -6,7 +6,6 @@ not an estimate from parameter counts.
 
 from __future__ import annotations
 
-import threading
 from collections import defaultdict
 from typing import Callable, Iterable, Optional
 
@@ -14,15 +13,7 @@ from flwr.app import Message
 from flwr.common.serde import message_to_proto
 from flwr.serverapp import Grid
 
-from securefpt.errors import RunInterrupted
-
-STOP = threading.Event()  # set by the engine when the operator stops the run (Ctrl-C)
-
-
-def check_stop() -> None:
-    """Stop at a message exchange once the operator asked to (nothing half-sent is counted)."""
-    if STOP.is_set():
-        raise RunInterrupted("stopped by the operator")
+from securefpt.coordinator.interrupts import check_stop
 
 
 def message_bytes(msg: Message) -> int:

@@ -25,7 +25,8 @@ from flwr.server.workflow.constant import Key as WorkflowKey
 from flwr.server.workflow.secure_aggregation.secaggplus_workflow import WorkflowState
 from flwr.serverapp import Grid
 
-from securefpt.coordinator.metering import GridProxy, check_stop
+from securefpt.coordinator.interrupts import check_stop, drill
+from securefpt.coordinator.metering import GridProxy
 from securefpt.protocol import records as R
 from securefpt.protocol.refusals import MESSAGES, parse
 
@@ -41,8 +42,9 @@ def _bytes_list(value) -> bool:
 
 
 class Relay(GridProxy):
-    def __init__(self, inner: Grid, shapes: list[tuple[int, ...]]) -> None:
+    def __init__(self, inner: Grid, shapes: list[tuple[int, ...]], server_round: int = 0) -> None:
         super().__init__(inner)
+        self.server_round = server_round
         self.shapes = [(1,), *shapes]  # a masked vector: the weight factor, then each array
         self.errors: dict[int, str] = {}
         self.advertisements: dict[int, str] = {}
@@ -97,6 +99,9 @@ class Relay(GridProxy):
         check_stop()
         messages = list(messages)
         stages = {m.metadata.dst_node_id: self._outgoing(m) for m in messages}
+        for stage in sorted(set(stages.values())):
+            drill(f"round-{self.server_round}:{stage}")
+        check_stop()
         by_node = {m.metadata.dst_node_id: m for m in messages}
         out = []
         for reply in self._inner.send_and_receive(messages, timeout=timeout):

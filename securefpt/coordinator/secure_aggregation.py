@@ -194,7 +194,7 @@ def secure_fit_round(
     shares, threshold = round_settings(settings, len(selected))
     names = list(global_arrays)
     parameters: Parameters = ndarrays_to_parameters(list(global_arrays.values()))
-    observed = Relay(grid, [a.shape for a in global_arrays.values()])
+    observed = Relay(grid, [a.shape for a in global_arrays.values()], server_round)
     run_id = grid.run.run_id
     manager = SimpleClientManager()
     instructions = []

@@ -30,7 +30,7 @@ from typing import Optional
 
 from securefpt.coordinator.checkpoint import load_checkpoint
 from securefpt.coordinator.eligibility import participants
-from securefpt.coordinator.metering import STOP
+from securefpt.coordinator.interrupts import STOP
 from securefpt.coordinator.secure_aggregation import resolve_settings
 from securefpt.engines.preflight import check_nodes, task_labels
 from securefpt.engines.trial_nodes import write_trial_nodes

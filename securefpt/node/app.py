@@ -28,7 +28,7 @@ from pydantic import ValidationError
 from securefpt.node import guards
 from securefpt.node.budget import Ledger
 from securefpt.node.config import Node, this_node
-from securefpt.node.secagg import secure_aggregation_mod
+from securefpt.node.secagg import masking, secure_aggregation_mod
 from securefpt.node.state import NodeState, RunRecord
 from securefpt.node.witness import witness
 from securefpt.protocol import records as R
@@ -104,15 +104,20 @@ def train(msg: Message, context: Context) -> Message:
     node = this_node(context)
     run, request = _accepted(node, context)
     fitins = compat.recorddict_to_fitins(msg.content, keep_input=True)
-    server_round, secure = int(fitins.config["server-round"]), bool(fitins.config.get("secure", False))
+    server_round, secure = int(fitins.config["server-round"]), masking()  # the node's own view, not a flag
     runtime = _runtime(node, request)
     names = runtime.shared_names()  # a local head never travels
     global_arrays = OrderedDict(zip(names, parameters_to_ndarrays(fitins.parameters), strict=True))
     encoder = R.encoder_hash(global_arrays)
     plan, ledger = runtime.privacy_plan, _ledger(node, runtime)
     guards.check_training(node, run, request, server_round, encoder, secure, ledger, plan)
-    run.mark("trained", server_round)  # before anything leaves: a replay of this round is refused
-    NodeState(node.state_dir).record_encoder(encoder)
+    run.note_trained(server_round, encoder)  # before anything leaves: a replay of this round is refused
+    state = NodeState(node.state_dir)
+    # in the clear the update leaves now; under SecAgg+ only once this node reveals its unmask shares
+    if secure:
+        state.hold_encoder(encoder, server_round)
+    else:
+        state.record_encoder(encoder)
     updated, result = runtime.fit(global_arrays, seed=request.seed * 100_003 + server_round)
     if plan is not None:
         ledger.spend(request.sha256(), plan, result.steps)

@@ -53,7 +53,7 @@ def check_training(node: Node, run: RunRecord, request: ExperimentRequest, serve
     offered = run.offered(server_round)
     if (offered is not None or run.done("evaluated", server_round - 1)) and offered != encoder:
         raise NodeRefusal("encoder-not-offered", f"round {server_round}")
-    if NodeState(node.state_dir).trained_on(encoder):
+    if not NodeState(node.state_dir).may_train(encoder, server_round):
         raise NodeRefusal("encoder-reused", encoder)
     if plan is not None:
         ledger.authorize(request.sha256(), plan)
@@ -64,7 +64,7 @@ def check_offer(node: Node, request: ExperimentRequest, next_round: int, encoder
     """Whether this node will train round `next_round` on `encoder`: "ok" or a refusal code."""
     if not 1 <= next_round <= request.training.rounds:
         return "round-out-of-plan"
-    if NodeState(node.state_dir).trained_on(encoder):
+    if not NodeState(node.state_dir).may_train(encoder, next_round):
         return "encoder-reused"
     if plan is not None and not ledger.allows_round(request.sha256(), plan):
         return "budget-exhausted"

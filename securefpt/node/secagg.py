@@ -22,6 +22,7 @@ Messages that are not part of a SecAgg+ round go straight to the handler.
 
 from __future__ import annotations
 
+import contextvars
 import json
 import logging
 from typing import cast
@@ -45,6 +46,14 @@ from securefpt.protocol.mask_prg import use_full_seed_masks
 from securefpt.protocol.refusals import NodeRefusal
 
 _LOG = logging.getLogger("securefpt.node")
+_MASKING = contextvars.ContextVar("securefpt_masking", default=False)
+
+
+def masking() -> bool:
+    """Whether the train handler runs inside this node's SecAgg+ collect stage, so its reply
+    leaves masked. The node decides this itself: a coordinator's "secure" flag in a plain
+    train message proves nothing, and would otherwise get the update in the clear."""
+    return _MASKING.get()
 use_full_seed_masks()  # masks from the whole shared secret, not Flower's 32-bit fold of it
 
 ROUND_STATE = "securefpt-secagg"  # this round's verified peers, in the node's Context state
@@ -187,7 +196,11 @@ def _checked_handler(context: Context, call_next: ClientAppCallable) -> ClientAp
 
 
 def _collect(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
-    reply = secaggplus_mod(msg, context, _checked_handler(context, call_next))
+    token = _MASKING.set(True)
+    try:
+        reply = secaggplus_mod(msg, context, _checked_handler(context, call_next))
+    finally:
+        _MASKING.reset(token)
     if not reply.has_error():
         content = reply.content
         content.metric_records["fitres.num_examples"] = MetricRecord({"num_examples": 0})
@@ -234,6 +247,9 @@ def _unmask(node: Node, msg: Message, context: Context, call_next: ClientAppCall
     if run.done("unmasked", server_round):
         raise NodeRefusal("round-replayed", f"unmask of round {server_round}")
     run.mark("unmasked", server_round)
+    encoder = run.trained_encoder(server_round)
+    if encoder is not None:  # from here the sum with this node's update can be unmasked: never again
+        NodeState(node.state_dir).record_encoder(encoder)
     return secaggplus_mod(msg, context, call_next)
 
 

@@ -4,7 +4,12 @@ Files (each replaced atomically, so a crash leaves the previous version):
 - `runs/<run id>.json`: the experiment accepted in that run, the encoder offered for each
   round, the rounds trained, evaluated and unmasked, the encoders evaluated, the survivor
   sets signed, whether it personalized;
-- `encoders.json`: every global encoder this node ever trained on (lifetime, by hash);
+- `encoders.json`: every global encoder this node's update on which may have reached the
+  coordinator (lifetime, by hash): in the clear at once, under SecAgg+ once the node
+  revealed its unmask shares for that round;
+- `held.json`: encoders trained on under SecAgg+ whose round never reached the unmask stage
+  here (a coordinator interrupted before it): the same round may be trained again on them,
+  in another run, at most `MAX_ATTEMPTS` times (coordinator/checkpoint.py resumes so);
 - `ledger-<dataset>.json`: the privacy ledger (node/budget.py);
 - `witness.jsonl`: the signed audit heads it witnessed (node/witness.py);
 - `node.log`: details of refusals and failures, which never leave the node.
@@ -78,6 +83,16 @@ class RunRecord:
         self.data["signed"][str(server_round)] = survivors
         self.save()
 
+    def trained_encoder(self, server_round: int) -> Optional[str]:
+        return self.data.get("trained-encoders", {}).get(str(server_round))
+
+    def note_trained(self, server_round: int, encoder: str) -> None:
+        self.data.setdefault("trained-encoders", {})[str(server_round)] = encoder
+        self.mark("trained", server_round)
+
+
+MAX_ATTEMPTS = 3  # trainings of one round on one held encoder (each in its own run)
+
 
 class NodeState:
     def __init__(self, folder: Path) -> None:
@@ -87,11 +102,30 @@ class NodeState:
         return RunRecord(self.folder / "runs" / f"{int(run_id)}.json")
 
     def trained_on(self, encoder: str) -> bool:
+        """Whether an update of this node on `encoder` may have reached the coordinator."""
         return encoder in read_json(self.folder / "encoders.json", [])
 
     def record_encoder(self, encoder: str) -> None:
         path = self.folder / "encoders.json"
         write_json(path, [*read_json(path, []), encoder])
+        held = read_json(self.folder / "held.json", {})
+        if held.pop(encoder, None) is not None:
+            write_json(self.folder / "held.json", held)
+
+    def may_train(self, encoder: str, server_round: int) -> bool:
+        """Never on a spent encoder; on a held one only for its own round, a bounded number of times."""
+        if self.trained_on(encoder):
+            return False
+        held = read_json(self.folder / "held.json", {}).get(encoder)
+        return held is None or (held["round"] == server_round and held["attempts"] < MAX_ATTEMPTS)
+
+    def hold_encoder(self, encoder: str, server_round: int) -> None:
+        """A secure round trains on `encoder`: held until the node reveals its unmask shares."""
+        path = self.folder / "held.json"
+        held = read_json(path, {})
+        attempts = held.get(encoder, {}).get("attempts", 0)
+        held[encoder] = {"round": server_round, "attempts": attempts + 1}
+        write_json(path, held)
 
     def log(self, event: str, **details: Any) -> None:
         """Append to the node's own log (never sent anywhere)."""
