@@ -210,3 +210,18 @@ def test_a_node_never_trains_again_on_an_encoder_whose_unmask_shares_it_revealed
     state.record_encoder("e2")  # it revealed its unmask shares
     assert state.trained_on("e2") and not state.may_train("e2", 4)
     assert "e2" not in json.loads((tmp_path / "held.json").read_text())
+
+
+def test_a_run_every_node_declines_to_finish_says_so_and_exits_non_zero(tmp_path):
+    """Fixed noise sigma 1.5, batch 4, RDP: every node's budget (epsilon 2.8) affords one round and not
+    two (aa 2.67 then 3.54, bb 2.48 then 3.21, cc 2.27 then 2.90), so all decline round 2. The
+    results of round 1 are kept (summary.json); the command says why it stopped and exits 3."""
+    command = _cli(tmp_path, ["aa", "bb", "cc"], ["fl.rounds=2", "secagg.enabled=false", "dp.enabled=true",
+                                                  "dp.noise_multiplier=1.5", "dp.target_epsilon=2.8",
+                                                  "dp.accountant=rdp"])
+    done = subprocess.run(command(tmp_path / "run"), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 3, done.stderr
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: the run stopped before its last round: round 2: every node declined (budget-")
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert [r["round"] for r in summary["rounds"]] == [1] and summary["stopped_by_refusals"] is True
