@@ -123,8 +123,7 @@ def predict(
                                    "in order (repeatable)"),
 ) -> None:
     """Classify text with a run's trained prompt encoder and head, or with one node's personalized model."""
-    from securefpt.learning.predict import predict as do_predict
-    from securefpt.node.personal import personalized_predictor
+    from securefpt.predict import predict as do_predict
 
     if texts == ["-"]:
         texts = [line.rstrip("\n") for line in sys.stdin if line.strip()]
@@ -132,8 +131,7 @@ def predict(
         if pair and len(pair) != len(texts):
             raise SecureFPTError(f"--pair: {len(pair)} given for {len(texts)} texts (one each)")
         pairs = pair or None
-        results = (personalized_predictor(run_dir, node)(texts, pairs) if node
-                   else do_predict(run_dir, texts, language, pairs))
+        results = do_predict(run_dir, texts, language, pairs, node)
     except SecureFPTError as exc:
         _fail(exc)
     for text, (label, prob) in zip(texts, results):

@@ -11,7 +11,7 @@ from securefpt.engines.runner import run_experiment
 from securefpt.learning.adapter import HEAD_FILE
 from securefpt.learning.artifacts import load_arrays
 from securefpt.learning.modeling import load_backbone, load_tokenizer
-from securefpt.learning.predict import predict
+from securefpt.predict import predict
 from tests.conftest import TINY, make_masakhanews_like, tsv_cfg_overrides
 
 TEXTS = ["match goal coach 3", "vote election minister 4", "hospital vaccine 5"]
@@ -64,3 +64,32 @@ def test_load_classifier_works_in_a_transformers_pipeline(runs):
     results = pipeline("text-classification", model=clf, tokenizer=clf.tokenizer)(TEXTS)
     assert [(r["label"], pytest.approx(r["score"], abs=1e-5)) for r in results] == predict(run, TEXTS)
     assert clf.config.id2label == dict(enumerate(json.loads((run / "labels.json").read_text())))
+
+
+@pytest.mark.parametrize("name, portable", [("builtin:tiny", "builtin:tiny"),
+                                            ("builtin:minilm", "sentence-transformers/all-MiniLM-L6-v2")])
+def test_the_adapter_names_its_base_portably_and_its_card_states_the_runs_facts(tmp_path, name, portable):
+    """No path inside this machine's environment in adapter_config.json (a hub id where the weights
+    are the hub's, else the builtin name securefpt resolves); README.md is the run's card, not
+    PEFT's empty template."""
+    from securefpt.learning.adapter import save_classifier
+    from securefpt.learning.modeling import build_model, get_trainable
+
+    cfg = load_config(None, TINY + [f"model.name={name}"])
+    model = build_model(cfg.model, cfg.peft, 3, 0)
+    save_classifier(tmp_path, cfg.model, cfg.peft, get_trainable(model.model), ["a", "b", "c"], 0)
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["base_model_name_or_path"] == portable
+
+
+def test_a_runs_model_card_states_task_languages_base_model_privacy_and_decisions(runs):
+    _, run = runs["prompt_tuning"]
+    summary = json.loads((run / "summary.json").read_text())
+    card = (run / "README.md").read_text()
+    assert "More Information Needed" not in card  # PEFT's template is gone
+    for fact in [f"base_model: {summary['model']}", "classify into " + ", ".join(summary["labels"]),
+                 "**Languages**: aa, bb", "prompt_tuning", "no differential privacy guarantee",
+                 summary["audit_head"], "a tiny random BERT built in code (tests)"]:
+        assert fact in card, fact
+    for lang, value in summary["final"]["accuracy"].items():
+        if lang != "avg":
+            assert f"| {lang} | {value:.3f} |" in card

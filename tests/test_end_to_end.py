@@ -4,7 +4,7 @@ import pytest
 
 from securefpt.config import load_config
 from securefpt.engines.runner import run_experiment
-from securefpt.learning.predict import predict
+from securefpt.predict import predict
 from tests.conftest import expected_predictions
 
 pytestmark = pytest.mark.slow

@@ -23,7 +23,8 @@ from securefpt.learning.classifier import load_classifier
 from securefpt.learning.data import label_space, load_client_data
 from securefpt.learning.modeling import build_model, get_trainable, set_trainable
 from securefpt.learning.training import evaluate, train_local
-from securefpt.node.personal import Personal, personalized_predictor
+from securefpt.predict import predict
+from securefpt.node.personal import Personal
 from tests.attacks import hostile_app
 from tests.conftest import make_masakhanews_like, tsv_cfg_overrides
 from tests.test_cli import securefpt
@@ -114,7 +115,7 @@ def test_personalized_federation_equals_its_replay_and_keeps_each_head_at_home(c
 
     with torch.no_grad():
         probs = reference.model(enc["input_ids"], enc["attention_mask"]).softmax(-1)
-    got = personalized_predictor(out, "bb")(texts)
+    got = predict(out, texts, node="bb")  # securefpt.load_classifier(out, node="bb")
     assert [label for label, _ in got] == [labels[int(i)] for i in probs.argmax(-1)]
     assert [p for _, p in got] == pytest.approx([float(p) for p in probs.max(-1).values], abs=1e-5)
     # the command line: the node's model by its state folder; the run's own artifact, refused

@@ -9,10 +9,11 @@ Layout (the interface other tools rely on, see DESIGN):
       adapter_model.safetensors
     classifier_head.safetensors,  the head and its labels (securefpt.load_classifier)
       classifier.json
+    README.md                     the adapter's model card: task, languages, base model, DP, decisions
     languages/<language>/         the same, per language, for a monolingual run
     config.yaml, labels.json      the experiment and its label space
     audit.jsonl                   the run's decisions, hash-chained, signed with the coordinator's key
-    checkpoint/                   the state after the last completed round (resume)
+    checkpoint/                   the state after the last aggregate or completed round (resume)
     nodes/                        the simulation engine's node state (and trial nodes' files)
 """
 
@@ -32,6 +33,7 @@ from securefpt.errors import ConfigError
 from securefpt.coordinator.audit_log import AuditLog
 from securefpt.learning.builtin_models import model_facts
 from securefpt.learning.artifacts import ARTIFACT
+from securefpt.coordinator.model_card import write_model_card
 from securefpt.protocol.audit import file_sha256
 from securefpt.learning.adapter import save_classifier
 from securefpt.learning.artifacts import save_arrays
@@ -216,6 +218,9 @@ class RunRecorder:
         self.plot()
         summary["audit_head"] = self.audit.append("run_end", final_avg=final.avg(), rounds=len(self.rounds))
         (self.out_dir / "summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
+        for folder in [self.out_dir, *sorted((self.out_dir / "languages").glob("*/"))]:
+            if (folder / "classifier.json").is_file():  # the adapter's card (PEFT's own is an empty template)
+                write_model_card(folder, summary)
         return summary
 
     def save_artifact(self, arrays: "dict[str, np.ndarray]", language: Optional[str] = None,

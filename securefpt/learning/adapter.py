@@ -49,10 +49,12 @@ def peft_config(model_cfg: ModelConfig, peft_cfg: PeftConfig, backbone):
 
 
 def _base_name(model_cfg: ModelConfig) -> str:
-    """What the adapter names as its base: the packaged MiniLM's folder, or the model as configured."""
-    from securefpt.learning.builtin_models import BUILTIN_MINILM, minilm_path
+    """What the adapter names as its base, portably: the hub id where the weights are the hub's (the
+    packaged MiniLM), else the name securefpt resolves (`builtin:multilingual-e5-small` is a 4-bit
+    copy, not the hub's weights), never a folder inside this machine's environment."""
+    from securefpt.learning.builtin_models import BUILTIN_MINILM, model_facts
 
-    return str(minilm_path()) if model_cfg.name == BUILTIN_MINILM else model_cfg.name
+    return model_facts(BUILTIN_MINILM).hub_id if model_cfg.name == BUILTIN_MINILM else model_cfg.name
 
 
 def _peft_name(name: str) -> str:
@@ -81,10 +83,11 @@ def save_classifier(folder: Path, model_cfg: ModelConfig, peft_cfg: PeftConfig, 
     if peft_cfg.method == "full":
         return
     backbone = load_backbone(model_cfg, len(load_tokenizer(model_cfg)), seed)
+    backbone.name_or_path = _base_name(model_cfg)  # PEFT names the base after the model instance
     model = get_peft_model(backbone, peft_config(model_cfg, peft_cfg, backbone))
     params = dict(model.named_parameters())
     with torch.no_grad():
         for name, value in arrays.items():
             if not name.startswith("head."):
                 params[_peft_name(name)].copy_(torch.as_tensor(np.asarray(value)))
-    model.save_pretrained(str(folder))
+    model.save_pretrained(str(folder), save_embedding_layers=False)  # the base stays frozen

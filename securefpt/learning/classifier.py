@@ -113,19 +113,25 @@ def _folder(run_dir: Path, language: Optional[str]) -> Path:
 
 
 def load_classifier(run_dir: Path, language: Optional[str] = None) -> PromptClassifierModel:
-    """A finished run's classifier (see the module docstring); `language` for a monolingual run."""
+    """A finished run's classifier (see the module docstring); `language` for a monolingual run.
+    A node's personalized model: securefpt.load_classifier(run, node=...) (node/personal.py)."""
     from securefpt.config import load_config
-    from securefpt.learning.modeling import build_model, load_backbone, load_tokenizer, set_trainable
 
     run_dir = Path(run_dir)
     folder = _folder(run_dir, language)
     if not (folder / CLASSIFIER_FILE).is_file():
         raise ConfigError(f"{folder}: no {CLASSIFIER_FILE} (a run that did not finish?)")
-    description = json.loads((folder / CLASSIFIER_FILE).read_text(encoding="utf-8"))
     if not (folder / HEAD_FILE).is_file():
         raise ConfigError(f"{run_dir}: each node of this run keeps its own head (personalization.local_head); "
                           "classify with a node's personalized model: --node <its state folder or client id>")
-    cfg = load_config(run_dir / "config.yaml")
+    return from_folder(folder, load_config(run_dir / "config.yaml"))
+
+
+def from_folder(folder: Path, cfg) -> PromptClassifierModel:
+    """The classifier saved in `folder` by learning/adapter.py, on the run's backbone."""
+    from securefpt.learning.modeling import build_model, load_backbone, load_tokenizer, set_trainable
+
+    description = json.loads((folder / CLASSIFIER_FILE).read_text(encoding="utf-8"))
     labels = description["labels"]
     if description["peft_method"] == "full":  # no adapter: the whole backbone is in securefpt's own file
         assembled = build_model(cfg.model, cfg.peft, len(labels), cfg.seed)

@@ -57,17 +57,17 @@ class Personal:
         return self.folder / name
 
 
-def personalized_predictor(run_dir: Path, node: str):
-    """`securefpt predict RUN --node NODE`: a function texts -> [(label, probability)] with the node's
-    personalized model of that run's experiment. NODE is the node's state folder, or a client id
-    under the run's `nodes/` (the simulation engine keeps its nodes' state there)."""
+def load_personalized(run_dir: Path, node: str):
+    """A node's personalized model of a run's experiment as the run's own classifier type
+    (learning/classifier.py). NODE is the node's state folder, or a client id under the run's
+    `nodes/` (the simulation engine keeps its nodes' state there)."""
     import json
-
-    import torch
+    import tempfile
 
     from securefpt.config import load_config
     from securefpt.errors import ConfigError
-    from securefpt.learning.modeling import build_model, set_trainable, tokenize
+    from securefpt.learning.adapter import save_classifier
+    from securefpt.learning.classifier import from_folder
 
     run_dir = Path(run_dir)
     state_dir = Path(node) if Path(node).is_dir() else run_dir / "nodes" / node
@@ -82,15 +82,8 @@ def personalized_predictor(run_dir: Path, node: str):
     if arrays is None:
         raise ConfigError(f"{state_dir}: no personalized model of this run's experiment "
                           "(personalization.adapt_epochs or local_head was off, or the run did not finish)")
-    assembled = build_model(cfg.model, cfg.peft, len(labels), cfg.seed)
-    set_trainable(assembled.model, arrays)
-    assembled.model.eval()
-
-    @torch.no_grad()
-    def predict(texts: list[str], pairs: Optional[list[str]] = None) -> list[tuple[str, float]]:
-        enc = tokenize(assembled.tokenizer, texts, pairs, assembled.max_text_tokens)
-        probs = assembled.model(enc["input_ids"], enc["attention_mask"]).softmax(-1)
-        best = probs.max(-1)
-        return [(labels[int(i)], float(p)) for p, i in zip(best.values, best.indices)]
-
-    return predict
+    with tempfile.TemporaryDirectory(prefix="securefpt-personal-") as folder:  # the run's own format, read back
+        save_classifier(Path(folder), cfg.model, cfg.peft, arrays, labels, cfg.seed)
+        if cfg.peft.method == "full":
+            save_arrays(Path(folder) / "prompt_encoder.safetensors", arrays)
+        return from_folder(Path(folder), cfg)
