@@ -51,14 +51,16 @@ def main() -> None:
           f"ratio {deployed_s / simulated_s:.2f}x")
     dep_round = statistics.median(r["seconds"] for r in deployed["rounds"])
     sim_round = statistics.median(r["seconds"] for r in simulated["rounds"])
-    print(f"median round: deployment {dep_round:.1f} s, simulation {sim_round:.1f} s, ratio {dep_round / sim_round:.2f}x")
+    print(f"median round: deployment {dep_round:.1f} s, simulation {sim_round:.1f} s, "
+          f"ratio {dep_round / sim_round:.2f}x")
     print(f"trainable parameters: {deployed['trainable_params']:,} ({param_bytes:,} bytes as float32)")
     print("| round | engine | bytes up / node | bytes down / node | up / param bytes | down / param bytes |")
     print("|---|---|---|---|---|---|")
     for name, summary in (("deployment", deployed), ("simulation", simulated)):
         for r in summary["rounds"]:
             up, down = r["bytes_up"] / nodes, r["bytes_down"] / nodes
-            print(f"| {r['round']} | {name} | {up:,.0f} | {down:,.0f} | {up / param_bytes:.2f} | {down / param_bytes:.2f} |")
+            print(f"| {r['round']} | {name} | {up:,.0f} | {down:,.0f} | {up / param_bytes:.2f} "
+                  f"| {down / param_bytes:.2f} |")
 
 
 if __name__ == "__main__":

@@ -16,8 +16,8 @@ import torch
 
 from securefpt.config import load_config
 from securefpt.learning.data import label_space, load_client_data
-from securefpt.learning.modeling import build_model
 from securefpt.learning.dp_training import DPSchedule, dp_train
+from securefpt.learning.modeling import build_model
 from securefpt.learning.training import train_local
 from securefpt.node.budget import plan_privacy
 

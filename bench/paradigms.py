@@ -101,7 +101,11 @@ def _finished(folder: Path, cfg) -> tuple[dict | None, float | None]:
     summary_path, config_path = folder / "summary.json", folder / "config.yaml"
     if not (summary_path.is_file() and config_path.is_file()):
         return None, None
-    if load_config(config_path).model_dump() != cfg.model_dump():
+    kept = load_config(config_path).model_dump()
+    wanted = cfg.model_dump()
+    if wanted["data"]["labels"] is None:  # a federated run writes the label space it resolved
+        kept["data"]["labels"] = None
+    if kept != wanted:
         return None, None
     timing = folder / "bench.json"
     seconds = json.loads(timing.read_text())["seconds"] if timing.is_file() else None

@@ -47,8 +47,8 @@ def main() -> None:
         save_public(k, tmp / f"{r}.pub")
     coordinator = new_key()
     save_public(coordinator, tmp / "coordinator.pub")
-    policy = Policy(server=ServerBlock(region="eu-west", artifact_regions=["eu-west"], audit_key=tmp / "coordinator.pub"),
-                    regions={
+    server = ServerBlock(region="eu-west", artifact_regions=["eu-west"], audit_key=tmp / "coordinator.pub")
+    policy = Policy(server=server, regions={
         r: RegionRule(authority_key=tmp / f"{r}.pub", export_to=["eu-west", r] if r != "ng-south" else [r],
                       dp=DPRequirement(required=r == "ng-north", max_epsilon=8 if r == "ng-north" else None),
                       min_cohort=3) for r in REGIONS})
@@ -106,7 +106,8 @@ def main() -> None:
     print(f"audit append + sign:   {sign_s * 1000:8.1f} ms")
     print(f"audit verify:          {verify_s * 1000:8.1f} ms")
     print(f"witness heads, {args.clients} nodes: {heads_s * 1000:6.1f} ms")
-    print(f"total per round:       {total * 1000:8.1f} ms = {total / args.round_seconds:.2%} of a {args.round_seconds} s training round")
+    print(f"total per round:       {total * 1000:8.1f} ms = {total / args.round_seconds:.2%} "
+          f"of a {args.round_seconds} s training round")
     print(f"one node's witnessing: {node_s * 1000:8.2f} ms a round (median of 20) = "
           f"{node_s / args.round_seconds:.3%} of the round; all {args.clients} nodes' CPU together: "
           f"{node_s * args.clients * 1000:.0f} ms")

@@ -21,9 +21,9 @@ import torch
 from torch import nn
 
 from securefpt.config import load_config
+from securefpt.engines.runner import run_experiment
 from securefpt.learning.data import label_space, load_client_data
 from securefpt.learning.modeling import build_model
-from securefpt.engines.runner import run_experiment
 from securefpt.learning.training import make_loader
 
 

@@ -64,7 +64,7 @@ def _run(config: Optional[Path], out: Optional[Path], overrides: List[str], quie
         summary = run_experiment(cfg, out, show_progress=not quiet, verbose=verbose)
     except RunInterrupted as exc:
         err.print(str(exc), highlight=False, soft_wrap=True)
-        raise typer.Exit(code=130)
+        raise typer.Exit(code=130) from None
     except SecureFPTError as exc:
         _fail(exc)
     from securefpt.engines.report import print_summary
@@ -159,7 +159,7 @@ def study(
         report = write_report(spec, load_config(spec.experiment, spec.set), records, out)
     except RunInterrupted as exc:
         err.print(f"{exc}; the finished cells are kept: run the same command to resume", highlight=False)
-        raise typer.Exit(code=130)
+        raise typer.Exit(code=130) from None
     except SecureFPTError as exc:
         _fail(exc)
     console.print(f"report: {report}", highlight=False)
@@ -246,7 +246,7 @@ def policy_validate(file: Path) -> None:
         policy = load_policy(file)
     except SecureFPTError as exc:
         err.print(f"invalid: {exc}", highlight=False, soft_wrap=True)
-        raise typer.Exit(code=1)
+        raise typer.Exit(code=1) from None
     console.print(f"valid: {file} (server in {policy.server.region}, {len(policy.regions)} regions)")
 
 

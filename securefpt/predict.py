@@ -7,7 +7,6 @@ from pathlib import Path
 from typing import Optional
 
 
-
 def predict(run_dir: Path, texts: list[str], language: Optional[str] = None,
             pairs: Optional[list[str]] = None, node: Optional[str] = None) -> list[tuple[str, float]]:
     """(label, probability) for each text (or each text and its pair)."""

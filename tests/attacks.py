@@ -26,12 +26,19 @@ from flwr.common.secure_aggregation.secaggplus_utils import share_keys_plaintext
 from flwr.common.serde import message_to_proto
 from flwr.compat.common import recorddict_compat as compat
 from flwr.serverapp import Grid, ServerApp
-from flwr.supercore.primitives.asymmetric import (bytes_to_private_key, bytes_to_public_key, generate_key_pairs,
-                                                  private_key_to_bytes, public_key_to_bytes)
+from flwr.supercore.primitives.asymmetric import (
+    bytes_to_private_key,
+    bytes_to_public_key,
+    generate_key_pairs,
+    private_key_to_bytes,
+    public_key_to_bytes,
+)
 
 from securefpt.protocol import records as R
-from securefpt.protocol.mask_prg import expand_mask as pseudo_rand_gen  # the masks' public expansion, as the nodes run it
 from securefpt.protocol.identity import new_challenge
+from securefpt.protocol.mask_prg import (
+    expand_mask as pseudo_rand_gen,  # the masks' public expansion, as the nodes run it
+)
 from securefpt.protocol.refusals import parse
 
 CLIP, QRANGE, MOD = 1.0, 2**22, 2**32
@@ -258,8 +265,8 @@ def lie_at_unmask(h: Hostile, step: str, target: str, server_round: int, encoder
             inbox[dst][1].append(reply.metadata.src_node_id)
     collect = lambda x: {Key.STAGE: Stage.COLLECT_MASKED_VECTORS, Key.CIPHERTEXT_LIST: inbox[x][0],  # noqa: E731
                          Key.SOURCE_LIST: inbox[x][1]}
-    replies = h.send(f"{step}: collect", [stage_message(x, server_round, collect(x), fitins=fitins(encoder, server_round))
-                                          for x in nodes])
+    replies = h.send(f"{step}: collect", [stage_message(x, server_round, collect(x),
+                                                        fitins=fitins(encoder, server_round)) for x in nodes])
     masked = [bytes_to_ndarray(b) for b in
               next(r for r in replies.values() if r.metadata.src_node_id == t)
               .content.config_records[RECORD_KEY_CONFIGS][Key.MASKED_PARAMETERS]]

@@ -183,7 +183,8 @@ def test_an_honest_checkpoint_loads(checkpoint):
     (lambda meta, folder: meta.update(rng_state={"x": 2}), "signature does not verify"),
     (lambda meta, folder: meta.pop("signature"), "not signed"),
     (lambda meta, folder: (folder / meta["files"]["global"]["name"]).write_bytes(
-        (folder / meta["files"]["best"]["name"]).read_bytes()), "global file round-0002.global.safetensors is missing or was altered"),
+        (folder / meta["files"]["best"]["name"]).read_bytes()),
+     "global file round-0002.global.safetensors is missing or was altered"),
     (lambda meta, folder: meta["files"]["global"].update(name="../../etc/passwd"), "signature does not verify"),
 ])
 def test_an_edited_or_swapped_checkpoint_is_refused_before_any_engine_starts(checkpoint, tamper, why):
@@ -206,7 +207,8 @@ def test_a_path_outside_the_checkpoint_is_refused_even_when_signed(checkpoint):
     meta.pop("signature")
     meta["files"]["global"]["name"] = "../config.yaml"
     meta["signature"] = b64(load_private(cfg.server_key).sign(canonical(meta)))
-    assert "not a checkpoint file name" in _verified(run / "checkpoint", meta, load_private(cfg.server_key).public_key())
+    public = load_private(cfg.server_key).public_key()
+    assert "not a checkpoint file name" in _verified(run / "checkpoint", meta, public)
 
 
 def test_cli_verify_exit_codes_pinned_key_and_witnesses(log, tmp_path):
@@ -230,7 +232,8 @@ def test_verify_without_a_key_the_institution_holds_refuses_instead_of_trusting_
     forged = new_key()
     save_public(forged, tmp_path / "forged.pub")
     resign(path, forged)
-    (tmp_path / "policy.yaml").write_text("version: 1\nserver: {region: eu, artifact_regions: [eu], audit_key: forged.pub}\n"
+    (tmp_path / "policy.yaml").write_text("version: 1\n"
+                                          "server: {region: eu, artifact_regions: [eu], audit_key: forged.pub}\n"
                                           "regions: {eu: {authority_key: forged.pub, export_to: [eu]}}\n")
     (tmp_path / "config.yaml").write_text(f"name: x\npolicy: {tmp_path / 'policy.yaml'}\n")
     res = subprocess.run([sys.executable, "-m", "securefpt.cli", "audit", "verify", str(path)],

@@ -2,9 +2,9 @@ import json
 
 import pytest
 
-from securefpt.protocol.experiment import DataConfig
-from securefpt.learning.data import label_space, load_client_data, read_masakhanews_tsv
 from securefpt.errors import DataError
+from securefpt.learning.data import label_space, load_client_data, read_masakhanews_tsv
+from securefpt.protocol.experiment import DataConfig
 
 TSV = (
     "category\theadline\ttext\turl\n"
@@ -85,7 +85,8 @@ def test_hf_source_loads_a_local_dataset_folder_with_datasets(tmp_path):
             for i in range(n):
                 fh.write(json.dumps({"sentence": f"s{i}", "topic": "p" if i % 2 else "q", "lang": "xx"}) + "\n")
     cfg = DataConfig(source="hf", languages=["xx"],
-                     hf={"path": str(folder), "text_field": "sentence", "label_field": "topic", "language_field": "lang"})
+                     hf={"path": str(folder), "text_field": "sentence", "label_field": "topic",
+                         "language_field": "lang"})
     labels = label_space(cfg)
     assert labels == ["p", "q"]
     data = load_client_data(cfg, "xx", labels, 0)
@@ -109,7 +110,8 @@ def test_hf_source_reads_local_files_in_hub_formats(tmp_path):
                 for i in range(n):
                     fh.write(json.dumps({"news": f"{lang} {i}", "topic": ["sport", "health"][i % 2]}) + "\n")
     hf = {"path": "json", "text_field": "news", "label_field": "topic",
-          "data_files": {"train": str(tmp_path / "{lang}.train.jsonl"), "validation": str(tmp_path / "{lang}.validation.jsonl")}}
+          "data_files": {"train": str(tmp_path / "{lang}.train.jsonl"),
+                         "validation": str(tmp_path / "{lang}.validation.jsonl")}}
     cfg = DataConfig(source="hf", languages=["xx", "yy"], hf=hf)
     assert label_space(cfg) == ["health", "sport"]
     data = load_client_data(cfg, "yy", ["health", "sport"], 0)

@@ -17,15 +17,15 @@ import numpy as np
 import pytest
 import yaml
 
+from securefpt.config import load_config
+from securefpt.engines.loopback import BIN, EXPERIMENT, INSTITUTIONS, Loopback, kill_group
+from securefpt.engines.simulation import run_federated_simulation
+from securefpt.errors import FederationError
+from securefpt.learning.artifacts import load_arrays
+from securefpt.operators.keys import make_node_key
 from securefpt.protocol.attestation import new_key, save_private
 from securefpt.protocol.audit import read_entries
-from securefpt.config import load_config
-from securefpt.errors import FederationError
-from securefpt.operators.keys import make_node_key
-from securefpt.engines.loopback import BIN, EXPERIMENT, INSTITUTIONS, Loopback, kill_group
-from securefpt.learning.artifacts import load_arrays
 from securefpt.protocol.records import encoder_hash
-from securefpt.engines.simulation import run_federated_simulation
 from tests.conftest import quantization_bound
 
 pytestmark = pytest.mark.slow

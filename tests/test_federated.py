@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from securefpt.config import load_config
-from securefpt.coordinator.run_dir import RoundRecord
 from securefpt.coordinator.checkpoint import RunState
+from securefpt.coordinator.run_dir import RoundRecord
 from securefpt.engines.runner import run_experiment
 from securefpt.learning.artifacts import load_arrays
 from securefpt.learning.data import label_space, load_client_data

@@ -75,7 +75,6 @@ def test_the_app_declares_the_version_flower_requires_and_the_cli_reports():
     """`flwr run .` refuses a pyproject.toml without a static [project].version (a dynamic one broke every
     Flower-run test once); the study cache keys cells on securefpt.__version__, so the two must agree."""
     import tomllib
-
     from flwr.common.config import validate_fields_in_config
 
     import securefpt

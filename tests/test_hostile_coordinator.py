@@ -62,7 +62,7 @@ def federation(tmp_path_factory):
     for path in data.glob("*/*.tsv"):  # a canary in every line of every private file
         path.write_text(path.read_text().replace("more text", f"more text {CANARY}-{path.parent.name}"))
     nodes = []
-    for client_id, _, language, _ in MEMBERS:
+    for client_id, _, _, _ in MEMBERS:
         path = root / "fed" / "clients" / client_id / "node.yaml"
         config = yaml.safe_load(path.read_text())
         config["data"] = {"news-topic": {"source": "masakhanews_tsv", "root": str(data),
@@ -102,7 +102,8 @@ def first_run(h: Hostile) -> None:
             honest_request(**{"secure_aggregation": False, "dp.enabled": False}))
     h.setup("raise epsilon", honest_request(**{"secure_aggregation": True, "dp.target_epsilon": 100.0}))
     secure = {**honest, "secure_aggregation": True}  # within every node's rules, but for what follows
-    h.setup("name a data path and fields", {**secure, "data": {"root": "/etc", "hf": {"path": "/", "label_field": "text"}}})
+    h.setup("name a data path and fields",
+            {**secure, "data": {"root": "/etc", "hf": {"path": "/", "label_field": "text"}}})
     h.setup("ask for an unknown label set", {**secure, "labels": ["health", "politics"]})
     h.setup("name a model by path", {**secure, "model": {**secure["model"], "name": str(Path(__file__).parent)}})
     h.setup("name another task", {**secure, "task": "medical-notes"})

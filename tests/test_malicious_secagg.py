@@ -27,8 +27,7 @@ from securefpt.node.guards import fault_injection_mod, hygiene_mod
 from securefpt.node.secagg import secure_aggregation_mod
 from securefpt.protocol import records as R
 from securefpt.protocol.audit import read_entries
-from tests.attacks import (CLIP, QRANGE, hostile_app, invented_peers, lie_at_unmask, setup_configs,
-                           stage_message)
+from tests.attacks import CLIP, QRANGE, hostile_app, invented_peers, lie_at_unmask, setup_configs, stage_message
 from tests.conftest import make_masakhanews_like, tsv_cfg_overrides
 
 pytestmark = pytest.mark.slow

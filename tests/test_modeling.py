@@ -2,9 +2,9 @@ import numpy as np
 import pytest
 import torch
 
-from securefpt.protocol.experiment import ModelConfig, PeftConfig
 from securefpt.errors import ModelUnavailableError
 from securefpt.learning.modeling import build_model, count_params, get_trainable, set_trainable
+from securefpt.protocol.experiment import ModelConfig, PeftConfig
 
 TINY = ModelConfig(name="builtin:tiny", max_length=32)
 

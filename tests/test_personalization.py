@@ -23,8 +23,8 @@ from securefpt.learning.classifier import load_classifier
 from securefpt.learning.data import label_space, load_client_data
 from securefpt.learning.modeling import build_model, get_trainable, set_trainable
 from securefpt.learning.training import evaluate, train_local
-from securefpt.predict import predict
 from securefpt.node.personal import Personal
+from securefpt.predict import predict
 from tests.attacks import hostile_app
 from tests.conftest import make_masakhanews_like, tsv_cfg_overrides
 from tests.test_cli import securefpt

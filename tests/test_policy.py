@@ -6,12 +6,13 @@ from pathlib import Path
 
 import pytest
 import yaml
-from securefpt.protocol.attestation import check_attestation, issue, load_private, new_key, public_raw, save_public
-from securefpt.protocol.audit import read_entries
+
 from securefpt.config import load_config
 from securefpt.coordinator.eligibility import decide_eligibility
 from securefpt.errors import ConfigError, FederationError
 from securefpt.operators.keys import make_federation
+from securefpt.protocol.attestation import check_attestation, issue, load_private, new_key, public_raw, save_public
+from securefpt.protocol.audit import read_entries
 from securefpt.protocol.policy import load_manifests, load_policy
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -173,9 +174,9 @@ def test_cli_policy_validate_exit_codes(tmp_path):
 
 
 def test_a_federated_run_under_the_policy_is_enforced_and_audited(federation, tmp_path, tiny_overrides):
+    from securefpt.engines.simulation import run_federated_simulation
     from securefpt.protocol.attestation import load_public
     from securefpt.protocol.audit import read_entries, verify_log
-    from securefpt.engines.simulation import run_federated_simulation
 
     cfg = load_config(None, tiny_overrides + fed_overrides(federation) + [
         "dp.enabled=true", "dp.target_epsilon=8", "secagg.enabled=true"])
@@ -215,7 +216,8 @@ def test_an_expiring_attestation_drops_its_node_mid_run_and_withheld_metrics_sta
 
     authority = load_private(federation / "clients" / "keys" / "eu-west-authority.key")
     fra_key = load_private(federation / "clients" / "keys" / "fra-agence.key")
-    soon = issue(authority, "fra-agence", "eu-west", "fra", public_raw(fra_key), datetime(2030, 6, 1, tzinfo=timezone.utc))
+    expiry = datetime(2030, 6, 1, tzinfo=timezone.utc)
+    soon = issue(authority, "fra-agence", "eu-west", "fra", public_raw(fra_key), expiry)
     _rewrite(federation / "clients" / "fra-agence", attestation=soon.to_dict())
     policy_path = federation / "policies" / "masakhanews.yaml"
     policy = yaml.safe_load(policy_path.read_text())

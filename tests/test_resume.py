@@ -7,12 +7,12 @@ import sys
 
 import pytest
 
-from securefpt.protocol.attestation import load_public
-from securefpt.protocol.audit import read_entries, verify_log
+from securefpt.engines.simulation import run_federated_simulation
 from securefpt.errors import FederationError
 from securefpt.learning.artifacts import load_arrays
+from securefpt.protocol.attestation import load_public
+from securefpt.protocol.audit import read_entries, verify_log
 from securefpt.protocol.records import encoder_hash
-from securefpt.engines.simulation import run_federated_simulation
 from tests.test_privacy import dp_fed_cfg  # noqa: F401  (fixture)
 
 pytestmark = pytest.mark.slow
@@ -96,7 +96,8 @@ def test_ctrl_c_stops_at_the_next_exchange_and_the_same_command_resumes_to_the_u
     from tests.conftest import TINY, make_masakhanews_like, tsv_cfg_overrides
 
     root = make_masakhanews_like(tmp_path / "data", ["aa", "bb"])
-    sets = [f"--set={s}" for s in TINY + tsv_cfg_overrides(root, ["aa", "bb"]) + ["fl.rounds=3", "secagg.enabled=false"]]
+    sets = [f"--set={s}" for s in
+            TINY + tsv_cfg_overrides(root, ["aa", "bb"]) + ["fl.rounds=3", "secagg.enabled=false"]]
     command = lambda out: [sys.executable, "-m", "securefpt.cli", "run", "--quiet", "--out", str(out), *sets,  # noqa
                            str(tmp_path / "exp.yaml")]
     (tmp_path / "exp.yaml").write_text("name: interrupted\n")

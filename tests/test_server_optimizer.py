@@ -54,7 +54,8 @@ def test_each_optimizer_moves_the_encoder_as_flowers_strategy_does(name, in_a_ru
     ours, flower = ServerOptimizer(cfg), FLOWER[name](cfg)
     mine = OrderedDict(current)
     for server_round in range(1, 5):
-        flower.configure_train(server_round, ArrayRecord({k: Array(v) for k, v in current.items()}), ConfigRecord(), _Grid())
+        arrays = ArrayRecord({k: Array(v) for k, v in current.items()})
+        flower.configure_train(server_round, arrays, ConfigRecord(), _Grid())
         h1 = {k: v + rng.normal(scale=0.3, size=v.shape) for k, v in current.items()}
         h2 = {k: v + rng.normal(scale=0.3, size=v.shape) for k, v in current.items()}
         theirs, _ = flower.aggregate_train(server_round, [_reply(h1, 30), _reply(h2, 10)])

@@ -113,7 +113,8 @@ def test_one_language_can_train_on_another_split_and_fewer_rows(tmp_path, tiny_o
         for split, n in (("train", 20), ("dev", 6), ("extra", 30)):
             rows = [{"text": f"{lang} {split} {i}", "label": "ab"[i % 2]} for i in range(n)]
             (tmp_path / lang / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    cfg = load_config(None, tiny_overrides + ["data.source=jsonl", f"data.root={tmp_path}", "data.languages=[xx, yy, zz]",
+    cfg = load_config(None, tiny_overrides + ["data.source=jsonl", f"data.root={tmp_path}",
+                                              "data.languages=[xx, yy, zz]",
                                               "data.max_train_per_client=12", "data.per_language.yy.max_train=5",
                                               "data.per_language.zz.train_split=extra",
                                               "data.per_language.zz.max_train=25"])
@@ -164,7 +165,8 @@ def test_partitions_use_every_example_once_deterministically_and_are_recorded(tm
     _, _, again, _, _ = _partitioned(tmp_path / "b", tiny_overrides, *extra)
     _, _, other, _, _ = _partitioned(tmp_path / "c", tiny_overrides, *extra, "seed=7")
     assert again == record
-    assert [c["rows_sha256"] for c in other["clients"].values()] != [c["rows_sha256"] for c in record["clients"].values()]
+    assert [c["rows_sha256"] for c in other["clients"].values()] != \
+        [c["rows_sha256"] for c in record["clients"].values()]
 
 
 def test_a_small_dirichlet_alpha_concentrates_languages_and_iid_mixes_them(tmp_path, tiny_overrides):

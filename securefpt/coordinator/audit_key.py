@@ -20,6 +20,7 @@ from securefpt.protocol.attestation import load_private, load_public, new_key, p
 from securefpt.protocol.experiment import ExperimentConfig
 from securefpt.protocol.policy import load_policy
 
+
 def _inside(path: Path, folder: Path) -> bool:
     return Path(os.path.realpath(path)).is_relative_to(os.path.realpath(folder))
 

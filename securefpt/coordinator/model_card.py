@@ -44,7 +44,8 @@ def model_card(summary: dict[str, Any]) -> str:
         f"- **PEFT method**: {summary['peft_method']} ({summary['trainable_params']:,} trainable of "
         f"{summary['total_params']:,} parameters)",
         f"- **Differential privacy**: {dp}",
-        f"- **Secure aggregation**: {'SecAgg+ (the coordinator saw only sums)' if summary['secure_aggregation'].get('enabled') else 'off'}",
+        "- **Secure aggregation**: " + ("SecAgg+ (the coordinator saw only sums)"
+                                        if summary["secure_aggregation"].get("enabled") else "off"),
         f"- **Audit log head**: `{summary.get('audit_head')}` (verify with `securefpt audit verify`)", "",
         "## Accuracy (evaluation split of each node, as each node's rules released it)", "",
         *_accuracy_table(summary), "",

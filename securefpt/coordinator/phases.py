@@ -93,7 +93,8 @@ class RoundPhases:
             answered.add(node)
             update = None if reply.has_error() else plaintext_update(reply, global_arrays, self.max_weight())
             if update is None:
-                outcome.failures.append((node, error_reason(reply) if reply.has_error() else "malformed training reply"))
+                why = error_reason(reply) if reply.has_error() else "malformed training reply"
+                outcome.failures.append((node, why))
                 continue
             updates.append(update[:2])
             outcome.contributors.append(node)

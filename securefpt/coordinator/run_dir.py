@@ -29,16 +29,14 @@ import numpy as np
 import yaml
 
 from securefpt.coordinator.audit_key import coordinator_key
-from securefpt.errors import ConfigError
 from securefpt.coordinator.audit_log import AuditLog
-from securefpt.learning.builtin_models import model_facts
-from securefpt.learning.artifacts import ARTIFACT
 from securefpt.coordinator.model_card import write_model_card
-from securefpt.protocol.audit import file_sha256
+from securefpt.errors import ConfigError
 from securefpt.learning.adapter import save_classifier
-from securefpt.learning.artifacts import save_arrays
+from securefpt.learning.artifacts import ARTIFACT, save_arrays
+from securefpt.learning.builtin_models import model_facts
+from securefpt.protocol.audit import file_sha256
 from securefpt.protocol.experiment import ExperimentConfig
-
 
 
 @dataclass

@@ -75,7 +75,8 @@ class Relay(GridProxy):
             return False
         if stage == Stage.SETUP:
             ad = content.config_records.get(R.KEY_ADVERTISEMENT)
-            return (isinstance(configs.get(Key.PUBLIC_KEY_1), bytes) and isinstance(configs.get(Key.PUBLIC_KEY_2), bytes)
+            keys = (configs.get(Key.PUBLIC_KEY_1), configs.get(Key.PUBLIC_KEY_2))
+            return (all(isinstance(k, bytes) for k in keys)
                     and ad is not None and isinstance(ad.get("json"), str))
         if stage == Stage.SHARE_KEYS:
             dsts, texts = configs.get(Key.DESTINATION_LIST), configs.get(Key.CIPHERTEXT_LIST)

@@ -18,15 +18,15 @@ from typing import Optional
 import numpy as np
 from flwr.app import ConfigRecord, Context
 from flwr.common import FitIns, FitRes, Parameters, ndarrays_to_parameters, parameters_to_ndarrays
+from flwr.compat.common import recorddict_compat as compat
 from flwr.server import ServerConfig
 from flwr.server.client_manager import SimpleClientManager
 from flwr.server.compat.grid_client_proxy import GridClientProxy
 from flwr.server.compat.legacy_context import LegacyContext
 from flwr.server.strategy import Strategy
-from flwr.server.workflow.secure_aggregation import secaggplus_workflow
 from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD, Key
+from flwr.server.workflow.secure_aggregation import secaggplus_workflow
 from flwr.serverapp import Grid
-from flwr.compat.common import recorddict_compat as compat
 
 from securefpt.coordinator.secagg_relay import AuthenticatedSecAggPlus, Relay
 from securefpt.errors import ConfigError

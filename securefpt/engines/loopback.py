@@ -20,8 +20,8 @@ import sys
 import time
 from pathlib import Path
 
-from securefpt.operators.certs import make_tls
 from securefpt.errors import FederationError
+from securefpt.operators.certs import make_tls
 from securefpt.operators.keys import make_federation
 
 ROOT = Path(__file__).resolve().parents[2]

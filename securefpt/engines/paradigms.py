@@ -14,13 +14,13 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from securefpt.protocol.experiment import ExperimentConfig
-from securefpt.learning.data import label_space, load_client_data
-from securefpt.errors import FederationError
-from securefpt.learning.modeling import build_model, count_params, get_trainable
 from securefpt.coordinator.progress import RunProgress
 from securefpt.coordinator.run_dir import ClientRecord, RoundRecord, RunRecorder
+from securefpt.errors import FederationError
+from securefpt.learning.data import label_space, load_client_data
+from securefpt.learning.modeling import build_model, count_params, get_trainable
 from securefpt.learning.training import evaluate, train_local
+from securefpt.protocol.experiment import ExperimentConfig
 
 
 def run_local_paradigm(cfg: ExperimentConfig, out_dir: Path, show_progress: bool = True) -> dict:

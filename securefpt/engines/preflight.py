@@ -44,7 +44,8 @@ def task_labels(cfg: ExperimentConfig) -> list[str]:
         language = binding.language or node.language
         try:
             for split in (binding.train_split, binding.eval_split):
-                labels.update(binding.label_map.get(row.label, row.label) for row in read_rows(binding, language, split))
+                rows = read_rows(binding, language, split)
+                labels.update(binding.label_map.get(row.label, row.label) for row in rows)
         except DataError as exc:
             raise DataError(f"{path}: {exc}") from None
     return sorted(labels)

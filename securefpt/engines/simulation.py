@@ -28,13 +28,13 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional
 
+from securefpt.coordinator.audit_key import coordinator_key
 from securefpt.coordinator.checkpoint import load_checkpoint
 from securefpt.coordinator.eligibility import participants
 from securefpt.coordinator.interrupts import STOP
 from securefpt.coordinator.secure_aggregation import resolve_settings
 from securefpt.engines.preflight import check_nodes, task_labels
 from securefpt.engines.trial_nodes import write_trial_nodes
-from securefpt.coordinator.audit_key import coordinator_key
 from securefpt.errors import ConfigError, FederationError, SecureFPTError
 from securefpt.node.config import SIM_NODES_ENV, STATE_ENV
 from securefpt.protocol.experiment import ExperimentConfig

@@ -145,7 +145,8 @@ def from_folder(folder: Path, cfg) -> PromptClassifierModel:
         encoder = PeftModel.from_pretrained(backbone, str(folder))
         positions = getattr(backbone.config, "max_position_embeddings", cfg.model.max_length)
         max_text = min(cfg.model.max_length, positions - 2) - description["num_virtual_tokens"]
-    config = PromptClassifierConfig(pooling=description["pooling"], num_virtual_tokens=description["num_virtual_tokens"],
+    config = PromptClassifierConfig(pooling=description["pooling"],
+                                    num_virtual_tokens=description["num_virtual_tokens"],
                                     hidden_size=encoder.config.hidden_size, max_text_tokens=max_text,
                                     input_prefix=cfg.model.input_prefix,
                                     id2label=dict(enumerate(labels)), label2id={v: i for i, v in enumerate(labels)})

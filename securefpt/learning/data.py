@@ -22,8 +22,8 @@ from pathlib import Path
 from typing import Iterable, NamedTuple, Optional
 
 from securefpt.errors import DataError
-from securefpt.protocol.experiment import DataConfig
 from securefpt.offline import datasets_offline, downloads_allowed
+from securefpt.protocol.experiment import DataConfig
 
 
 @dataclass(frozen=True)

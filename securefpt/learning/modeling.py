@@ -19,10 +19,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from securefpt.protocol.experiment import ModelConfig, PeftConfig
 from securefpt.errors import ConfigError, ModelUnavailableError
 from securefpt.learning.builtin_models import BUILTIN_E5, BUILTIN_MINILM, BUILTIN_TINY, resolve
 from securefpt.offline import hf_offline_kwargs
+from securefpt.protocol.experiment import ModelConfig, PeftConfig
+
 
 def load_tokenizer(cfg: ModelConfig):
     """The model's tokenizer, loaded once per process (a 250k-piece vocabulary costs seconds and

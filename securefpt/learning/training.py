@@ -9,9 +9,9 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from securefpt.protocol.experiment import FLConfig
 from securefpt.learning.data import Example
 from securefpt.learning.modeling import AssembledModel
+from securefpt.protocol.experiment import FLConfig
 
 
 def _collate(assembled: AssembledModel) -> Callable[[list[Example]], dict[str, torch.Tensor]]:

@@ -156,7 +156,8 @@ class Ledger:
             return
         extra = [plan.round_spend()] * self.rounds_left(experiment, plan)
         if self.lifetime_epsilon(extra) > self.budget.epsilon * TOLERANCE:
-            raise NodeRefusal("budget-exhausted", f"the experiment could exceed the lifetime budget {self.budget.epsilon}")
+            raise NodeRefusal("budget-exhausted",
+                              f"the experiment could exceed the lifetime budget {self.budget.epsilon}")
 
     def allows_round(self, experiment: str, plan: PrivacyPlan) -> bool:
         return self._check(experiment, plan, 1) is None

@@ -33,8 +33,14 @@ from pydantic import Field, ValidationError, model_validator
 from securefpt.config import first_error, read_yaml_mapping
 from securefpt.errors import ConfigError
 from securefpt.learning.builtin_models import PACKAGED_MODELS
-from securefpt.protocol.attestation import (Attestation, attested_key, check_attestation, load_private, load_public,
-                                            public_raw)
+from securefpt.protocol.attestation import (
+    Attestation,
+    attested_key,
+    check_attestation,
+    load_private,
+    load_public,
+    public_raw,
+)
 from securefpt.protocol.experiment import HFDataConfig, Strict
 from securefpt.protocol.policy import ClientManifest, NodeRules, load_manifest, load_policy
 
@@ -165,7 +171,8 @@ def load_node(path: Path, now: Optional[datetime] = None, state_base: Optional[P
             raise ConfigError(f"{path}: state_dir is required (no engine gives this node a state folder)")
         state = Path(engine_base) / manifest.client_id
     return Node(path=path, client_id=manifest.client_id, region=manifest.region, language=manifest.language,
-                attestation=manifest.attestation, key=key, rules=rules, authorities=authorities, coordinator_region=coordinator_region,
+                attestation=manifest.attestation, key=key, rules=rules, authorities=authorities,
+                coordinator_region=coordinator_region,
                 audit_key=audit_key, data={task: _binding(base, b) for task, b in cfg.data.items()},
                 models=dict(cfg.models), budget=cfg.budget, state_dir=state)
 

@@ -33,7 +33,8 @@ def node_report(config: Path, state_dir: Optional[Path] = None) -> dict:
         datasets[dataset] = {
             "lifetime_epsilon": ledger.lifetime_epsilon(), "budget": node.budget.epsilon,
             "delta": node.budget.delta, "accountant": node.budget.accountant,
-            "experiments": {key[:12]: {"epsilon": epsilon_of(item["history"], node.budget.delta, node.budget.accountant),
+            "experiments": {key[:12]: {"epsilon": epsilon_of(item["history"], node.budget.delta,
+                                                             node.budget.accountant),
                                        "steps": item["steps"],
                                        "noise_multipliers": sorted({s for s, _, _ in item["history"]}),
                                        "sample_rates": sorted({q for _, q, _ in item["history"]})}

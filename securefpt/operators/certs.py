@@ -27,7 +27,8 @@ def _write_key(key, path: Path) -> None:
     path.chmod(0o600)
 
 
-def make_tls(out: Path, hosts: list[str] = ["127.0.0.1", "localhost"], days: int = 365) -> dict[str, Path]:
+def make_tls(out: Path, hosts: "tuple[str, ...] | list[str]" = ("127.0.0.1", "localhost"),
+             days: int = 365) -> dict[str, Path]:
     """Write ca.crt, ca.key, server.pem, server.key for a SuperLink reachable at `hosts`."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

@@ -107,7 +107,8 @@ class Attestation:
 
 def issue(authority: Ed25519PrivateKey, client_id: str, region: str, language: str, client_public: bytes,
           expires: datetime) -> Attestation:
-    unsigned = Attestation(client_id, region, language, b64(client_public), expires.astimezone(timezone.utc).isoformat())
+    expiry = expires.astimezone(timezone.utc).isoformat()
+    unsigned = Attestation(client_id, region, language, b64(client_public), expiry)
     return Attestation(**{**unsigned.to_dict(), "signature": b64(authority.sign(unsigned.payload()))})
 
 

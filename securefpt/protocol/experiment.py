@@ -227,7 +227,7 @@ class ExperimentConfig(Strict):
     policy: Optional[Path] = None  # residency policy YAML (policies/)
     clients: Optional[Path] = None  # the federation's institutions (clients/<id>/manifest.yaml, node.yaml)
     server_key: Optional[Path] = None  # the coordinator's Ed25519 audit key (private); never in a run directory
-    tensorboard: bool = False  # per-round accuracy, epsilon and bytes to RUN/tensorboard (pip install securefpt[tracking])
+    tensorboard: bool = False  # per-round accuracy, epsilon, bytes to RUN/tensorboard (securefpt[tracking])
     seed: int = 0
 
     @model_validator(mode="after")

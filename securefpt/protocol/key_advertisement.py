@@ -19,8 +19,8 @@ from typing import Optional
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from securefpt.protocol.attestation import Attestation, attested_key, b64, canonical, check_attestation, unb64, verify
 from securefpt.errors import ConfigError
+from securefpt.protocol.attestation import Attestation, attested_key, b64, canonical, check_attestation, unb64, verify
 
 KEYS_PURPOSE = "securefpt secagg key advertisement v1"
 SURVIVORS_PURPOSE = "securefpt secagg survivors v1"

@@ -17,8 +17,8 @@ from __future__ import annotations
 import json
 import math
 from functools import lru_cache
-from pathlib import Path
 from importlib import metadata
+from pathlib import Path
 
 import numpy as np
 

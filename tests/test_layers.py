@@ -1,0 +1,41 @@
+"""The trust boundary in the code: import contracts (pyproject.toml, [tool.importlinter]) checked
+by import-linter on every test run, so the README's layering sentence cannot drift."""
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _lint(root: Path) -> subprocess.CompletedProcess:
+    lint = Path(sys.executable).with_name("lint-imports")
+    return subprocess.run([str(lint), "--config", str(root / "pyproject.toml"), "--no-cache"], cwd=root,
+                          capture_output=True, text=True, timeout=300, env={"PYTHONPATH": str(root), "PATH": ""})
+
+
+def test_node_coordinator_wire_and_learning_keep_their_import_contracts():
+    done = _lint(ROOT)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "4 kept, 0 broken" in done.stdout
+
+
+def test_a_node_module_that_imports_the_coordinator_breaks_the_contract(tmp_path):
+    """The control: the same check on a copy where a node's guard imports coordinator code fails."""
+    shutil.copytree(ROOT / "securefpt", tmp_path / "securefpt", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(ROOT / "pyproject.toml", tmp_path / "pyproject.toml")
+    guards = tmp_path / "securefpt" / "node" / "guards.py"
+    guards.write_text(guards.read_text() + "\nfrom securefpt.coordinator.aggregation import weighted_average  # noqa\n")
+    done = _lint(tmp_path)
+    assert done.returncode != 0
+    assert "a node (node/) never imports coordinator" in done.stdout and "BROKEN" in done.stdout
+    assert "securefpt.node.guards -> securefpt.coordinator.aggregation" in done.stdout
+
+
+def test_the_code_is_ruff_clean():
+    """The house rules ([tool.ruff] in pyproject.toml) hold for the package, its tests and benchmarks."""
+    ruff = Path(sys.executable).with_name("ruff")
+    done = subprocess.run([str(ruff), "check", "--no-cache", "securefpt", "tests", "bench"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
