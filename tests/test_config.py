@@ -93,3 +93,19 @@ def test_a_yaml_alias_bomb_is_refused_before_anything_walks_it(tmp_path, kind):
 def test_a_few_honest_aliases_still_load(tmp_path):
     path = write(tmp_path, "seed: &three 3\nname: aliased\nfl: {rounds: *three}\n")
     assert load_config(path).fl.rounds == 3 and load_config(path).name == "aliased"
+
+
+def test_the_config_reference_is_the_schemas_and_names_every_key_with_why():
+    """docs/config-reference.md equals what the schema generates (regenerate: python -m
+    securefpt.config_reference > docs/config-reference.md), and every key of every section has a why."""
+    from pathlib import Path
+
+    from securefpt.config_reference import reference_markdown
+
+    text = reference_markdown()
+    assert (Path(__file__).resolve().parents[1] / "docs" / "config-reference.md").read_text() == text
+    rows = [line for line in text.splitlines() if line.startswith("| `")]
+    assert {"`fl.rounds`", "`dp.target_epsilon`", "`secagg.min_cohort`", "`data.hf.text_field`",
+            "`data.per_language.<language>.max_train`", "`fl.server_optimizer.lr`"} <= \
+        {row.split(" | ")[0].removeprefix("| ") for row in rows}
+    assert all(row.rstrip(" |").split(" | ")[-1].strip() for row in rows)  # no key without its why

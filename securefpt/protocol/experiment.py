@@ -19,31 +19,46 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
 
 
 class ModelConfig(Strict):
     """The frozen pre-trained language model, by name: each node maps the name to its own copy."""
 
     name: str = "builtin:multilingual-e5-small"
+    """builtin:multilingual-e5-small (the default: 4-bit origin, dequantized), builtin:minilm (English), builtin:tiny
+    (tests), a local folder or a cached hub id. Each node maps the name to its own copy."""
     max_length: int = Field(128, ge=8, le=4096)
+    """Tokens per input, virtual tokens included."""
     pooling: Literal["mean", "cls"] = "mean"
-    input_prefix: str = Field("", max_length=64)  # put before every text (E5 was trained with "query: ")
-    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: a CUDA GPU where there is one (bf16 autocast)
+    """How the hidden states become one vector for the head: their mean (E5 was trained so) or the first token's."""
+    input_prefix: str = Field("", max_length=64)
+    """Put before every text (E5 was trained with "query: ")"""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """Auto: a CUDA GPU where there is one (bf16 autocast)"""
 
 
 class PeftConfig(Strict):
     """What is trained on top of the frozen model (the rest stays frozen)."""
 
     method: Literal["prompt_tuning", "p_tuning", "lora", "full"] = "prompt_tuning"
+    """prompt_tuning (the paper's), p_tuning (an MLP prompt encoder), lora, or full fine-tuning (no DP)."""
     num_virtual_tokens: int = Field(8, ge=1, le=512)
+    """Length of the trained soft prompt (prompt_tuning, p_tuning)."""
     prompt_init: Literal["text", "random"] = "text"
+    """text: the prompt starts as the embedding of init_text (PEFT's TEXT init); random otherwise."""
     init_text: str = "Predict the category given the following news article"
+    """The text whose token embeddings start the prompt (prompt_init: text)."""
     encoder_hidden_size: int = Field(128, ge=1)
+    """Hidden size of p_tuning's prompt-encoder MLP."""
     lora_r: int = Field(8, ge=1)
+    """LoRA rank."""
     lora_alpha: int = Field(16, ge=1)
+    """LoRA scaling (alpha / r)."""
     lora_dropout: float = Field(0.1, ge=0.0, lt=1.0)
+    """Dropout on LoRA's input."""
     lora_target_modules: Optional[list[str]] = None
+    """Module names LoRA adapts; None: the attention projections of the backbone."""
 
 
 class HFDataConfig(Strict):
@@ -51,23 +66,35 @@ class HFDataConfig(Strict):
     SECUREFPT_ALLOW_DOWNLOAD=1), a builder with local `data_files` in hub formats (`path: json`,
     `csv`, `parquet`), or a folder written by `save_to_disk` (`from_disk: true`)."""
 
-    path: str  # "{lang}" is replaced by the language (one save_to_disk folder per language)
-    name: Optional[str] = None  # a config name; "{lang}" is replaced by the language
-    data_files: Optional[dict[str, Union[str, list[str]]]] = None  # split -> file(s), for a builder
+    path: str
+    """"{lang}" is replaced by the language (one save_to_disk folder per language)"""
+    name: Optional[str] = None
+    """A config name; "{lang}" is replaced by the language."""
+    data_files: Optional[dict[str, Union[str, list[str]]]] = None
+    """Split -> file(s), for a builder."""
     from_disk: bool = False
+    """path is a folder written by save_to_disk."""
     train_split: str = "train"
+    """The training split's name."""
     eval_split: str = "validation"
-    text_field: Union[str, list[str]] = "text"  # several fields (a title and a body) are joined with ". "
-    pair_field: Optional[str] = None  # the second text of a sentence pair (XNLI: premise / hypothesis)
+    """The evaluation split's name."""
+    text_field: Union[str, list[str]] = "text"
+    """Several fields (a title and a body) are joined with ". "."""
+    pair_field: Optional[str] = None
+    """The second text of a sentence pair (XNLI: premise / hypothesis)"""
     label_field: str = "label"
+    """The field that holds the label."""
     language_field: Optional[str] = None
+    """A field that names each row's language (one dataset for all languages); None: one dataset per language."""
 
 
 class LanguageData(Strict):
     """One language's departure from the experiment's data section (data-efficiency studies)."""
 
     train_split: Optional[str] = None
+    """This language's training split instead of data.train_split."""
     max_train: Optional[int] = Field(None, ge=1)
+    """This language's row cap instead of data.max_train_per_client."""
 
 
 class PartitionConfig(Strict):
@@ -75,8 +102,11 @@ class PartitionConfig(Strict):
     with flwr-datasets, IID or Dirichlet over languages (engines/partitions.py; local trials only)."""
 
     clients: int = Field(ge=2, le=100)
+    """How many clients share the pooled data."""
     scheme: Literal["iid", "dirichlet"] = "iid"
-    alpha: float = Field(0.5, gt=0.0)  # dirichlet: smaller is more skewed
+    """iid: equal random shares; dirichlet: language mixes drawn with concentration alpha."""
+    alpha: float = Field(0.5, gt=0.0)
+    """Dirichlet: smaller is more skewed."""
 
 
 class DataConfig(Strict):
@@ -89,17 +119,29 @@ class DataConfig(Strict):
     """
 
     task: str = "news-topic"
-    labels: Optional[list[str]] = None  # the task's label space; None: the union of the trial data's labels
+    """The task's name: every node binds its own data to it (node.yaml); it travels in the request."""
+    labels: Optional[list[str]] = None
+    """The task's label space; None: the union of the trial data's labels."""
     source: Literal["demo", "masakhanews_tsv", "hf", "csv", "jsonl"] = "demo"
+    """Local trials: where the trial nodes' data is read (demo: the packaged demo data)."""
     root: Optional[Path] = None
+    """Local trials: the folder of masakhanews_tsv, csv or jsonl data (one folder per language)."""
     languages: list[str] = Field(default_factory=lambda: ["eng", "fra", "hau", "swa", "yor"])
+    """One node per language (or the languages pooled, with partition)."""
     train_split: str = "train"
+    """Local trials: the split each node trains on (MasakhaNEWS protocol: test)."""
     eval_split: str = "dev"
+    """Local trials: the split each node evaluates on."""
     max_train_per_client: Optional[int] = Field(None, ge=1)
+    """Cap on each node's training rows (it travels: a node uses at most this many); None: all."""
     max_eval_per_client: Optional[int] = Field(None, ge=1)
+    """Cap on each node's evaluation rows; None: all."""
     hf: Optional[HFDataConfig] = None
+    """data.source: hf: the dataset and its fields."""
     per_language: dict[str, LanguageData] = Field(default_factory=dict)
+    """Local trials: one language's own split or row cap (data-efficiency studies)."""
     partition: Optional[PartitionConfig] = None
+    """Local trials: clients that are not languages (IID or Dirichlet splits of the pooled data)."""
 
     def train_split_of(self, language: str) -> str:
         own = self.per_language.get(language)
@@ -137,11 +179,17 @@ class ServerOptimizerConfig(Strict):
     (coordinator/server_optimizer.py). `fedavg` with lr 1 is Algorithm 1's plain average."""
 
     name: Literal["fedavg", "fedavgm", "fedadam", "fedyogi"] = "fedavg"
-    lr: float = Field(1.0, gt=0.0)  # server learning rate (eta); ~1e-2..1e-1 for fedadam/fedyogi
-    momentum: float = Field(0.9, ge=0.0, lt=1.0)  # fedavgm
-    beta_1: float = Field(0.9, ge=0.0, lt=1.0)  # fedadam, fedyogi
+    """fedavg (Algorithm 1), fedavgm (server momentum), fedadam or fedyogi (adaptive server steps)."""
+    lr: float = Field(1.0, gt=0.0)
+    """Server learning rate (eta); ~1e-2..1e-1 for fedadam/fedyogi."""
+    momentum: float = Field(0.9, ge=0.0, lt=1.0)
+    """Fedavgm."""
+    beta_1: float = Field(0.9, ge=0.0, lt=1.0)
+    """Fedadam, fedyogi."""
     beta_2: float = Field(0.99, ge=0.0, lt=1.0)
+    """Fedadam, fedyogi: the second moment's decay."""
     tau: float = Field(1e-3, gt=0.0)
+    """Fedadam, fedyogi: the adaptivity (epsilon of the denominator)."""
 
 
 class PersonalizationConfig(Strict):
@@ -153,8 +201,11 @@ class PersonalizationConfig(Strict):
     result as its personalized model."""
 
     local_head: bool = False
+    """FedPer: each node's head is its own and never sent; only the prompt encoder is aggregated."""
     adapt_epochs: int = Field(0, ge=0, le=100)
-    adapt_lr: Optional[float] = Field(None, gt=0.0)  # None: fl.lr
+    """Epochs each node tunes the final encoder on its own data after the last round (kept on the node)."""
+    adapt_lr: Optional[float] = Field(None, gt=0.0)
+    """None: fl.lr."""
 
     @property
     def planned(self) -> bool:
@@ -170,16 +221,28 @@ class FLConfig(Strict):
     """Federated Prompt Averaging (Algorithm 1) and the local training budget."""
 
     rounds: int = Field(5, ge=1)
+    """Federated rounds (the coordinator's plan; each node refuses rounds outside it)."""
     fraction_fit: float = Field(1.0, gt=0.0, le=1.0)
+    """C: the share of willing nodes selected each round (at least one)."""
     local_epochs: int = Field(1, ge=1)
+    """Epochs over its own data each selected node trains per round."""
     batch_size: int = Field(16, ge=1)
+    """Local batch size (under DP: the expected Poisson batch)."""
     lr: float = Field(5e-3, gt=0.0)
+    """Local AdamW learning rate."""
     weight_decay: float = Field(0.0, ge=0.0)
+    """Local AdamW weight decay."""
     patience: Optional[int] = Field(None, ge=1)
+    """Early stopping: rounds without a better average accuracy before the run stops (the best round's encoder is
+    kept); None: off."""
     eval_batch_size: int = Field(64, ge=1)
+    """Batch size of evaluation."""
     round_timeout: float = Field(3600.0, gt=0.0)
-    proximal_mu: float = Field(0.0, ge=0.0)  # FedProx: each node adds mu/2 ||w - w_global||^2 to its objective
+    """Seconds the coordinator waits for a phase's replies; a node that has not answered by then is a dropout."""
+    proximal_mu: float = Field(0.0, ge=0.0)
+    """FedProx: each node adds mu/2 ||w - w_global||^2 to its objective."""
     server_optimizer: ServerOptimizerConfig = ServerOptimizerConfig()
+    """How the coordinator applies the round's average change."""
 
 
 class DPConfig(Strict):
@@ -191,44 +254,76 @@ class DPConfig(Strict):
     """
 
     enabled: bool = False
+    """Train with DP-SGD on every node (each node's own rules may require it)."""
     target_epsilon: Optional[float] = Field(8.0, gt=0.0)
+    """Each node's epsilon for the whole experiment (the noise is derived from it), or with noise_multiplier fixed the
+    cap beyond which a node declines to train."""
     delta: float = Field(1e-5, gt=0.0, lt=1.0)
+    """The delta of (epsilon, delta)-DP; well below 1 / rows."""
     max_grad_norm: float = Field(1.0, gt=0.0)
+    """Per-example gradient clipping norm C."""
     noise_multiplier: Optional[float] = Field(None, ge=0.0)
+    """Fix sigma instead of deriving it from target_epsilon."""
     accountant: Literal["prv", "rdp"] = "prv"
+    """Opacus accountant: prv (tighter) or rdp."""
 
 
 class SecAggConfig(Strict):
     """Secure aggregation with Flower's SecAgg+ (validated per cohort in coordinator/secure_aggregation.py)."""
 
     enabled: bool = True
-    num_shares: Optional[int] = None  # None: every selected node holds a share (full graph)
-    reconstruction_threshold: Optional[int] = None  # None: the smallest count above 2/3 of the shares
-    clipping_range: float = 1.0  # |weight ratio x update change| must stay inside it
+    """Mask updates with SecAgg+ (a node whose rules require it refuses plaintext rounds)."""
+    num_shares: Optional[int] = None
+    """None: every selected node holds a share (full graph)"""
+    reconstruction_threshold: Optional[int] = None
+    """None: the smallest count above 2/3 of the shares."""
+    clipping_range: float = 1.0
+    """|weight ratio x update change| must stay inside it."""
     quantization_range: int = 2**22
+    """Integer range updates are quantized into before masking (precision of the sum)."""
     modulus_range: int = 2**32
-    max_weight: Optional[float] = None  # public bound on |D_k|; None: data.max_train_per_client, else 1000
-    timeout: Optional[float] = None  # per protocol stage; None: fl.round_timeout
-    min_cohort: int = 2  # fewest surviving contributors the coordinator aggregates
+    """The ring the masked sum lives in; must exceed the cohort times the quantization range."""
+    max_weight: Optional[float] = None
+    """Public bound on |D_k|; None: data.max_train_per_client, else 1000."""
+    timeout: Optional[float] = None
+    """Per protocol stage; None: fl.round_timeout."""
+    min_cohort: int = 2
+    """Fewest surviving contributors the coordinator aggregates."""
 
 
 class ExperimentConfig(Strict):
     """One experiment: everything `securefpt run` needs."""
 
     name: str = "experiment"
+    """Names the run directory (runs/<name>-<time>) and the experiment in the audit log."""
     model: ModelConfig = ModelConfig()
+    """The frozen language model."""
     peft: PeftConfig = PeftConfig()
+    """What is trained on it."""
     data: DataConfig = DataConfig()
+    """The task and, for local trials, where each language's data lives."""
     paradigm: Literal["federated", "monolingual", "centralized"] = "federated"
+    """federated (Algorithm 1), or the paper's local baselines: monolingual (each language alone) and centralized (all
+    data pooled in one place)."""
     fl: FLConfig = FLConfig()
+    """Rounds, cohort and each node's local training."""
     personalization: PersonalizationConfig = PersonalizationConfig()
+    """What each node keeps for itself."""
     dp: DPConfig = DPConfig()
+    """DP-SGD on every node."""
     secagg: SecAggConfig = SecAggConfig()
-    policy: Optional[Path] = None  # residency policy YAML (policies/)
-    clients: Optional[Path] = None  # the federation's institutions (clients/<id>/manifest.yaml, node.yaml)
-    server_key: Optional[Path] = None  # the coordinator's Ed25519 audit key (private); never in a run directory
-    tensorboard: bool = False  # per-round accuracy, epsilon, bytes to RUN/tensorboard (securefpt[tracking])
+    """SecAgg+ secure aggregation: the coordinator unmasks only the weighted sum."""
+    policy: Optional[Path] = None
+    """Residency policy YAML (policies/)"""
+    clients: Optional[Path] = None
+    """The federation's institutions (clients/<id>/manifest.yaml, node.yaml)"""
+    server_key: Optional[Path] = None
+    """The coordinator's Ed25519 audit key (private); never in a run directory."""
+    tensorboard: bool = False
+    """Per-round accuracy, epsilon, bytes to RUN/tensorboard (securefpt[tracking])"""
     seed: int = 0
+    """Seeds the model's initialisation, the data order and the coordinator's selection (DP noise always comes from the
+    OS)."""
 
     @model_validator(mode="after")
     def _dp_supported(self) -> "ExperimentConfig":
