@@ -125,6 +125,24 @@ def test_a_node_that_drops_after_key_sharing_leaves_the_survivors_sum(tmp_path, 
     assert max_abs_diff(got, h_g) > 1e-3  # the model did move
 
 
+def test_a_node_that_dies_during_key_sharing_costs_only_its_own_contribution(tmp_path, tiny_overrides,
+                                                                           monkeypatch):
+    """dd fails at SecAgg+'s share-keys stage (it sent no key shares, so nobody masked with it): the
+    round goes on with the three others and sums exactly them. Flower alone counted dd dead at unmask
+    and asked the survivors for shares of its key they never had, aborting everyone's round."""
+    langs = ["aa", "bb", "cc", "dd"]
+    cfg = secure_cfg(tmp_path, tiny_overrides, langs)
+    monkeypatch.setenv("SECUREFPT_FAULTS", "dd@share_keys")
+    summary = run_federated_simulation(cfg, tmp_path / "run", show_progress=False)
+    rnd = summary["secure_aggregation"]["rounds"][0]
+    assert rnd == {"round": 1, "participants": ["aa", "bb", "cc"], "dropouts": ["dd"], "aborted": False}
+    h_g, truth = round_one_by_hand(cfg)
+    expected = average([truth[lang] for lang in ("aa", "bb", "cc")])
+    got = load_arrays(tmp_path / "run" / "prompt_encoder.safetensors")
+    assert max_abs_diff(expected, got) <= bound_of(cfg, 3, [10, 14, 18]) + 1e-7
+    assert max_abs_diff(got, h_g) > 1e-3
+
+
 def test_too_many_dropouts_abort_the_round_and_leave_the_model_unchanged(tmp_path, tiny_overrides, monkeypatch):
     monkeypatch.setenv("SECUREFPT_FAULTS", "bb@collect,cc@collect")
     cfg = secure_cfg(tmp_path, tiny_overrides, LANGS, "fl.rounds=2")

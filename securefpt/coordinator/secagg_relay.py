@@ -126,10 +126,25 @@ class AuthenticatedSecAggPlus(SecAggPlusWorkflow):
 
     def __call__(self, grid: Grid, context) -> None:
         state = WorkflowState()
-        for step in (self.setup_stage, self.share_keys_stage, self.collect_masked_vectors_stage,
-                     self.consistency_stage, self.unmask_stage):
+        for step in (self.setup_stage, self.share_keys_stage, self.forget_silent_at_share_keys,
+                     self.collect_masked_vectors_stage, self.consistency_stage, self.unmask_stage):
             if not step(grid, context, state):
                 return
+
+    def forget_silent_at_share_keys(self, grid: Grid, context, state: WorkflowState) -> bool:
+        """A node that sent no key shares is masked with by nobody (a node pairs its masks only with
+        the peers whose shares reached it): it leaves the round as if never sampled. Flower would
+        count it dead at unmask and ask the survivors for shares of its key they never received,
+        which aborted the whole round for one node lost during setup."""
+        silent = state.sampled_node_ids - state.active_node_ids
+        if not silent:
+            return True
+        state.sampled_node_ids = set(state.active_node_ids)
+        for node in silent:
+            state.nid_to_neighbours.pop(node, None)
+        for neighbours in state.nid_to_neighbours.values():
+            neighbours -= silent
+        return self._check_threshold(state)
 
     def consistency_stage(self, grid: Grid, context, state: WorkflowState) -> bool:
         """Every survivor signs the survivor set; the Relay hands the signatures to the unmask stage."""
