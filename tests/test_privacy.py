@@ -267,11 +267,12 @@ def test_fedprox_pulls_towards_the_global_encoder_and_survives_opacus_noise(priv
 
 
 def test_a_node_refuses_a_plan_whose_noise_would_swamp_the_signal(dp_fed_cfg, tmp_path):
-    """sigma sqrt(d) / B above the limit is refused at setup, with the reason code; just below trains."""
+    """sigma sqrt(d) / B above the limit at the request's public row cap (10: every node trains on
+    10 rows) is refused at setup, with the reason code; just below trains."""
     from securefpt.errors import FederationError
     from securefpt.node.budget import MAX_NOISE_TO_SIGNAL
 
-    cfg = dp_fed_cfg("fl.rounds=1", "secagg.enabled=false", "dp.target_epsilon=1000")
+    cfg = dp_fed_cfg("fl.rounds=1", "secagg.enabled=false", "dp.target_epsilon=1000", "data.max_train_per_client=10")
     labels = label_space(cfg.data)
     d = sum(a.size for a in get_trainable(build_model(cfg.model, cfg.peft, len(labels), 0).model).values())
     batch = cfg.fl.batch_size  # q |D_k| = B for every node (each has more than B rows)

@@ -85,3 +85,53 @@ def test_a_supernode_s_identity_never_comes_from_the_coordinator_s_run_config(tm
     assert FLWR_SIM_ENV in str(err.value) and time.monotonic() - start < 2.0  # no minute-long wait
     monkeypatch.setenv(FLWR_SIM_ENV, "1")
     assert _where(context)[0] == tmp_path / "coordinator-chosen" / "node.yaml"  # the node opted in
+
+
+def test_setup_answers_to_dp_plans_are_the_same_for_nodes_of_different_sizes(tmp_path):
+    """Channel 1: the noise-to-signal check refused iff sigma(q = B / |D_k|) sqrt(d) / B exceeded a
+    bound, so a coordinator sweeping target epsilons, one new run per probe, binary-searched |D_k|
+    in free setups. The check now runs at the request's public row cap (or, without one, not at
+    all: the node accepts and notes it in its own log). Two nodes of 10 and 18 rows answer every
+    probe alike, with and without a cap; the probes do separate them under the old rule."""
+    import json
+
+    from securefpt.config import load_config
+    from securefpt.engines.trial_nodes import write_trial_nodes
+    from securefpt.learning.modeling import build_model, get_trainable
+    from securefpt.node.app import setup
+    from securefpt.node.budget import MAX_NOISE_TO_SIGNAL, noise_to_signal, plan_privacy
+    from securefpt.protocol import records as R
+    from securefpt.protocol.identity import new_challenge
+    from tests.conftest import TINY, make_masakhanews_like, tsv_cfg_overrides
+
+    root = make_masakhanews_like(tmp_path / "data", ["aa", "cc"], sizes=[10, 18])
+    cfg = load_config(None, TINY + tsv_cfg_overrides(root, ["aa", "cc"]) + [
+        "dp.enabled=true", "fl.batch_size=4", "fl.rounds=20", "secagg.enabled=false"])
+    labels = ["health", "politics", "sports"]
+    d = sum(a.size for a in get_trainable(build_model(cfg.model, cfg.peft, 3, 0).model).values())
+    probes = [0.05 * 1.5 ** i for i in range(12)]  # target epsilons
+    with_epsilon = [cfg.model_copy(update={"dp": cfg.dp.model_copy(update={"target_epsilon": e})}) for e in probes]
+    old_rule = {rows: [noise_to_signal(plan_privacy(c.request(labels), rows), rows, d) > MAX_NOISE_TO_SIGNAL
+                       for c in with_epsilon] for rows in (10, 18)}
+    assert old_rule[10] != old_rule[18]  # the sweep is an oracle under the old rule
+
+    nodes = dict(zip(["aa", "cc"], write_trial_nodes(cfg, tmp_path / "nodes")))
+    answers: dict[str, list[str]] = {"aa": [], "cc": []}
+    run_id = 0
+    for cap in (None, 16):
+        for c in with_epsilon:
+            request = json.loads(c.request(labels).to_json())
+            request["training"]["max_train"] = cap
+            for lang, path in nodes.items():
+                run_id += 1  # a new run for every probe, as a hostile coordinator would start
+                content = RecordDict({R.SETUP: ConfigRecord({"request": json.dumps(request),
+                                                             "challenge": new_challenge()})})
+                msg = Message(content=content, metadata=Metadata(
+                    run_id=run_id, message_id=f"m{run_id}", src_node_id=1, dst_node_id=7, reply_to_message_id="",
+                    group_id="0", created_at=time.time(), ttl=60.0, message_type=MessageType.QUERY))
+                context = Context(run_id=run_id, node_id=7, node_config={"config": str(path)}, state=RecordDict(),
+                                  run_config={})
+                answers[lang].append(str(setup(msg, context).content.config_records[R.ANSWER]["code"]))
+    assert answers["aa"] == answers["cc"]  # the 10-row and 18-row nodes are indistinguishable
+    assert "noise-swamps-signal" in answers["aa"] and "ok" in answers["aa"]  # the check still works, publicly
+    assert all(code == "ok" for code in answers["aa"][:len(probes)])  # no cap: nothing decided on |D_k|

@@ -16,9 +16,10 @@ from securefpt.errors import ConfigError, DataError, ModelUnavailableError
 from securefpt.learning.data import ClientData, LabelError, load_examples
 from securefpt.learning.modeling import AssembledModel, build_model, get_trainable, set_trainable
 from securefpt.learning.training import EvalResult, TrainResult, evaluate, train_local
-from securefpt.node.budget import PrivacyPlan, check_noise, plan_privacy
+from securefpt.node.budget import MAX_NOISE_TO_SIGNAL, PrivacyPlan, check_noise, noise_to_signal, plan_privacy
 from securefpt.node.config import Node
 from securefpt.node.personal import Personal
+from securefpt.node.state import NodeState
 from securefpt.protocol.experiment import ExperimentRequest
 from securefpt.protocol.refusals import NodeRefusal
 
@@ -70,9 +71,23 @@ class NodeRuntime:
             return None
         if self._plan is None:
             plan = plan_privacy(self.request, len(self.data.train))
-            check_noise(plan, len(self.data.train), sum(a.size for a in self._initial.values()))
+            self._check_noise_publicly(plan)
             self._plan = plan
         return self._plan
+
+    def _check_noise_publicly(self, plan: PrivacyPlan) -> None:
+        """Refuse noise that would swamp the signal, deciding on public values only: the plan at the
+        request's row cap (a node with at least that many rows trains on exactly that many). A
+        decision at the node's own |D_k| would answer one bit of it per probe; so without a cap
+        the node accepts, and a plan noisier than the bound is noted in its own log only."""
+        dimension = sum(a.size for a in self._initial.values())
+        cap = self.request.training.max_train
+        if cap is not None:
+            check_noise(plan_privacy(self.request, cap), cap, dimension)
+        own = noise_to_signal(plan, len(self.data.train), dimension)
+        if own > MAX_NOISE_TO_SIGNAL:
+            NodeState(self.node.state_dir).log("advisory", detail=f"noise-to-signal {own:.1f} above "
+                                               f"{MAX_NOISE_TO_SIGNAL}: this node's update will be mostly noise")
 
     def fit(self, global_arrays, seed: int) -> tuple[dict, TrainResult]:
         """Start from the global encoder (and this node's own head, where it stays local) and train
