@@ -1,8 +1,8 @@
 """Who takes part: setup (identity, each node's answer to the request) and the policy's cohort rules.
 
-`Admission` is the setup phase of `FederatedPromptAveraging` (coordinator/app.py): it
-hands every node the experiment request and an identity challenge, binds each node id
-to the institution whose attested manifest it proves it holds, and applies the
+`Admission` is an object the coordinator's run holds (coordinator/app.py): it hands every
+node the experiment request and an identity challenge, binds each node id to the
+institution whose attested manifest it proves it holds (`languages`), and applies the
 residency policy's decisions and minimum cohorts after setup and before every round.
 Eligibility itself (attestations, rules) is decided in coordinator/eligibility.py.
 """
@@ -13,20 +13,32 @@ import time
 from typing import Optional
 
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
+from flwr.serverapp import Grid
 
-from securefpt.coordinator.eligibility import Decision, cohort_minimums, participants
+from securefpt.coordinator.audit_log import AuditLog
+from securefpt.coordinator.eligibility import Decision, Participant, cohort_minimums, participants
 from securefpt.coordinator.metering import exchange
 from securefpt.coordinator.run_dir import ClientRecord
 from securefpt.coordinator.verdicts import describe, error_reason
 from securefpt.errors import FederationError
 from securefpt.protocol import records as R
+from securefpt.protocol.experiment import ExperimentConfig, ExperimentRequest
 from securefpt.protocol.identity import check_proof, new_challenge
+from securefpt.protocol.policy import Policy
 
 
 class Admission:
-    """The setup phase; mixed into the ServerApp's run (which owns grid, cfg, policy, recorder)."""
+    """Setup and who takes part; `languages` maps each admitted node id to its institution's language."""
 
-    def _wait_for_nodes(self, expected: int, timeout: float = 120.0) -> list[int]:
+    def __init__(self, cfg: ExperimentConfig, grid: Grid, run_id: int, policy: Optional[Policy],
+                 participants: dict[str, Participant], request: ExperimentRequest, audit: AuditLog) -> None:
+        self.cfg, self.grid, self.run_id, self.policy = cfg, grid, run_id, policy
+        self.participants, self.request, self.audit = participants, request, audit
+        self.languages: dict[int, str] = {}  # node id -> language, fixed at setup (authenticated identity)
+        self.setup_errors: list[str] = []
+        self.refused: dict[str, str] = {}  # language -> why its node(s) were left out
+
+    def wait_for_nodes(self, expected: int, timeout: float = 120.0) -> list[int]:
         deadline = time.monotonic() + timeout
         nodes: list[int] = []
         while time.monotonic() < deadline:
@@ -38,7 +50,7 @@ class Admission:
             raise FederationError(f"no node connected within {timeout:.0f}s")
         return nodes
 
-    def _setup(self, nodes: list[int]) -> dict[int, str]:
+    def setup(self, nodes: list[int]) -> dict[int, str]:
         """Hand each node the request and an identity challenge; learn who it is and whether it accepts.
 
         A node whose identity does not hold (identity.py), a second node for a language
@@ -49,8 +61,6 @@ class Admission:
         content = RecordDict({R.SETUP: ConfigRecord({"request": self.request.to_json(), "challenge": challenge})})
         msgs = [Message(content, dst_node_id=n, message_type=MessageType.QUERY) for n in nodes]
         replies = exchange(self.grid, msgs, timeout=self.cfg.fl.round_timeout)
-        self.setup_errors: list[str] = []
-        self.refused: dict[str, str] = {}  # language -> why its node(s) were left out
         for node, reply in sorted(replies, key=lambda pair: pair[0]):
             if reply.has_error():
                 self.setup_errors.append(error_reason(reply))
@@ -66,7 +76,7 @@ class Admission:
             if why is None and not bool(answer["accept"]):
                 why = "refused the experiment: " + describe(str(answer.get("code")), "no reason code")
             if self.policy is not None:
-                self.recorder.audit.append("identity", node=node, language=language,
+                self.audit.append("identity", node=node, language=language,
                                            client=str(identity.get("client-id", "")) or None,
                                            accepted=why is None, reason=why or "identity holds")
             if why is not None:
@@ -75,7 +85,7 @@ class Admission:
                 continue
             self.languages[node] = language
         for reason in self.setup_errors:
-            self.recorder.audit.append("node_failed_setup", reason=reason)
+            self.audit.append("node_failed_setup", reason=reason)
         if not self.languages:
             raise FederationError("every node failed setup: "
                                   + "; ".join(sorted(set(self.setup_errors) | set(self.refused.values()))[:3]))
@@ -94,11 +104,11 @@ class Admission:
         if who is None:
             return None, f"client '{claimed}' is not registered for this experiment"
         language = who.manifest.language
-        why = check_proof(who.manifest, claimed, str(identity.get("proof", "")), self.context.run_id, node, challenge,
+        why = check_proof(who.manifest, claimed, str(identity.get("proof", "")), self.run_id, node, challenge,
                           self.policy.server.require_key_proof)
         return language, why
 
-    def _recheck_policy(self, server_round: int, eligible: list[int]) -> list[int]:
+    def recheck_policy(self, server_round: int, eligible: list[int]) -> list[int]:
         """Decide again before this round (an attestation may have expired since the last)."""
         try:
             now = participants(self.cfg)
@@ -109,10 +119,10 @@ class Admission:
             if n not in keep:
                 lang = self.languages[n]
                 why = now[lang].decision.reason if lang in now else reason
-                self.recorder.audit.append("eligibility", round=server_round, client=lang, included=False, reason=why)
+                self.audit.append("eligibility", round=server_round, client=lang, included=False, reason=why)
         return keep
 
-    def _within_minimums(self, server_round: int, selected: list[int]) -> list[int]:
+    def within_minimums(self, server_round: int, selected: list[int]) -> list[int]:
         """The selected nodes whose regions' minimum cohorts this round meets: a round that cannot be
         aggregated for a node is not started for it (it would refuse, and spend nothing, anyway)."""
         if self.policy is None:
@@ -121,11 +131,11 @@ class Admission:
         kept = cohort_minimums(self.policy, {n: Decision(True, "selected") for n in selected}, regions)
         for n, decision in kept.items():
             if not decision.included:
-                self.recorder.audit.append("eligibility", round=server_round, client=self.languages[n],
+                self.audit.append("eligibility", round=server_round, client=self.languages[n],
                                            included=False, reason=decision.reason)
         return [n for n in selected if kept[n].included]
 
-    def _admit(self) -> tuple[dict[str, ClientRecord], list[int]]:
+    def admit(self) -> tuple[dict[str, ClientRecord], list[int]]:
         """Each institution's record (included or why not) and the nodes that take part."""
         why_missing = "failed setup: " + ("; ".join(sorted(set(self.setup_errors))) or "no reply")
         clients: dict[str, ClientRecord] = {}

@@ -33,7 +33,7 @@ from securefpt.coordinator.interrupts import drill
 from securefpt.coordinator.metering import MeteredGrid
 from securefpt.coordinator.phases import EvalOutcome, RoundPhases, TrainOutcome
 from securefpt.coordinator.progress import RunProgress
-from securefpt.coordinator.run_dir import RoundRecord, RunRecorder
+from securefpt.coordinator.run_dir import RoundRecord, RunRecorder, privacy_summary
 from securefpt.coordinator.secure_aggregation import resolve_settings
 from securefpt.coordinator.server_optimizer import ServerOptimizer
 from securefpt.errors import FederationError, RunInterrupted
@@ -43,30 +43,12 @@ from securefpt.protocol.experiment import ExperimentConfig
 from securefpt.protocol.policy import load_policy
 
 
-def privacy_summary(cfg: ExperimentConfig, reports: dict[str, dict]) -> dict:
-    """`summary.json` privacy section from the nodes' latest released reports (null where not released)."""
-    langs = cfg.data.languages
-    get = lambda key: {lang: reports.get(lang, {}).get(key) for lang in langs}  # noqa: E731
-    return {
-        "enabled": cfg.dp.enabled,
-        "epsilon": get("epsilon"),
-        "delta": cfg.dp.delta if cfg.dp.enabled else None,
-        "noise_multiplier": get("noise-multiplier") if cfg.dp.enabled else None,
-        "sample_rate": get("sample-rate") if cfg.dp.enabled else None,
-        "steps": get("steps"),
-        "accountant": cfg.dp.accountant if cfg.dp.enabled else None,
-        "target_epsilon": cfg.dp.target_epsilon if cfg.dp.enabled else None,
-        "max_grad_norm": cfg.dp.max_grad_norm if cfg.dp.enabled else None,
-    }
-
-
-class FederatedPromptAveraging(Admission):
+class FederatedPromptAveraging:
     """Runs one federated experiment on a Grid and writes its run directory."""
 
     def __init__(self, cfg: ExperimentConfig, out_dir: Path, grid: Grid, context: Context,
                  show_progress: bool = True, on_receive: Optional[Callable[[Message], None]] = None) -> None:
         self.cfg = cfg
-        self.context = context
         self.grid = MeteredGrid(grid, on_receive=on_receive)
         self.participants = participants(cfg)  # the residency policy's decisions, before any training
         self.policy = load_policy(cfg.policy) if cfg.policy is not None else None  # as at the start of the run
@@ -76,7 +58,9 @@ class FederatedPromptAveraging(Admission):
         self.recorder = RunRecorder(out_dir, cfg, self.labels, resumed=self.resumed.rounds if self.resumed else None)
         self.progress = RunProgress(enabled=show_progress)
         self.rng = np.random.default_rng(cfg.seed)
-        self.languages: dict[int, str] = {}  # node id -> language, fixed at setup (authenticated identity)
+        self.admission = Admission(cfg, self.grid, context.run_id, self.policy, self.participants, self.request,
+                                   self.recorder.audit)
+        self.languages = self.admission.languages  # node id -> language, fixed at setup (authenticated identity)
         self.phases = RoundPhases(cfg, self.grid, context, self.progress, self.recorder.audit, self.languages)
         self.optimizer = ServerOptimizer(cfg.fl.server_optimizer)
         self.state: Optional[RunState] = None
@@ -152,8 +136,8 @@ class FederatedPromptAveraging(Admission):
 
     def _admit_nodes(self, state: RunState) -> tuple[list[int], dict]:
         """Setup, then who takes part (recorded); the SecAgg+ settings are sized for them."""
-        self._setup(self._wait_for_nodes(len(self.cfg.data.languages)))
-        clients, eligible = self._admit()
+        self.admission.setup(self.admission.wait_for_nodes(len(self.cfg.data.languages)))
+        clients, eligible = self.admission.admit()
         self.recorder.audit.append("eligibility", round=state.completed,
                                    clients={k: asdict(v) for k, v in clients.items()})
         if not eligible:
@@ -182,13 +166,13 @@ class FederatedPromptAveraging(Admission):
         """Train, aggregate, evaluate: the next round's offer, and why the run stops (None: it goes on)."""
         start, snapshot = time.perf_counter(), self.grid.snapshot()
         if self.cfg.policy is not None and server_round > 1:
-            eligible[:] = self._recheck_policy(server_round, eligible)
+            eligible[:] = self.admission.recheck_policy(server_round, eligible)
         willing = [n for n in offer.willing if n in eligible]
         for lang, why in offer.declined.items():
             self.recorder.audit.append("declined", round=server_round, client=lang, reason=why)
         if not willing:
             return offer, self._nobody_willing(server_round, offer)
-        selected = self._within_minimums(server_round, select_clients(
+        selected = self.admission.within_minimums(server_round, select_clients(
             willing, self.cfg.fl.fraction_fit, self.rng, population=len(eligible)))
         trained = self.phases.train(server_round, selected, state.global_arrays)
         record = self._aggregate(server_round, state, trained, offer, start, snapshot)

@@ -245,3 +245,20 @@ def backbone_facts(name: str, languages: list[str]) -> dict[str, Any]:
         [lang for lang in languages if lang not in facts.pretraining_languages]
     return {"name": name, "origin": facts.origin, "weights": facts.weights,
             "languages_outside_pretraining": outside}
+
+
+def privacy_summary(cfg: ExperimentConfig, reports: dict[str, dict]) -> dict:
+    """`summary.json` privacy section from the nodes' latest released reports (null where not released)."""
+    langs = cfg.data.languages
+    get = lambda key: {lang: reports.get(lang, {}).get(key) for lang in langs}  # noqa: E731
+    return {
+        "enabled": cfg.dp.enabled,
+        "epsilon": get("epsilon"),
+        "delta": cfg.dp.delta if cfg.dp.enabled else None,
+        "noise_multiplier": get("noise-multiplier") if cfg.dp.enabled else None,
+        "sample_rate": get("sample-rate") if cfg.dp.enabled else None,
+        "steps": get("steps"),
+        "accountant": cfg.dp.accountant if cfg.dp.enabled else None,
+        "target_epsilon": cfg.dp.target_epsilon if cfg.dp.enabled else None,
+        "max_grad_norm": cfg.dp.max_grad_norm if cfg.dp.enabled else None,
+    }
