@@ -98,10 +98,7 @@ def test_setup_answers_to_dp_plans_are_the_same_for_nodes_of_different_sizes(tmp
     from securefpt.config import load_config
     from securefpt.engines.trial_nodes import write_trial_nodes
     from securefpt.learning.modeling import build_model, get_trainable
-    from securefpt.node.app import setup
     from securefpt.node.budget import MAX_NOISE_TO_SIGNAL, noise_to_signal, plan_privacy
-    from securefpt.protocol import records as R
-    from securefpt.protocol.identity import new_challenge
     from tests.conftest import TINY, make_masakhanews_like, tsv_cfg_overrides
 
     root = make_masakhanews_like(tmp_path / "data", ["aa", "cc"], sizes=[10, 18])
@@ -116,22 +113,73 @@ def test_setup_answers_to_dp_plans_are_the_same_for_nodes_of_different_sizes(tmp
     assert old_rule[10] != old_rule[18]  # the sweep is an oracle under the old rule
 
     nodes = dict(zip(["aa", "cc"], write_trial_nodes(cfg, tmp_path / "nodes")))
-    answers: dict[str, list[str]] = {"aa": [], "cc": []}
-    run_id = 0
+    requests = []
     for cap in (None, 16):
         for c in with_epsilon:
             request = json.loads(c.request(labels).to_json())
             request["training"]["max_train"] = cap
-            for lang, path in nodes.items():
-                run_id += 1  # a new run for every probe, as a hostile coordinator would start
-                content = RecordDict({R.SETUP: ConfigRecord({"request": json.dumps(request),
-                                                             "challenge": new_challenge()})})
-                msg = Message(content=content, metadata=Metadata(
-                    run_id=run_id, message_id=f"m{run_id}", src_node_id=1, dst_node_id=7, reply_to_message_id="",
-                    group_id="0", created_at=time.time(), ttl=60.0, message_type=MessageType.QUERY))
-                context = Context(run_id=run_id, node_id=7, node_config={"config": str(path)}, state=RecordDict(),
-                                  run_config={})
-                answers[lang].append(str(setup(msg, context).content.config_records[R.ANSWER]["code"]))
+            requests.append(request)
+    answers = _setup_answers(nodes, requests, 0)
     assert answers["aa"] == answers["cc"]  # the 10-row and 18-row nodes are indistinguishable
     assert "noise-swamps-signal" in answers["aa"] and "ok" in answers["aa"]  # the check still works, publicly
     assert all(code == "ok" for code in answers["aa"][:len(probes)])  # no cap: nothing decided on |D_k|
+
+
+def _setup_answers(paths: dict, requests: list[dict], first_run: int) -> dict[str, list[str]]:
+    """Each node's answer (a code) to each setup request, every probe in a run of its own."""
+    import json
+
+    from securefpt.node.app import setup
+    from securefpt.protocol import records as R
+    from securefpt.protocol.identity import new_challenge
+
+    answers: dict[str, list[str]] = {name: [] for name in paths}
+    run_id = first_run
+    for request in requests:
+        for name, path in paths.items():
+            run_id += 1  # a new run for every probe, as a hostile coordinator would start
+            setup_record = ConfigRecord({"request": json.dumps(request), "challenge": new_challenge()})
+            content = RecordDict({R.SETUP: setup_record})
+            msg = Message(content=content, metadata=Metadata(
+                run_id=run_id, message_id=f"m{run_id}", src_node_id=1, dst_node_id=7, reply_to_message_id="",
+                group_id="0", created_at=time.time(), ttl=60.0, message_type=MessageType.QUERY))
+            context = Context(run_id=run_id, node_id=7, node_config={"config": str(path)}, state=RecordDict(),
+                              run_config={})
+            answers[name].append(str(setup(msg, context).content.config_records[R.ANSWER]["code"]))
+    return answers
+
+
+def test_a_node_that_declares_its_labels_answers_label_space_probes_from_its_configuration(tmp_path):
+    """Channel 5: `labels-outside-task` answered, per proposed label space, whether the node's rows
+    hold a label outside it; proposing spaces one label short, run after run, reads the node's label
+    set. A node whose binding declares its labels (node.yaml `labels:`) is judged on that
+    declaration: a node holding all three labels and one holding two (both declaring the task's
+    three) answer every probe alike. Undeclared, the same probes tell them apart (the control)."""
+    import json
+    import re
+
+    import yaml
+
+    from securefpt.config import load_config
+    from securefpt.engines.trial_nodes import write_trial_nodes
+    from tests.conftest import TINY, make_masakhanews_like, tsv_cfg_overrides
+
+    root = make_masakhanews_like(tmp_path / "data", ["aa", "bb"])
+    for split in ("test", "dev"):  # bb holds no 'health' row
+        path = root / "bb" / f"{split}.tsv"
+        records = re.split(r"(?m)^(?=(?:health|politics|sports)\t)", path.read_text())  # a row spans two lines
+        path.write_text("".join(r for r in records if not r.startswith("health")))
+    labels = ["health", "politics", "sports"]
+    cfg = load_config(None, TINY + tsv_cfg_overrides(root, ["aa", "bb"]) + [f"data.labels=[{', '.join(labels)}]"])
+    paths = dict(zip(["aa", "bb"], write_trial_nodes(cfg, tmp_path / "nodes")))
+    base = json.loads(cfg.request(labels).to_json())
+    probes = [{**base, "labels": space} for space in (["politics", "sports"], ["health", "sports"],
+                                                      ["health", "politics"], labels, [*labels, "weather"])]
+    undeclared = _setup_answers(paths, probes, 0)
+    assert undeclared["aa"] != undeclared["bb"]  # bb's missing label shows: the oracle
+    for path in paths.values():
+        node = yaml.safe_load(path.read_text())
+        node["data"]["news-topic"]["labels"] = labels
+        path.write_text(yaml.safe_dump(node))
+    declared = _setup_answers(paths, probes, 100)
+    assert declared["aa"] == declared["bb"] == ["labels-outside-task"] * 3 + ["ok", "ok"]

@@ -61,6 +61,9 @@ class DataBinding(Strict):
     max_train: Optional[int] = Field(None, ge=1)
     max_eval: Optional[int] = Field(None, ge=1)
     dataset: Optional[str] = None  # what the lifetime budget is kept for (default: the task's name)
+    # The task's labels this node declares it holds (after label_map). Declared, a request's label
+    # space is judged against this configuration, never against the rows: no label-set oracle.
+    labels: Optional[list[str]] = Field(None, min_length=1)
 
     @model_validator(mode="after")
     def _source_needs(self) -> "DataBinding":

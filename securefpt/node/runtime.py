@@ -35,6 +35,8 @@ class NodeRuntime:
         if binding is None:
             raise NodeRefusal("unknown-task", f"no binding for task {request.task!r}")
         self.dataset = binding.dataset or request.task  # what the lifetime budget is kept for
+        if binding.labels is not None and not set(binding.labels) <= set(request.labels):
+            raise NodeRefusal("labels-outside-task", "the node's declared labels are not all in the request's")
         source = node.model_source(request.model.name)
         if source is None:
             raise NodeRefusal("model-not-allowed", f"model {request.model.name!r} is not in this node's models")
@@ -43,10 +45,15 @@ class NodeRuntime:
                 binding, binding.language or node.language, request.labels,
                 _min(binding.max_train, request.training.max_train), _min(binding.max_eval, request.training.max_eval),
                 request.seed, binding.label_map)
-        except LabelError as exc:
-            raise NodeRefusal("labels-outside-task", str(exc)) from None
+        except LabelError as exc:  # declared labels: a row outside them, whatever the request (constant)
+            raise NodeRefusal("labels-outside-task" if binding.labels is None else "data-unavailable",
+                              str(exc)) from None
         except DataError as exc:
             raise NodeRefusal("data-unavailable", str(exc)) from None
+        if binding.labels is not None:
+            held = {request.labels[e.label] for e in [*self.data.train, *self.data.eval]}
+            if not held <= set(binding.labels):
+                raise NodeRefusal("data-unavailable", "rows hold labels the node did not declare")
         try:
             model_cfg = request.model.model_copy(update={"name": source})
             self.assembled: AssembledModel = build_model(model_cfg, request.peft, len(request.labels), request.seed)
@@ -124,11 +131,13 @@ class NodeRuntime:
         return evaluate(self.assembled, self.data.eval, self.request.training.eval_batch_size)
 
 
-_RUNTIMES: "dict[tuple[str, str], NodeRuntime]" = {}
+_RUNTIMES: "dict[tuple[str, int, str], NodeRuntime]" = {}
 
 
 def get_runtime(node: Node, request: ExperimentRequest) -> NodeRuntime:
-    key = (str(node.path), request.sha256())
+    # the node's file as read: an institution that edits its node.yaml (its bindings, its declared
+    # labels) is judged by the new one from the next message on
+    key = (str(node.path), node.path.stat().st_mtime_ns if node.path.is_file() else 0, request.sha256())
     if key not in _RUNTIMES:
         if len(_RUNTIMES) >= 16:  # the frozen weights are one shared memory map; a runtime is small
             _RUNTIMES.pop(next(iter(_RUNTIMES)))
