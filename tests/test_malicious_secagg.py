@@ -24,7 +24,7 @@ from securefpt.learning.training import train_local
 from securefpt.node import app as node_app
 from securefpt.node.config import this_node
 from securefpt.node.guards import fault_injection_mod, hygiene_mod
-from securefpt.node.secagg import secure_aggregation_mod
+from securefpt.node.secagg import masked, secure_aggregation_mod
 from securefpt.protocol import records as R
 from securefpt.protocol.audit import read_entries
 from tests.attacks import CLIP, QRANGE, hostile_app, invented_peers, lie_at_unmask, setup_configs, stage_message
@@ -59,7 +59,14 @@ def true_change(cfg, language, encoder, server_round):
 
 def flower_client_app() -> ClientApp:
     """securefpt's handlers behind Flower's own SecAgg+ client: the honest-but-curious protocol."""
-    app = ClientApp(mods=[hygiene_mod, secaggplus_mod])
+    def collect_is_masked(msg, context, call_next):  # Flower's mod masks the collect stage's reply
+        configs = msg.content.config_records.get(RECORD_KEY_CONFIGS)
+        if configs is not None and configs.get(Key.STAGE) == Stage.COLLECT_MASKED_VECTORS:
+            with masked():
+                return secaggplus_mod(msg, context, call_next)
+        return secaggplus_mod(msg, context, call_next)
+
+    app = ClientApp(mods=[hygiene_mod, collect_is_masked])
     app.query()(node_app.setup)
     app.train()(node_app.train)
     app.evaluate()(node_app.evaluate)
@@ -170,7 +177,8 @@ def misbehaving_app(sizes: dict) -> ClientApp:
         configs = msg.content.config_records.get(RECORD_KEY_CONFIGS)
         stage = configs.get(Key.STAGE) if configs is not None else None
         if language == "cc" and stage == Stage.COLLECT_MASKED_VECTORS and msg.metadata.group_id == "3":
-            return secaggplus_mod(msg, context, lying_train)
+            with masked():  # modified software: Flower's masking without securefpt's checks
+                return secaggplus_mod(msg, context, lying_train)
         reply = secure_aggregation_mod(msg, context, call_next)
         if language == "dd" and stage == Stage.COLLECT_MASKED_VECTORS and msg.metadata.group_id == "2":
             reply.content.config_records[RECORD_KEY_CONFIGS][Key.MASKED_PARAMETERS] = [b"not a vector"]

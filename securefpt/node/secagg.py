@@ -22,6 +22,7 @@ Messages that are not part of a SecAgg+ round go straight to the handler.
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import json
 import logging
@@ -47,6 +48,16 @@ from securefpt.protocol.refusals import NodeRefusal
 
 _LOG = logging.getLogger("securefpt.node")
 _MASKING = contextvars.ContextVar("securefpt_masking", default=False)
+
+
+@contextlib.contextmanager
+def masked():
+    """The train handler's reply leaves masked while this holds (the collect stage's masking)."""
+    token = _MASKING.set(True)
+    try:
+        yield
+    finally:
+        _MASKING.reset(token)
 
 
 def masking() -> bool:
@@ -196,11 +207,8 @@ def _checked_handler(context: Context, call_next: ClientAppCallable) -> ClientAp
 
 
 def _collect(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
-    token = _MASKING.set(True)
-    try:
+    with masked():
         reply = secaggplus_mod(msg, context, _checked_handler(context, call_next))
-    finally:
-        _MASKING.reset(token)
     if not reply.has_error():
         content = reply.content
         content.metric_records["fitres.num_examples"] = MetricRecord({"num_examples": 0})
