@@ -110,37 +110,28 @@ def test_the_coordinator_sees_neither_an_update_nor_a_dataset_size(tmp_path, tin
     assert np.corrcoef(unmasked, true)[0, 1] > 0.99
 
 
-def test_a_node_that_drops_after_key_sharing_leaves_the_survivors_sum(tmp_path, tiny_overrides, monkeypatch):
-    langs = ["aa", "bb", "cc", "dd"]  # 4 nodes, threshold 3: one dropout is survivable
+@pytest.mark.parametrize("fault, dropped", [("cc@collect", "cc"), ("dd@share_keys", "dd")],
+                         ids=["after-key-sharing", "during-key-sharing"])
+def test_a_node_that_drops_out_costs_only_its_own_contribution(tmp_path, tiny_overrides, monkeypatch, fault,
+                                                              dropped):
+    """4 nodes, threshold 3: one dropout is survivable, and the round sums exactly the others. A node
+    that fails after key sharing (at collect) is unmasked as dead; one that fails during it sent no
+    key shares, so nobody masked with it: Flower alone counted it dead at unmask and asked the
+    survivors for shares of its key they never had, aborting everyone's round."""
+    langs = ["aa", "bb", "cc", "dd"]
+    sizes = dict(zip(langs, (10, 14, 18, 22)))
+    survivors = [lang for lang in langs if lang != dropped]
     cfg = secure_cfg(tmp_path, tiny_overrides, langs)
-    monkeypatch.setenv("SECUREFPT_FAULTS", "cc@collect")
+    monkeypatch.setenv("SECUREFPT_FAULTS", fault)
     summary = run_federated_simulation(cfg, tmp_path / "run", show_progress=False)
     assert summary["secure_aggregation"]["settings"]["reconstruction_threshold"] == 3
     rnd = summary["secure_aggregation"]["rounds"][0]
-    assert rnd == {"round": 1, "participants": ["aa", "bb", "dd"], "dropouts": ["cc"], "aborted": False}
+    assert rnd == {"round": 1, "participants": survivors, "dropouts": [dropped], "aborted": False}
     h_g, truth = round_one_by_hand(cfg)
-    expected = average([truth[lang] for lang in ("aa", "bb", "dd")])
+    expected = average([truth[lang] for lang in survivors])
     got = load_arrays(tmp_path / "run" / "prompt_encoder.safetensors")
-    assert max_abs_diff(expected, got) <= bound_of(cfg, 3, [10, 14, 22]) + 1e-7
+    assert max_abs_diff(expected, got) <= bound_of(cfg, 3, [sizes[lang] for lang in survivors]) + 1e-7
     assert max_abs_diff(got, h_g) > 1e-3  # the model did move
-
-
-def test_a_node_that_dies_during_key_sharing_costs_only_its_own_contribution(tmp_path, tiny_overrides,
-                                                                           monkeypatch):
-    """dd fails at SecAgg+'s share-keys stage (it sent no key shares, so nobody masked with it): the
-    round goes on with the three others and sums exactly them. Flower alone counted dd dead at unmask
-    and asked the survivors for shares of its key they never had, aborting everyone's round."""
-    langs = ["aa", "bb", "cc", "dd"]
-    cfg = secure_cfg(tmp_path, tiny_overrides, langs)
-    monkeypatch.setenv("SECUREFPT_FAULTS", "dd@share_keys")
-    summary = run_federated_simulation(cfg, tmp_path / "run", show_progress=False)
-    rnd = summary["secure_aggregation"]["rounds"][0]
-    assert rnd == {"round": 1, "participants": ["aa", "bb", "cc"], "dropouts": ["dd"], "aborted": False}
-    h_g, truth = round_one_by_hand(cfg)
-    expected = average([truth[lang] for lang in ("aa", "bb", "cc")])
-    got = load_arrays(tmp_path / "run" / "prompt_encoder.safetensors")
-    assert max_abs_diff(expected, got) <= bound_of(cfg, 3, [10, 14, 18]) + 1e-7
-    assert max_abs_diff(got, h_g) > 1e-3
 
 
 def test_too_many_dropouts_abort_the_round_and_leave_the_model_unchanged(tmp_path, tiny_overrides, monkeypatch):

@@ -97,12 +97,11 @@ class Relay(GridProxy):
         return True
 
     def send_and_receive(self, messages, *, timeout: Optional[float] = None):
-        check_stop()
         messages = list(messages)
         stages = {m.metadata.dst_node_id: self._outgoing(m) for m in messages}
         for stage in sorted(set(stages.values())):
             drill(f"round-{self.server_round}:{stage}")
-        check_stop()
+        check_stop()  # the operator's Ctrl-C (or a drill's) lands before any of this stage is sent
         by_node = {m.metadata.dst_node_id: m for m in messages}
         out = []
         for reply in self._inner.send_and_receive(messages, timeout=timeout):

@@ -89,8 +89,9 @@ class NodeRuntime:
         the node accepts, and a plan noisier than the bound is noted in its own log only."""
         dimension = sum(a.size for a in self._initial.values())
         cap = self.request.training.max_train
-        if cap is not None:
-            check_noise(plan_privacy(self.request, cap), cap, dimension)
+        if cap is not None:  # a node with at least `cap` rows trains on exactly `cap`: its own plan is that plan
+            public = plan if cap == len(self.data.train) else plan_privacy(self.request, cap)
+            check_noise(public, cap, dimension)
         own = noise_to_signal(plan, len(self.data.train), dimension)
         if own > MAX_NOISE_TO_SIGNAL:
             NodeState(self.node.state_dir).log("advisory", detail=f"noise-to-signal {own:.1f} above "
