@@ -134,6 +134,25 @@ def hostile_app(script, log: dict, nodes: int) -> ServerApp:
     return app
 
 
+def call_node(handler, node_yaml, run_id: int, content: RecordDict, message_type: str, group_id: str = "0",
+              state: Optional[RecordDict] = None) -> Message:
+    """Deliver one message straight to a node's handler (or mod), in run `run_id`, as a coordinator
+    would: no engine in between, so a probe costs milliseconds."""
+    from flwr.app import Metadata
+
+    msg = Message(content=content, metadata=Metadata(
+        run_id=run_id, message_id=f"m{run_id}-{time.time_ns()}", src_node_id=1, dst_node_id=7,
+        reply_to_message_id="", group_id=group_id, created_at=time.time(), ttl=60.0, message_type=message_type))
+    context = Context(run_id=run_id, node_id=7, node_config={"config": str(node_yaml)},
+                      state=state if state is not None else RecordDict(), run_config={})
+    return handler(msg, context)
+
+
+def setup_content(request) -> RecordDict:
+    text = request if isinstance(request, str) else json.dumps(request)
+    return RecordDict({R.SETUP: ConfigRecord({"request": text, "challenge": new_challenge()})})
+
+
 # ---------------------------------------------------------------- SecAgg+ by a malicious coordinator
 
 

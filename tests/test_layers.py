@@ -15,10 +15,10 @@ def _lint(root: Path) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=300, env={"PYTHONPATH": str(root), "PATH": ""})
 
 
-def test_node_coordinator_wire_and_learning_keep_their_import_contracts():
+def test_node_coordinator_wire_learning_and_privacy_keep_their_import_contracts():
     done = _lint(ROOT)
     assert done.returncode == 0, done.stdout + done.stderr
-    assert "4 kept, 0 broken" in done.stdout
+    assert "5 kept, 0 broken" in done.stdout
 
 
 def test_a_node_module_that_imports_the_coordinator_breaks_the_contract(tmp_path):

@@ -127,25 +127,17 @@ def test_setup_answers_to_dp_plans_are_the_same_for_nodes_of_different_sizes(tmp
 
 def _setup_answers(paths: dict, requests: list[dict], first_run: int) -> dict[str, list[str]]:
     """Each node's answer (a code) to each setup request, every probe in a run of its own."""
-    import json
-
     from securefpt.node.app import setup
     from securefpt.protocol import records as R
-    from securefpt.protocol.identity import new_challenge
+    from tests.attacks import call_node, setup_content
 
     answers: dict[str, list[str]] = {name: [] for name in paths}
     run_id = first_run
     for request in requests:
         for name, path in paths.items():
             run_id += 1  # a new run for every probe, as a hostile coordinator would start
-            setup_record = ConfigRecord({"request": json.dumps(request), "challenge": new_challenge()})
-            content = RecordDict({R.SETUP: setup_record})
-            msg = Message(content=content, metadata=Metadata(
-                run_id=run_id, message_id=f"m{run_id}", src_node_id=1, dst_node_id=7, reply_to_message_id="",
-                group_id="0", created_at=time.time(), ttl=60.0, message_type=MessageType.QUERY))
-            context = Context(run_id=run_id, node_id=7, node_config={"config": str(path)}, state=RecordDict(),
-                              run_config={})
-            answers[name].append(str(setup(msg, context).content.config_records[R.ANSWER]["code"]))
+            reply = call_node(setup, path, run_id, setup_content(request), MessageType.QUERY)
+            answers[name].append(str(reply.content.config_records[R.ANSWER]["code"]))
     return answers
 
 

@@ -253,12 +253,16 @@ def privacy_summary(cfg: ExperimentConfig, reports: dict[str, dict]) -> dict:
     get = lambda key: {lang: reports.get(lang, {}).get(key) for lang in langs}  # noqa: E731
     return {
         "enabled": cfg.dp.enabled,
+        "mode": cfg.dp.mode if cfg.dp.enabled else None,
         "epsilon": get("epsilon"),
+        # distributed mode: each node's guarantee from its own noise share alone (full collusion)
+        "epsilon_alone": get("epsilon-alone") if cfg.dp.enabled and cfg.dp.mode == "distributed" else None,
         "delta": cfg.dp.delta if cfg.dp.enabled else None,
         "noise_multiplier": get("noise-multiplier") if cfg.dp.enabled else None,
         "sample_rate": get("sample-rate") if cfg.dp.enabled else None,
         "steps": get("steps"),
-        "accountant": cfg.dp.accountant if cfg.dp.enabled else None,
+        "accountant": ("rdp (Skellam)" if cfg.dp.mode == "distributed" else cfg.dp.accountant) if cfg.dp.enabled
+        else None,
         "target_epsilon": cfg.dp.target_epsilon if cfg.dp.enabled else None,
         "max_grad_norm": cfg.dp.max_grad_norm if cfg.dp.enabled else None,
     }

@@ -30,6 +30,7 @@ from flwr.serverapp import Grid
 
 from securefpt.coordinator.secagg_relay import AuthenticatedSecAggPlus, Relay
 from securefpt.errors import ConfigError
+from securefpt.privacy.distributed import clipping_range_for
 from securefpt.protocol.experiment import ExperimentConfig
 from securefpt.protocol.mask_prg import use_full_seed_masks
 
@@ -109,8 +110,13 @@ def resolve_settings(cfg: ExperimentConfig, num_clients: int) -> SecAggSettings:
         raise bad("min_cohort", f"{s.min_cohort} exceeds the {m} clients selected per round")
     if s.timeout is not None and not s.timeout > 0:
         raise bad("timeout", f"must be positive, got {s.timeout}")
+    clipping = s.clipping_range
+    if cfg.dp.enabled and cfg.dp.mode == "distributed" and "clipping_range" not in s.model_fields_set:
+        # the nodes' noisy gradient shares, on their integer grid: room for a batch and the noise tail
+        clipping = clipping_range_for(cfg.fl.batch_size, cfg.dp.max_grad_norm, cfg.dp.noise_multiplier,
+                                      2)  # the smallest threshold a shrunken round may use
     return SecAggSettings(
-        num_shares=shares, reconstruction_threshold=threshold, clipping_range=s.clipping_range,
+        num_shares=shares, reconstruction_threshold=threshold, clipping_range=clipping,
         quantization_range=s.quantization_range, modulus_range=s.modulus_range, max_weight=max_weight,
         timeout=s.timeout if s.timeout is not None else cfg.fl.round_timeout, min_cohort=s.min_cohort,
         threshold_given=s.reconstruction_threshold is not None,

@@ -28,7 +28,7 @@ from pydantic import ValidationError
 from securefpt.node import guards
 from securefpt.node.budget import Ledger
 from securefpt.node.config import Node, this_node
-from securefpt.node.secagg import masking, secure_aggregation_mod
+from securefpt.node.secagg import masking, masking_ring, secure_aggregation_mod
 from securefpt.node.state import NodeState, RunRecord
 from securefpt.node.witness import witness
 from securefpt.protocol import records as R
@@ -111,6 +111,8 @@ def train(msg: Message, context: Context) -> Message:
     encoder = R.encoder_hash(global_arrays)
     plan, ledger = runtime.privacy_plan, _ledger(node, runtime)
     guards.check_training(node, run, request, server_round, encoder, secure, ledger, plan)
+    if plan is not None and plan.distributed:
+        runtime.check_ring(masking_ring())  # the round's public grid can carry this node's noise share
     run.note_trained(server_round, encoder)  # before anything leaves: a replay of this round is refused
     state = NodeState(node.state_dir)
     # in the clear the update leaves now; under SecAgg+ only once this node reveals its unmask shares
@@ -118,6 +120,11 @@ def train(msg: Message, context: Context) -> Message:
         state.hold_encoder(encoder, server_round)
     else:
         state.record_encoder(encoder)
+    if plan is not None and plan.distributed:  # the reply is this node's noisy gradient share, weight 1
+        values, result, share = runtime.gradient_share(global_arrays, masking_ring())
+        ledger.spend(request.sha256(), plan, result.steps, share)
+        fitres = FitRes(Status(Code.OK, "ok"), ndarrays_to_parameters(values), _unit_weight(), {})
+        return Message(compat.fitres_to_recorddict(fitres, keep_input=False), reply_to=msg)
     updated, result = runtime.fit(global_arrays, seed=request.seed * 100_003 + server_round)
     if plan is not None:
         ledger.spend(request.sha256(), plan, result.steps)
@@ -131,6 +138,12 @@ def train(msg: Message, context: Context) -> Message:
     return Message(compat.fitres_to_recorddict(fitres, keep_input=False), reply_to=msg)
 
 
+def _unit_weight():
+    """Distributed DP: every share weighs max_weight (a ratio of 1), whatever |D_k|: the sum is a sum."""
+    weight = masking_ring().max_weight
+    return int(weight) if float(weight).is_integer() else weight
+
+
 def privacy_report(node: Node, request: ExperimentRequest, runtime) -> ConfigRecord:
     """What this node has spent in this experiment, in the form its rules release (empty without DP)."""
     plan, release = runtime.privacy_plan, node.rules.release
@@ -140,9 +153,12 @@ def privacy_report(node: Node, request: ExperimentRequest, runtime) -> ConfigRec
     out: dict = {}
     if release.epsilon:
         out["epsilon"] = _coarse(ledger.epsilon(request.sha256(), plan), release.epsilon_decimals)
+        if plan.distributed:  # the weaker guarantee left if every other contributor colluded
+            out["epsilon-alone"] = _coarse(ledger.epsilon_alone(request.sha256(), plan), release.epsilon_decimals)
     if release.privacy_details:
         out.update({"steps": ledger.steps(request.sha256()), "noise-multiplier": plan.noise_multiplier,
-                    "sample-rate": plan.sample_rate, "delta": plan.delta, "accountant": plan.accountant})
+                    "sample-rate": plan.sample_rate, "delta": plan.delta, "accountant": plan.accountant,
+                    "mode": plan.mode})
     return ConfigRecord(out)
 
 

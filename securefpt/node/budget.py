@@ -4,10 +4,15 @@
   per round and the noise multiplier (given, or derived with Opacus from the whole
   run's planned steps so that the request's target covers the experiment). |D_k| stays
   on the node.
+- In distributed mode (`dp.mode: distributed`) sigma is the request's public noise multiplier
+  of the sum, a round is one subsampled Skellam step, and the plan's rounded sensitivity is
+  the smallest the node accepts (privacy/distributed.py): planning never understates a spend.
 - `Ledger` keeps every spend of one dataset in the node's state folder, across
-  experiments and restarts: (experiment, sigma, q, steps). Epsilon is always recomputed
-  by Opacus's accountant from that history, for the experiment (against the request's
-  target) and for the dataset's whole lifetime (against the node's own budget).
+  experiments and restarts: (experiment, sigma, q, steps), and for a Skellam step its
+  sensitivities and the honest shares it counted on. Epsilon is always recomputed from that
+  history: by Opacus's accountant for DP-SGD alone, in RDP with the Skellam steps
+  (privacy/skellam.py) otherwise; for the experiment (against the request's target) and for
+  the dataset's whole lifetime (against the node's own budget).
 - `authorize` is called where budget is spent (the train handler), offer or no offer:
   a round that would exceed either budget is refused.
 """
@@ -23,6 +28,8 @@ from typing import Optional
 
 from securefpt.node.config import Budget
 from securefpt.node.state import read_json, write_json
+from securefpt.privacy import skellam
+from securefpt.privacy.distributed import smallest_rounded_sensitivity
 from securefpt.protocol.experiment import ExperimentRequest
 from securefpt.protocol.refusals import NodeRefusal
 
@@ -42,17 +49,29 @@ class PrivacyPlan:
     target_epsilon: Optional[float]
     max_grad_norm: float
     accountant: str
+    mode: str = "local"
+    rounding: tuple[float, ...] = ()  # distributed: the (l2, l1) planned for, the smallest the node accepts
 
-    def round_spend(self) -> tuple[float, float, int]:
-        return (self.noise_multiplier, self.sample_rate, self.steps_per_round)
+    @property
+    def distributed(self) -> bool:
+        return self.mode == "distributed"
+
+    def round_spend(self) -> tuple:
+        return (self.noise_multiplier, self.sample_rate, self.steps_per_round, *self.rounding)
 
 
-def plan_privacy(request: ExperimentRequest, num_examples: int) -> PrivacyPlan:
-    """The node's DP plan for the whole experiment (computed locally: |D_k| stays private)."""
+def plan_privacy(request: ExperimentRequest, num_examples: int, dimension: int = 0) -> PrivacyPlan:
+    """The node's DP plan for the whole experiment (computed locally: |D_k| stays private);
+    `dimension` (the trainable parameters that travel) matters in distributed mode only."""
     dp, plan = request.dp, request.training
     if num_examples < 1:
         raise NodeRefusal("data-unavailable", "no training examples to account")
     sample_rate = min(1.0, plan.batch_size / num_examples)
+    if dp.mode == "distributed":  # one noisy gradient a round; sigma is the sum's, public
+        return PrivacyPlan(noise_multiplier=float(dp.noise_multiplier), sample_rate=sample_rate, steps_per_round=1,
+                           planned_rounds=plan.rounds, delta=dp.delta, target_epsilon=dp.target_epsilon,
+                           max_grad_norm=dp.max_grad_norm, accountant="rdp", mode="distributed",
+                           rounding=smallest_rounded_sensitivity(dp.max_grad_norm, dimension))
     steps_per_round = plan.local_epochs * max(1, int(1 / sample_rate))  # Opacus: 1/q Poisson batches an epoch
     if dp.noise_multiplier is not None:
         sigma = dp.noise_multiplier
@@ -83,20 +102,25 @@ def check_noise(plan: PrivacyPlan, num_examples: int, dimension: int) -> None:
                           f"(sigma {plan.noise_multiplier:.2f}, q {plan.sample_rate:.3f}, d {dimension})")
 
 
-def epsilon_of(history: list[tuple[float, float, int]], delta: float, accountant: str) -> float:
-    """Opacus's epsilon for a (noise multiplier, sample rate, steps) history. Steps of the same
-    mechanism (sigma, q) are one entry of their summed steps: composition does not care how they
-    were grouped, and the accountant's cost then stays flat as rounds add entries."""
-    merged: dict[tuple[float, float], int] = {}
-    for s, q, n in history:
-        merged[(float(s), float(q))] = merged.get((float(s), float(q)), 0) + int(n)
-    return _epsilon(tuple(sorted((s, q, n) for (s, q), n in merged.items() if n > 0)), float(delta), accountant)
+def epsilon_of(history: list[tuple], delta: float, accountant: str) -> float:
+    """Epsilon of a history of (noise multiplier, sample rate, steps) DP-SGD entries and
+    (noise multiplier, sample rate, steps, l2, l1) Skellam entries. Steps of the same mechanism
+    are one entry of their summed steps: composition does not care how they were grouped, and
+    the accountant's cost then stays flat as rounds add entries."""
+    merged: dict[tuple, int] = {}
+    for entry in history:
+        key = (float(entry[0]), float(entry[1]), *(float(x) for x in entry[3:]))
+        merged[key] = merged.get(key, 0) + int(entry[2])
+    entries = tuple(sorted((k[0], k[1], n, *k[2:]) for k, n in merged.items() if n > 0))
+    return _epsilon(entries, float(delta), accountant)
 
 
 @lru_cache(maxsize=4096)
-def _epsilon(history: tuple[tuple[float, float, int], ...], delta: float, accountant: str) -> float:
+def _epsilon(history: tuple[tuple, ...], delta: float, accountant: str) -> float:
     if not history:
         return 0.0
+    if any(len(e) == 5 for e in history):  # Skellam steps: composed in RDP with any DP-SGD steps
+        return skellam.epsilon(history, delta)
     from opacus.accountants import create_accountant
 
     acc = create_accountant(mechanism=accountant)
@@ -112,16 +136,30 @@ class Ledger:
         self.budget = budget
         self.entries: list[dict] = read_json(self.path, {"entries": []})["entries"]
 
-    def history(self, experiment: Optional[str] = None) -> list[tuple[float, float, int]]:
-        return [(e["sigma"], e["q"], e["steps"]) for e in self.entries
-                if experiment is None or e["experiment"] == experiment]
+    def history(self, experiment: Optional[str] = None, alone: bool = False) -> list[tuple]:
+        """The spends as accountant entries; `alone`: a Skellam step counts only this node's own share
+        (the guarantee left if every other contributor colluded with the coordinator)."""
+        out = []
+        for e in self.entries:
+            if experiment is not None and e["experiment"] != experiment:
+                continue
+            if "l2" not in e:
+                out.append((e["sigma"], e["q"], e["steps"]))
+            else:
+                sigma = e["sigma"] / math.sqrt(e["contributors"]) if alone else e["sigma"]
+                out.append((sigma, e["q"], e["steps"], e["l2"], e["l1"]))
+        return out
 
     def steps(self, experiment: str) -> int:
-        return sum(n for _, _, n in self.history(experiment))
+        return sum(e[2] for e in self.history(experiment))
 
     def epsilon(self, experiment: str, plan: PrivacyPlan, extra: list = ()) -> float:
         """This experiment's epsilon (at its delta and accountant), with `extra` spends added."""
         return epsilon_of(self.history(experiment) + list(extra), plan.delta, plan.accountant)
+
+    def epsilon_alone(self, experiment: str, plan: PrivacyPlan) -> float:
+        """Distributed mode: this experiment's epsilon from this node's own noise shares alone."""
+        return epsilon_of(self.history(experiment, alone=True), plan.delta, plan.accountant)
 
     def lifetime_epsilon(self, extra: list = ()) -> float:
         """The dataset's epsilon over every experiment (at the node's own delta and accountant)."""
@@ -168,7 +206,8 @@ class Ledger:
         if which is not None:
             raise NodeRefusal("budget-exhausted", f"one more round would exceed {which}")
 
-    def spend(self, experiment: str, plan: PrivacyPlan, steps: int) -> None:
-        self.entries.append({"experiment": experiment, "sigma": plan.noise_multiplier, "q": plan.sample_rate,
-                             "steps": int(steps)})
+    def spend(self, experiment: str, plan: PrivacyPlan, steps: int, share: Optional[dict] = None) -> None:
+        """Record a round's steps; `share` (distributed mode): the round's real l2, l1 and contributors."""
+        entry = {"experiment": experiment, "sigma": plan.noise_multiplier, "q": plan.sample_rate, "steps": int(steps)}
+        self.entries.append({**entry, **(share or {})})
         write_json(self.path, {"entries": self.entries})

@@ -20,6 +20,7 @@ from securefpt.node.budget import MAX_NOISE_TO_SIGNAL, PrivacyPlan, check_noise,
 from securefpt.node.config import Node
 from securefpt.node.personal import Personal
 from securefpt.node.state import NodeState
+from securefpt.privacy.distributed import Ring, integer_scale, ring_problem, rounded_sensitivity, share_variance
 from securefpt.protocol.experiment import ExperimentRequest
 from securefpt.protocol.refusals import NodeRefusal
 
@@ -77,17 +78,22 @@ class NodeRuntime:
         if not self.request.dp.enabled:
             return None
         if self._plan is None:
-            plan = plan_privacy(self.request, len(self.data.train))
-            self._check_noise_publicly(plan)
+            plan = plan_privacy(self.request, len(self.data.train), self.dimension)
+            if not plan.distributed:  # distributed: the noise is the sum's, sized on public values only
+                self._check_noise_publicly(plan)
             self._plan = plan
         return self._plan
+
+    @property
+    def dimension(self) -> int:
+        return sum(self._initial[n].size for n in self.shared_names())
 
     def _check_noise_publicly(self, plan: PrivacyPlan) -> None:
         """Refuse noise that would swamp the signal, deciding on public values only: the plan at the
         request's row cap (a node with at least that many rows trains on exactly that many). A
         decision at the node's own |D_k| would answer one bit of it per probe; so without a cap
         the node accepts, and a plan noisier than the bound is noted in its own log only."""
-        dimension = sum(a.size for a in self._initial.values())
+        dimension = self.dimension
         cap = self.request.training.max_train
         if cap is not None:  # a node with at least `cap` rows trains on exactly `cap`: its own plan is that plan
             public = plan if cap == len(self.data.train) else plan_privacy(self.request, cap)
@@ -114,6 +120,36 @@ class NodeRuntime:
         if self.local_head:
             self.personal.keep_head(updated)
         return updated, result
+
+    def check_ring(self, ring: Optional[Ring]) -> None:
+        """Distributed DP: refuse a round whose public parameters cannot carry this node's share (no
+        grid, too few noise shares in any sum the coordinator could unmask, a ring too small or too
+        coarse: privacy/distributed.py). Decided on public values only, before anything is trained."""
+        if ring is None:
+            raise NodeRefusal("secagg-required", "distributed DP outside this node's SecAgg+ collect stage")
+        plan, minimum = self.privacy_plan, self.node.rules.dp.min_noise_contributors
+        problem = ring_problem(ring, self.request.training.batch_size, plan.max_grad_norm, plan.noise_multiplier,
+                               self.dimension)
+        if ring.threshold < minimum:
+            problem = f"threshold {ring.threshold} below this node's {minimum} noise contributors"
+        if problem is not None:
+            raise NodeRefusal("protocol-parameters", problem)
+
+    def gradient_share(self, global_arrays, ring: Ring) -> tuple[list, TrainResult, dict]:
+        """Distributed DP: this round's noisy clipped gradient share on the ring's integer grid (to be
+        masked), the result, and what the ledger records of it."""
+        from securefpt.learning.distributed_dp import ShareSpec, gradient_share
+
+        self.check_ring(ring)
+        plan, batch = self.privacy_plan, self.request.training.batch_size
+        contributors = ring.threshold  # any sum the coordinator can unmask holds at least this many shares
+        scale = integer_scale(ring, batch)
+        l2, l1 = rounded_sensitivity(scale * plan.max_grad_norm, self.dimension)
+        spec = ShareSpec(sample_rate=plan.sample_rate, max_grad_norm=plan.max_grad_norm, scale=scale, l2=l2,
+                         share_variance=share_variance(plan.noise_multiplier, l2, contributors), batch_size=batch)
+        set_trainable(self.assembled.model, dict(global_arrays))
+        values, result = gradient_share(self.assembled, self.data.train, self.shared_names(), spec)
+        return values, result, {"l2": l2, "l1": l1, "contributors": contributors}
 
     def evaluate(self, arrays) -> EvalResult:
         set_trainable(self.assembled.model, self._with_own_head(arrays))

@@ -5,8 +5,10 @@ cryptography are Flower's) with the checks of the actively secure variant (Bonaw
 al. 2017) and the node's own rules; each refusal is a reason code:
 - setup: the node must have accepted the experiment and not yet contributed to the
   round; the protocol parameters must meet its rules (a reconstruction threshold above
-  2n/3 of the share count, shares and sampled nodes at least its minimum cohort). Its
-  reply carries its key advertisement, signed with its attested key;
+  2n/3 of the share count, shares and sampled nodes at least its minimum cohort; under
+  distributed DP a threshold of at least its noise contributors, since every sum that can
+  be unmasked then holds that many noise shares). Its reply carries its key
+  advertisement, signed with its attested key;
 - share keys: before any key is derived, every peer's advertisement must verify (the
   signature over exactly these keys, run, round and node id; the attestation against
   the node's own trust store; one node per client); no key substitution, no invented peer;
@@ -26,7 +28,7 @@ import contextlib
 import contextvars
 import json
 import logging
-from typing import cast
+from typing import Optional, cast
 
 import numpy as np
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
@@ -39,6 +41,7 @@ from flwr.compat.common import recorddict_compat as compat
 
 from securefpt.node.config import Node, this_node
 from securefpt.node.state import NodeState
+from securefpt.privacy.distributed import Ring
 from securefpt.protocol import key_advertisement as ka
 from securefpt.protocol import records as R
 from securefpt.protocol.attestation import b64, unb64
@@ -47,13 +50,15 @@ from securefpt.protocol.mask_prg import use_full_seed_masks
 from securefpt.protocol.refusals import NodeRefusal
 
 _LOG = logging.getLogger("securefpt.node")
-_MASKING = contextvars.ContextVar("securefpt_masking", default=False)
+_MASKING: contextvars.ContextVar[tuple[bool, Optional[Ring]]] = contextvars.ContextVar(
+    "securefpt_masking", default=(False, None))
 
 
 @contextlib.contextmanager
-def masked():
-    """The train handler's reply leaves masked while this holds (the collect stage's masking)."""
-    token = _MASKING.set(True)
+def masked(ring: Optional[Ring] = None):
+    """The train handler's reply leaves masked while this holds (the collect stage's masking), on
+    `ring`: the round's SecAgg+ parameters from this node's own protocol state."""
+    token = _MASKING.set((True, ring))
     try:
         yield
     finally:
@@ -64,7 +69,21 @@ def masking() -> bool:
     """Whether the train handler runs inside this node's SecAgg+ collect stage, so its reply
     leaves masked. The node decides this itself: a coordinator's "secure" flag in a plain
     train message proves nothing, and would otherwise get the update in the clear."""
-    return _MASKING.get()
+    return _MASKING.get()[0]
+
+
+def masking_ring() -> Optional[Ring]:
+    """The SecAgg+ parameters the masked reply is quantized with (distributed DP sizes its share on them)."""
+    return _MASKING.get()[1]
+
+
+def _ring(context: Context) -> Optional[Ring]:
+    state = context.state.config_records.get(RECORD_KEY_STATE)
+    if state is None:  # no setup stage: Flower's client refuses the collect stage itself
+        return None
+    return Ring(clipping_range=float(state["clipping_range"]), quantization_range=int(state["target_range"]),
+                modulus_range=int(state["mod_range"]), threshold=int(state["threshold"]),
+                shares=int(state["share_num"]), max_weight=float(state["max_weight"]))
 use_full_seed_masks()  # masks from the whole shared secret, not Flower's 32-bit fold of it
 
 ROUND_STATE = "securefpt-secagg"  # this round's verified peers, in the node's Context state
@@ -98,7 +117,7 @@ def _round(msg: Message) -> int:
         raise NodeRefusal("malformed-request", f"group id {msg.metadata.group_id!r} is not a round") from None
 
 
-def _accepted_round(node: Node, context: Context, server_round: int) -> None:
+def _accepted_round(node: Node, context: Context, server_round: int) -> ExperimentRequest:
     run = NodeState(node.state_dir).run(context.run_id)
     if run.request_json is None:
         raise NodeRefusal("no-setup", f"run {context.run_id}")
@@ -107,6 +126,7 @@ def _accepted_round(node: Node, context: Context, server_round: int) -> None:
         raise NodeRefusal("round-out-of-plan", f"secure round {server_round}")
     if run.done("trained", server_round):
         raise NodeRefusal("round-replayed", f"round {server_round}")
+    return request
 
 
 def _peers(context: Context, server_round: int) -> tuple[dict[int, ka.Peer], int]:
@@ -123,10 +143,13 @@ def _peers(context: Context, server_round: int) -> tuple[dict[int, ka.Peer], int
 
 def _setup(node: Node, msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
     server_round = _round(msg)
-    _accepted_round(node, context, server_round)
+    request = _accepted_round(node, context, server_round)
     configs = msg.content.config_records[RECORD_KEY_CONFIGS]
-    check_parameters(int(configs[Key.SHARE_NUMBER]), int(configs[Key.THRESHOLD]), int(configs[Key.SAMPLE_NUMBER]),
-                     node.rules.min_cohort)
+    threshold = int(configs[Key.THRESHOLD])
+    check_parameters(int(configs[Key.SHARE_NUMBER]), threshold, int(configs[Key.SAMPLE_NUMBER]), node.rules.min_cohort)
+    if request.dp.enabled and request.dp.mode == "distributed" and threshold < node.rules.dp.min_noise_contributors:
+        raise NodeRefusal("protocol-parameters", f"distributed DP: threshold {threshold} is below this node's "
+                                                 f"{node.rules.dp.min_noise_contributors} noise contributors")
     reply = secaggplus_mod(msg, context, call_next)
     keys = reply.content.config_records[RECORD_KEY_CONFIGS]
     reply.content.config_records[R.KEY_ADVERTISEMENT] = ConfigRecord({"json": ka.advertise(
@@ -207,7 +230,7 @@ def _checked_handler(context: Context, call_next: ClientAppCallable) -> ClientAp
 
 
 def _collect(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
-    with masked():
+    with masked(_ring(context)):
         reply = secaggplus_mod(msg, context, _checked_handler(context, call_next))
     if not reply.has_error():
         content = reply.content

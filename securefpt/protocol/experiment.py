@@ -246,7 +246,7 @@ class FLConfig(Strict):
 
 
 class DPConfig(Strict):
-    """Differential privacy with Opacus DP-SGD (per node, accounted over the whole run).
+    """Differential privacy, accounted on each node over the whole run (and the dataset's lifetime).
 
     `target_epsilon` is each node's budget for the experiment: the noise multiplier
     is derived from it, unless `noise_multiplier` is fixed, in which case it is only
@@ -254,7 +254,14 @@ class DPConfig(Strict):
     """
 
     enabled: bool = False
-    """Train with DP-SGD on every node (each node's own rules may require it)."""
+    """Train with differential privacy on every node (each node's own rules may require it)."""
+    mode: Literal["local", "distributed"] = "local"
+    """local: each node runs Opacus DP-SGD and adds all the noise its own update needs (safe whatever the others do).
+    distributed: DP-FedSGD under SecAgg+; each node adds only its share of the noise of the sum (Skellam, on the
+    integer grid), so the unmasked sum carries what a trusted server would add: far less noise for the same epsilon,
+    assuming at least the reconstruction threshold of contributors add theirs. Needs secagg, a fixed
+    dp.noise_multiplier (of the sum) and a shared head; fl.batch_size is each node's expected Poisson batch and the
+    public normaliser, fl.local_epochs is unused (one noisy gradient a round), server_optimizer.lr is the step."""
     target_epsilon: Optional[float] = Field(8.0, gt=0.0)
     """Each node's epsilon for the whole experiment (the noise is derived from it), or with noise_multiplier fixed the
     cap beyond which a node declines to train."""
@@ -289,6 +296,20 @@ class SecAggConfig(Strict):
     """Per protocol stage; None: fl.round_timeout."""
     min_cohort: int = 2
     """Fewest surviving contributors the coordinator aggregates."""
+
+
+def _check_distributed(dp: DPConfig, secure: bool, personalization: PersonalizationConfig) -> None:
+    """What distributed DP needs, checked by the operator's config and again by each node's request."""
+    if not (dp.enabled and dp.mode == "distributed"):
+        return
+    why = ("secagg.enabled=false (the noise of the sum needs the sum to be all the coordinator sees)"
+           if not secure else
+           "no dp.noise_multiplier (the sum's noise multiplier is public: every node sizes its share from it)"
+           if dp.noise_multiplier is None or dp.noise_multiplier <= 0 else
+           "personalization.local_head=true (the head would train outside the noisy gradient)"
+           if personalization.local_head else "")
+    if why:
+        raise ValueError(f"dp.mode=distributed with {why}")
 
 
 class ExperimentConfig(Strict):
@@ -339,6 +360,7 @@ class ExperimentConfig(Strict):
                              "federation's nodes (clients) bind their own data and their own row caps")
         if self.dp.enabled and self.dp.noise_multiplier is None and self.dp.target_epsilon is None:
             raise ValueError("dp: set dp.target_epsilon or dp.noise_multiplier")
+        _check_distributed(self.dp, self.secagg.enabled, self.personalization)
         return self
 
     def to_json(self) -> str:
@@ -397,6 +419,11 @@ class ExperimentRequest(Strict):
         if len(labels) < 2 or len(set(labels)) != len(labels):
             raise ValueError("at least 2 distinct labels")
         return labels
+
+    @model_validator(mode="after")
+    def _distributed(self) -> "ExperimentRequest":
+        _check_distributed(self.dp, self.secure_aggregation, self.personalization)
+        return self
 
     def to_json(self) -> str:
         return self.model_dump_json()

@@ -24,6 +24,12 @@ class DPRequirement(Strict):
     required: bool = False
     max_epsilon: Optional[float] = Field(None, gt=0)
     max_delta: Optional[float] = Field(None, gt=0, lt=1)
+    # local: the node adds all its own noise; distributed: only its share of the sum's noise
+    modes: list[Literal["local", "distributed"]] = Field(default_factory=lambda: ["local", "distributed"],
+                                                         min_length=1)
+    # distributed mode: the fewest honest noise shares the node counts on (it sizes its share for them,
+    # and refuses a round whose SecAgg+ threshold is lower)
+    min_noise_contributors: int = Field(3, ge=2)
 
 
 class ReleaseRules(Strict):

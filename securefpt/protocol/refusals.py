@@ -32,6 +32,7 @@ MESSAGES: dict[str, str] = {
     "dp-required": "this node's region requires differential privacy",
     "epsilon-above-maximum": "the requested epsilon is above this node's maximum",
     "delta-above-maximum": "the requested delta is above this node's maximum",
+    "dp-mode-forbidden": "this node's region does not allow the requested DP mode",
     "cohort-below-minimum": "the cohort is below this node's minimum",
     "protocol-parameters": "the secure aggregation parameters are below this node's rules",
     # budget and replay

@@ -40,6 +40,9 @@ def rule_violations(rules: NodeRules, who: str, secure_aggregation: bool, dp: DP
         eps = dp.target_epsilon
         if eps is None or eps > need.max_epsilon:
             out.append(Violation("epsilon-above-maximum", f"epsilon {eps} above {who} maximum {need.max_epsilon:g}"))
+    if dp.enabled and dp.mode not in need.modes:
+        out.append(Violation("dp-mode-forbidden", f"{who} does not allow dp.mode={dp.mode} "
+                                                  f"(allowed: {', '.join(need.modes)})"))
     if dp.enabled and need.max_delta is not None and dp.delta > need.max_delta:
         out.append(Violation("delta-above-maximum", f"delta {dp.delta:g} above {who} maximum {need.max_delta:g}"))
     return out

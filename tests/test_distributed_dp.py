@@ -1,0 +1,255 @@
+"""Distributed DP under SecAgg+ (dp.mode: distributed): the accountant, the noise each node adds and
+what the sum carries, and a hostile coordinator that would have a node under-noise its share."""
+
+import json
+import math
+from dataclasses import replace
+
+import numpy as np
+import pytest
+from flwr.app import ConfigRecord, MessageType, RecordDict
+from flwr.common import FitIns, ndarrays_to_parameters
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
+from flwr.compat.common import recorddict_compat as compat
+from opacus.accountants import RDPAccountant
+
+from securefpt.config import load_config
+from securefpt.coordinator.secure_aggregation import resolve_settings
+from securefpt.engines.trial_nodes import write_trial_nodes
+from securefpt.errors import ConfigError
+from securefpt.learning.artifacts import load_arrays
+from securefpt.learning.data import label_space, load_client_data
+from securefpt.learning.distributed_dp import ShareSpec, gradient_share
+from securefpt.learning.modeling import build_model, get_trainable
+from securefpt.node import app as node_app
+from securefpt.node.secagg import masked, secure_aggregation_mod
+from securefpt.privacy import skellam
+from securefpt.privacy.distributed import Ring, integer_scale, rounded_sensitivity, share_variance
+from securefpt.protocol import records as R
+from securefpt.protocol.refusals import NodeRefusal
+from tests.attacks import call_node, setup_configs, setup_content
+from tests.conftest import TINY, make_masakhanews_like, tsv_cfg_overrides
+
+LANGS = ["aa", "bb", "cc"]  # 10, 14, 18 training rows
+DELTA = 1e-5
+
+
+def distributed(tmp_path, *extra):
+    root = make_masakhanews_like(tmp_path / "data", LANGS)
+    return load_config(None, list(TINY) + tsv_cfg_overrides(root, LANGS) + [
+        "dp.enabled=true", "dp.mode=distributed", "dp.noise_multiplier=1.0", "dp.target_epsilon=1000",
+        "secagg.enabled=true", *extra])
+
+
+# ---------------------------------------------------------------- the accountant
+
+
+def test_the_skellam_accountant_is_the_gaussian_mechanism_at_large_noise_and_never_below_it():
+    """Independent computation: Opacus's RDP accountant for the Gaussian mechanism, at the same
+    orders. Without subsampling, Skellam noise of variance (sigma l2)^2 on a fine grid costs what the
+    Gaussian does; with Poisson sampling the general bound (Zhu & Wang) is never below Opacus's
+    Gaussian-specific one, and stays within 50% of it (the price of a bound that needs no Gaussian
+    structure: largest at high sampling rates)."""
+    l2, l1 = rounded_sensitivity(2**15, 5000)
+    for sigma, q, steps in [(1.0, 1.0, 10), (2.0, 1.0, 50), (1.0, 0.05, 200), (0.8, 0.01, 1000), (1.5, 0.3, 20)]:
+        gaussian = RDPAccountant()
+        gaussian.history = [(sigma, q, steps)]
+        expected = gaussian.get_epsilon(delta=DELTA, alphas=list(skellam.ORDERS))
+        ours = skellam.epsilon(((sigma, q, steps, l2, l1),), DELTA)
+        if q == 1.0:
+            assert ours == pytest.approx(expected, rel=0.01)
+        else:
+            assert expected <= ours <= 1.5 * expected
+    # the correction term matters on a coarse grid: the accountant charges for it
+    coarse = rounded_sensitivity(4.0, 5000)
+    assert skellam.epsilon(((1.0, 0.05, 200, *coarse),), DELTA) > skellam.epsilon(((1.0, 0.05, 200, l2, l1),), DELTA)
+    # and it composes with DP-SGD steps in one ledger: more spends, more epsilon
+    both = skellam.epsilon(((1.0, 0.05, 200, l2, l1), (1.2, 0.1, 30)), DELTA)
+    assert both > skellam.epsilon(((1.0, 0.05, 200, l2, l1),), DELTA)
+
+
+# ---------------------------------------------------------------- the noise
+
+
+@pytest.fixture(scope="module")
+def tiny_share(tmp_path_factory):
+    cfg = distributed(tmp_path_factory.mktemp("share"))
+    labels = label_space(cfg.data)
+    model = build_model(cfg.model, cfg.peft, len(labels), cfg.seed)
+    data = load_client_data(cfg.data, "cc", labels, cfg.seed)
+    return model, data.train, list(get_trainable(model.model))
+
+
+def test_each_share_carries_its_variance_and_any_threshold_of_shares_the_sums(tiny_share):
+    """With no example sampled (every gradient zero), what a node sends is its noise share alone: its
+    variance is (sigma l2)^2 / t in grid units, and the sum of t shares has the target (sigma l2)^2.
+    A node that left its share out (or added the wrong one) fails the two-sided bound."""
+    model, examples, names = tiny_share
+    ring = Ring(clipping_range=8.0, quantization_range=2**22, modulus_range=2**32, threshold=3, shares=3,
+                max_weight=32)
+    sigma, batch = 1.5, 4
+    scale = integer_scale(ring, batch)
+    l2, _ = rounded_sensitivity(scale * 1.0, sum(a.size for a in get_trainable(model.model).values()))
+    spec = ShareSpec(sample_rate=0.0, max_grad_norm=1.0, scale=scale, l2=l2,
+                     share_variance=share_variance(sigma, l2, ring.threshold), batch_size=batch)
+    draws = [np.concatenate([a.ravel() for a in gradient_share(model, examples, names, spec)[0]]) * -(scale * batch)
+             for _ in range(3 * 8)]  # 8 rounds of 3 nodes' shares
+    assert all(np.allclose(d, np.round(d), atol=1e-6) for d in draws)  # on the integer grid, exactly
+    n = len(draws[0]) * 8
+    bound = 4 * math.sqrt(2 / n)  # four standard errors of a sample variance
+    alone = np.concatenate(draws).var() / (sigma * l2) ** 2
+    assert abs(alone - 1 / 3) <= bound / 3
+    sums = np.concatenate([sum(draws[i:i + 3]) for i in range(0, len(draws), 3)])
+    assert abs(sums.var() / (sigma * l2) ** 2 - 1) <= bound
+    two = np.concatenate([sum(draws[i:i + 2]) for i in range(0, len(draws), 3)])
+    assert abs(two.var() / (sigma * l2) ** 2 - 1) > bound  # one share missing: caught
+
+
+def test_a_sampled_example_moves_the_integer_sum_by_at_most_the_rounded_sensitivity(tiny_share):
+    model, examples, names = tiny_share
+    scale = 2.0**10
+    l2, _ = rounded_sensitivity(scale, sum(a.size for a in get_trainable(model.model).values()))
+    spec = ShareSpec(sample_rate=1.0, max_grad_norm=1.0, scale=scale, l2=l2, share_variance=0.0, batch_size=4)
+    one = [np.concatenate([a.ravel() for a in gradient_share(model, [ex], names, spec)[0]]) * -(scale * 4)
+           for ex in examples[:6]]
+    norms = [float(np.linalg.norm(v)) for v in one]
+    assert all(n <= l2 + 1e-6 for n in norms) and max(norms) > 0.5 * scale  # clipped, rounded, not vanished
+
+
+@pytest.mark.slow
+def test_the_unmasked_sum_carries_exactly_the_noise_of_the_target(tmp_path):
+    """Real SecAgg+ among three nodes, one distributed-DP round: the change the coordinator applies
+    is the unmasked sum of the shares over the cohort's normaliser. Its spread is the target's,
+    sigma l2 / (s b n), within four standard errors (the clipped gradients are far below it)."""
+    from securefpt.engines.simulation import run_federated_simulation
+
+    cfg = distributed(tmp_path, "dp.noise_multiplier=20", "fl.rounds=1", "peft.num_virtual_tokens=20",
+                      "personalization.adapt_epochs=0")
+    summary = run_federated_simulation(cfg, tmp_path / "run", show_progress=False)
+    assert summary["rounds"][0]["participants"] == LANGS
+    settings = resolve_settings(cfg, len(LANGS))
+    ring = Ring(settings.clipping_range, settings.quantization_range, settings.modulus_range, 3, 3,
+                settings.max_weight)
+    start = get_trainable(build_model(cfg.model, cfg.peft, len(label_space(cfg.data)), cfg.seed).model)
+    end = load_arrays(tmp_path / "run" / "prompt_encoder.safetensors")
+    change = np.concatenate([(end[k].astype(np.float64) - start[k]).ravel() for k in start])
+    scale = integer_scale(ring, cfg.fl.batch_size)
+    l2, _ = rounded_sensitivity(scale * cfg.dp.max_grad_norm, change.size)
+    target = 20 * l2 / (scale * cfg.fl.batch_size * len(LANGS))
+    assert abs(change.var() / target**2 - 1) <= 4 * math.sqrt(2 / change.size)
+    eps = summary["privacy"]["epsilon"]
+    assert all(eps[lang] < summary["privacy"]["epsilon_alone"][lang] for lang in LANGS)
+
+
+# ---------------------------------------------------------------- a hostile coordinator
+
+
+@pytest.fixture
+def nodes(tmp_path):
+    cfg = distributed(tmp_path)
+    return cfg, dict(zip(LANGS, write_trial_nodes(cfg, tmp_path / "nodes")))
+
+
+def _accept(cfg, path, run_id, **dp):
+    request = cfg.model_copy(update={"dp": cfg.dp.model_copy(update=dp)}).request(label_space(cfg.data))
+    reply = call_node(node_app.setup, path, run_id, setup_content(request.to_json()), MessageType.QUERY)
+    return str(reply.content.config_records[R.ANSWER]["code"]), request
+
+
+def _secagg_setup(path, run_id, shares, threshold):
+    content = RecordDict({RECORD_KEY_CONFIGS: ConfigRecord(setup_configs(shares, shares, threshold, 32))})
+    try:
+        call_node(lambda m, c: secure_aggregation_mod(m, c, node_app.train), path, run_id, content,
+                  MessageType.TRAIN, group_id="1")
+    except NodeRefusal as refusal:
+        return refusal.code
+    return "ok"
+
+
+def test_a_cohort_too_small_for_the_noise_of_the_sum_is_refused_where_local_dp_accepts_it(nodes):
+    """A coordinator that runs a round of two (claiming the others dropped) would have each share
+    sized for 3 contributors summed over 2: the sum under-noised by a third. Every node refuses the
+    SecAgg+ setup; the same round under local DP (each node's noise its own) goes ahead."""
+    cfg, paths = nodes
+    for run_id, path in enumerate(paths.values(), start=100):
+        assert _accept(cfg, path, run_id)[0] == "ok"
+        assert _secagg_setup(path, run_id, shares=2, threshold=2) == "protocol-parameters"
+        assert _accept(cfg, path, run_id + 50, mode="local", target_epsilon=8.0)[0] == "ok"
+        assert _secagg_setup(path, run_id + 50, shares=2, threshold=2) == "ok"  # the control
+
+
+def _train(path, run_id, request, ring):
+    arrays = get_trainable(build_model(request.model, request.peft, len(request.labels), request.seed).model)
+    content = compat.fitins_to_recorddict(FitIns(ndarrays_to_parameters(list(arrays.values())),
+                                                 {"server-round": 1}), True)
+    try:
+        if ring is None:
+            call_node(node_app.train, path, run_id, content, MessageType.TRAIN)
+        else:
+            with masked(ring):
+                call_node(node_app.train, path, run_id, content, MessageType.TRAIN)
+    except NodeRefusal as refusal:
+        return refusal.code
+    return "ok"
+
+
+def test_a_ring_that_cannot_carry_the_share_and_a_plaintext_round_are_refused_before_training(nodes):
+    """A clipping range of 1 (the default for updates) would clip a batch's gradient sum and its noise
+    tail coordinate by coordinate; a coarse grid would round away the sensitivity the noise is sized
+    for; a threshold below the node's noise contributors would under-noise the sum; a plaintext
+    round would release one node's share. Each is refused, and nothing is spent; the honest
+    coordinator's ring trains."""
+    from securefpt.node.budget import Ledger
+    from securefpt.node.config import load_node
+
+    cfg, paths = nodes
+    path = paths["aa"]
+    code, request = _accept(cfg, path, 300)
+    assert code == "ok"
+    honest = resolve_settings(cfg, len(LANGS))
+    ring = Ring(honest.clipping_range, honest.quantization_range, honest.modulus_range, 3, 3, honest.max_weight)
+    lies = {"clipping range 1": replace(ring, clipping_range=1.0),
+            "coarse grid": replace(ring, quantization_range=2**8, modulus_range=2**10),
+            "two noise shares": replace(ring, threshold=2),
+            "ring overflow": replace(ring, modulus_range=2**23),
+            "plaintext": None}
+    for lie, bad in lies.items():
+        expected = "secagg-required" if bad is None else "protocol-parameters"
+        assert _train(path, 300, request, bad) == expected, lie
+    ledger = lambda: Ledger(load_node(path).state_dir, cfg.data.task, load_node(path).budget).entries  # noqa: E731
+    assert ledger() == []  # nothing trained, nothing spent
+    assert _train(path, 300, request, ring) == "ok"
+    d = sum(a.size for a in get_trainable(build_model(cfg.model, cfg.peft, 3, cfg.seed).model).values())
+    l2, l1 = rounded_sensitivity(integer_scale(ring, cfg.fl.batch_size) * cfg.dp.max_grad_norm, d)
+    assert ledger() == [{"experiment": request.sha256(), "sigma": 1.0, "q": 4 / 10, "steps": 1, "l2": l2, "l1": l1,
+                         "contributors": 3}]
+
+
+def test_a_node_whose_rules_allow_only_local_dp_refuses_a_distributed_request(nodes):
+    import yaml
+
+    cfg, paths = nodes
+    path = paths["bb"]
+    node = yaml.safe_load(path.read_text())
+    node["rules"]["dp"] = {"modes": ["local"]}
+    path.write_text(yaml.safe_dump(node))
+    assert _accept(cfg, path, 400)[0] == "dp-mode-forbidden"
+    assert _accept(cfg, path, 401, mode="local", target_epsilon=8.0)[0] == "ok"
+
+
+def test_distributed_dp_needs_secure_aggregation_a_public_noise_multiplier_and_a_shared_head(tmp_path):
+    for i, (extra, why) in enumerate([("secagg.enabled=false", "secagg.enabled=false"),
+                                      ("dp.noise_multiplier=null", "no dp.noise_multiplier"),
+                                      ("personalization.local_head=true", "local_head=true")]):
+        with pytest.raises(ConfigError, match=why):
+            distributed(tmp_path / str(i), extra)
+    # the node checks the request itself: a coordinator that sends one anyway is refused
+    cfg = distributed(tmp_path)
+    path = write_trial_nodes(cfg, tmp_path / "nodes")[0]
+    request = json.loads(cfg.request(label_space(cfg.data)).to_json())
+    for field, value in [("noise_multiplier", None), ("mode", "distributed")]:
+        request["dp"][field] = value
+    request["secure_aggregation"] = False
+    with pytest.raises(NodeRefusal) as refused:
+        call_node(node_app.setup, path, 500, setup_content(request), MessageType.QUERY)
+    assert refused.value.code == "malformed-request"
