@@ -195,7 +195,9 @@ def node_report(
         console.print(f"dataset {dataset}: lifetime epsilon {d['lifetime_epsilon']:.3f}{budget} "
                       f"(delta {d['delta']:g}, {d['accountant']})", highlight=False)
         for key, e in d["experiments"].items():
-            console.print(f"  experiment {key}: epsilon {e['epsilon']:.3f}, {e['steps']} steps, noise multiplier "
+            alone = f" ({e['epsilon_alone']:.3f} from its own noise shares alone)" if e["epsilon_alone"] else ""
+            console.print(f"  experiment {key} ({e['mode']} DP): epsilon {e['epsilon']:.3f}{alone}, {e['steps']} "
+                          f"steps, noise multiplier "
                           f"{', '.join(f'{s:.3f}' for s in e['noise_multipliers'])}, sample rate "
                           f"{', '.join(f'{q:.4f}' for q in e['sample_rates'])}", highlight=False)
     console.print(f"{figures['runs']} runs, {figures['rounds_trained']} rounds trained, "
@@ -364,6 +366,10 @@ def audit_report(log: Path) -> None:
                           f"{max(eps):.3f}" if eps else "-", f"{e['accuracy'].get('avg', float('nan')):.3f}",
                           "yes" if e.get("aborted") else "no")
     console.print(table)
+    alone = [e for e in entries if e.get("event") == "privacy" and e.get("epsilon_alone")]
+    if alone:  # distributed DP: the guarantee each node keeps were every other contributor to collude
+        console.print(f"distributed DP, round {alone[-1]['round']}: epsilon from each node's own noise shares alone: "
+                      + ", ".join(f"{k} {v:g}" for k, v in alone[-1]["epsilon_alone"].items()), highlight=False)
     for e in entries:
         if e.get("event") == "artifact":
             where = f" in region {e['storage_region']}" if e.get("storage_region") else ""

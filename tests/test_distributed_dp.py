@@ -68,6 +68,14 @@ def test_the_skellam_accountant_is_the_gaussian_mechanism_at_large_noise_and_nev
     assert both > skellam.epsilon(((1.0, 0.05, 200, l2, l1),), DELTA)
 
 
+def test_planning_a_noise_multiplier_for_a_target_epsilon_finds_the_smallest_that_stays_within_it():
+    l2, l1 = rounded_sensitivity(2**15, 5000)
+    for target, q, rounds in [(1.0, 1 / 3, 30), (8.0, 0.05, 400)]:
+        sigma = skellam.noise_multiplier_for(target, DELTA, q, rounds, l2, l1)
+        assert skellam.epsilon(((sigma, q, rounds, l2, l1),), DELTA) <= target
+        assert skellam.epsilon(((sigma / 1.002, q, rounds, l2, l1),), DELTA) > target
+
+
 # ---------------------------------------------------------------- the noise
 
 
@@ -116,6 +124,22 @@ def test_a_sampled_example_moves_the_integer_sum_by_at_most_the_rounded_sensitiv
     assert all(n <= l2 + 1e-6 for n in norms) and max(norms) > 0.5 * scale  # clipped, rounded, not vanished
 
 
+def test_per_example_gradients_taken_a_few_at_a_time_give_the_same_integer_sum(tiny_share, monkeypatch):
+    """LoRA or full tuning cannot hold every sampled example's gradient at once: in chunks of one the
+    sum moves only by each example's randomized rounding (at most one grid step per coordinate)."""
+    from securefpt.learning import distributed_dp
+
+    model, examples, names = tiny_share
+    scale = 2.0**10
+    l2, _ = rounded_sensitivity(scale, sum(a.size for a in get_trainable(model.model).values()))
+    spec = ShareSpec(sample_rate=1.0, max_grad_norm=1.0, scale=scale, l2=l2, share_variance=0.0, batch_size=4)
+    flat = lambda: np.concatenate([a.ravel() for a in gradient_share(model, examples[:6], names, spec)[0]])  # noqa
+    whole = flat() * -(scale * 4)
+    monkeypatch.setattr(distributed_dp, "CHUNK_VALUES", 1)
+    chunked = flat() * -(scale * 4)
+    assert np.abs(whole).max() > 100 and np.abs(whole - chunked).max() <= 6 + 1e-6
+
+
 @pytest.mark.slow
 def test_the_unmasked_sum_carries_exactly_the_noise_of_the_target(tmp_path):
     """Real SecAgg+ among three nodes, one distributed-DP round: the change the coordinator applies
@@ -137,8 +161,14 @@ def test_the_unmasked_sum_carries_exactly_the_noise_of_the_target(tmp_path):
     l2, _ = rounded_sensitivity(scale * cfg.dp.max_grad_norm, change.size)
     target = 20 * l2 / (scale * cfg.fl.batch_size * len(LANGS))
     assert abs(change.var() / target**2 - 1) <= 4 * math.sqrt(2 / change.size)
-    eps = summary["privacy"]["epsilon"]
-    assert all(eps[lang] < summary["privacy"]["epsilon_alone"][lang] for lang in LANGS)
+    eps, alone = summary["privacy"]["epsilon"], summary["privacy"]["epsilon_alone"]
+    assert summary["privacy"]["mode"] == "distributed"
+    assert all(eps[lang] < alone[lang] for lang in LANGS)
+    # both guarantees reach the institutions' record and the model card, not only summary.json
+    logged = [json.loads(line) for line in (tmp_path / "run" / "audit.jsonl").read_text().splitlines()]
+    assert [e["epsilon_alone"] for e in logged if e.get("event") == "privacy"] == [alone]
+    card = (tmp_path / "run" / "README.md").read_text()
+    assert "distributed DP under SecAgg+" in card and f"aa {alone['aa']:g}" in card
 
 
 # ---------------------------------------------------------------- a hostile coordinator
@@ -223,6 +253,44 @@ def test_a_ring_that_cannot_carry_the_share_and_a_plaintext_round_are_refused_be
     l2, l1 = rounded_sensitivity(integer_scale(ring, cfg.fl.batch_size) * cfg.dp.max_grad_norm, d)
     assert ledger() == [{"experiment": request.sha256(), "sigma": 1.0, "q": 4 / 10, "steps": 1, "l2": l2, "l1": l1,
                          "contributors": 3}]
+    # the institution's own report reads the entry as a Skellam step: both guarantees, alone the weaker
+    from securefpt.node.report import node_report
+
+    spent = node_report(path)["datasets"][cfg.data.task]["experiments"][request.sha256()[:12]]
+    assert spent["mode"] == "distributed" and spent["steps"] == 1
+    assert spent["epsilon"] == pytest.approx(skellam.epsilon(((1.0, 0.4, 1, l2, l1),), DELTA))
+    assert spent["epsilon_alone"] == pytest.approx(skellam.epsilon(((1 / math.sqrt(3), 0.4, 1, l2, l1),), DELTA))
+    assert spent["epsilon_alone"] > spent["epsilon"]
+
+
+def test_under_a_row_cap_whether_a_node_trains_and_what_it_spends_do_not_depend_on_its_size(tmp_path):
+    """The coordinator probes |D_k| with a target epsilon between one round's spend at q = b/10 and at
+    q = b/18: a node's own rate would answer it (the control, without a cap: the 10-row node declines,
+    the 18-row node trains). Under a cap of 18 every node samples at the public rate b/18: both
+    train, and their ledgers hold the same spend."""
+    from securefpt.node.budget import Ledger
+    from securefpt.node.config import load_node
+    from securefpt.privacy.distributed import smallest_rounded_sensitivity
+
+    for cap, expected in (("null", {"aa": "budget-exhausted", "cc": "ok"}), ("18", {"aa": "ok", "cc": "ok"})):
+        cfg = distributed(tmp_path / cap, f"data.max_train_per_client={cap}")
+        paths = dict(zip(LANGS, write_trial_nodes(cfg, tmp_path / cap / "nodes")))
+        d = sum(a.size for a in get_trainable(build_model(cfg.model, cfg.peft, 3, cfg.seed).model).values())
+        rounding = smallest_rounded_sensitivity(cfg.dp.max_grad_norm, d)
+        low, high = (skellam.epsilon(((1.0, q, 1, *rounding),), DELTA) for q in (4 / 18, 4 / 10))
+        settings = resolve_settings(cfg, len(LANGS))
+        ring = Ring(settings.clipping_range, settings.quantization_range, settings.modulus_range, 3, 3,
+                    settings.max_weight)
+        answers, spent = {}, {}
+        for run_id, lang in enumerate(("aa", "cc"), start=700):
+            code, request = _accept(cfg, paths[lang], run_id, target_epsilon=(low + high) / 2)
+            assert code == "ok"
+            answers[lang] = _train(paths[lang], run_id, request, ring)
+            node = load_node(paths[lang])
+            spent[lang] = [(e["q"], e["steps"]) for e in Ledger(node.state_dir, cfg.data.task, node.budget).entries]
+        assert answers == expected, cap
+        if cap == "18":
+            assert spent["aa"] == spent["cc"] == [(4 / 18, 1)]
 
 
 def test_a_node_whose_rules_allow_only_local_dp_refuses_a_distributed_request(nodes):

@@ -216,8 +216,10 @@ class FederatedPromptAveraging:
         """Record an evaluated round and checkpoint it; "early stopping" when patience ran out."""
         if evaluated.privacy:
             state.latest_privacy.update(evaluated.privacy)
+            alone = {lang: p["epsilon-alone"] for lang, p in evaluated.privacy.items() if "epsilon-alone" in p}
             self.recorder.audit.append("privacy", round=record.round,
-                                       epsilon={lang: p.get("epsilon") for lang, p in evaluated.privacy.items()})
+                                       epsilon={lang: p.get("epsilon") for lang, p in evaluated.privacy.items()},
+                                       **({"epsilon_alone": alone} if alone else {}))
         up, down = self.grid.snapshot()
         record.accuracy = evaluated.accuracy
         record.epsilon = {lang: p["epsilon"] for lang, p in evaluated.privacy.items() if "epsilon" in p} or None

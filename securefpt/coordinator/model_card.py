@@ -21,7 +21,14 @@ def model_card(summary: dict[str, Any]) -> str:
     backbone = summary.get("backbone") or {}
     privacy = summary["privacy"]
     released = {k: v for k, v in (privacy.get("epsilon") or {}).items() if v is not None}
-    if privacy.get("enabled"):
+    alone = {k: v for k, v in (privacy.get("epsilon_alone") or {}).items() if v is not None}
+    if privacy.get("enabled") and privacy.get("mode") == "distributed":
+        dp = (f"distributed DP under SecAgg+ (each node adds a Skellam share of the sum's noise; "
+              f"{privacy.get('accountant')} accountant), delta {privacy['delta']:g}; epsilon each node released: "
+              + (", ".join(f"{k} {v:g}" for k, v in released.items()) or "none")
+              + "; from its own noise shares alone, were all others to collude: "
+              + (", ".join(f"{k} {v:g}" for k, v in alone.items()) or "none"))
+    elif privacy.get("enabled"):
         dp = (f"DP-SGD on every node (Opacus, {privacy.get('accountant')} accountant), delta {privacy['delta']:g}; "
               f"epsilon each node released: " + (", ".join(f"{k} {v:g}" for k, v in released.items()) or "none"))
     else:

@@ -1,6 +1,6 @@
 """One node's share of a distributed-DP gradient: clipped, on the integer grid, with its Skellam noise.
 
-Per round the node draws a Poisson sample of its records (rate q, its own), computes each
+Per round the node draws a Poisson sample of its records (rate q: public under a row cap), computes each
 example's gradient of the trainable parameters with Opacus's grad samplers (no Opacus noise),
 clips it to C, scales it onto the integer grid and rounds it one example at a time with
 conditional randomized rounding (redrawn until its norm is within the public bound `l2`), sums
@@ -23,12 +23,14 @@ from securefpt.learning.dp_training import os_entropy_seed, tensor_dataset
 from securefpt.learning.modeling import AssembledModel
 from securefpt.learning.training import TrainResult
 
+CHUNK_VALUES = 25_000_000  # per-example gradient values held at once (200 MB): LoRA and full tuning fit too
+
 
 @dataclass(frozen=True)
 class ShareSpec:
     """What the node's own privacy plan and the round's public grid fix."""
 
-    sample_rate: float  # q = b / |D_k|: the node's own
+    sample_rate: float  # q: b / cap (public) where the request caps rows, else b / |D_k| (the node's own)
     max_grad_norm: float  # C
     scale: float  # s: integer grid steps per unit of gradient
     l2: float  # bound on one example's rounded vector (the query's L2 sensitivity)
@@ -92,8 +94,9 @@ def gradient_share(assembled: AssembledModel, examples: list[Example], names: li
     dimension = int(sum(np.prod(s) for s in shapes))
     chosen = [ex for ex, keep in zip(examples, rng.random(len(examples)) < spec.sample_rate) if keep]
     total = np.zeros(dimension, dtype=np.int64)
-    if chosen:
-        grads = per_example_gradients(assembled, chosen, names)
+    chunk = max(1, CHUNK_VALUES // max(dimension, 1))  # per-example gradients are [examples, d] float64
+    for at in range(0, len(chosen), chunk):
+        grads = per_example_gradients(assembled, chosen[at:at + chunk], names)
         norms = np.linalg.norm(grads, axis=1)
         factor = np.minimum(1.0, spec.max_grad_norm / np.maximum(norms, 1e-12))
         total += conditional_round(rng, grads * (factor * spec.scale)[:, None], spec.l2).sum(axis=0)

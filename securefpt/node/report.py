@@ -1,8 +1,9 @@
 """The privacy report an institution runs on its own node's state (`securefpt node report`).
 
 Everything a coordinator may not be told stays readable here: per dataset, the lifetime
-epsilon against the node's budget; per experiment, its epsilon, steps, noise multiplier
-and sampling rate; the runs the node answered and the audit heads it witnessed.
+epsilon against the node's budget; per experiment, its mode, epsilon (and in distributed mode
+the epsilon of the node's own noise shares alone), steps, noise multiplier and sampling rate;
+the runs the node answered and the audit heads it witnessed.
 """
 
 from __future__ import annotations
@@ -25,20 +26,11 @@ def node_report(config: Path, state_dir: Optional[Path] = None) -> dict:
     for path in sorted(folder.glob("ledger-*.json")):
         dataset = path.stem.removeprefix("ledger-")
         ledger = Ledger(folder, dataset, node.budget)
-        experiments = {}
-        for entry in ledger.entries:
-            item = experiments.setdefault(entry["experiment"], {"history": [], "steps": 0})
-            item["history"].append((entry["sigma"], entry["q"], entry["steps"]))
-            item["steps"] += entry["steps"]
+        experiments = {key[:12]: _experiment(ledger, key, node) for key in dict.fromkeys(
+            e["experiment"] for e in ledger.entries)}
         datasets[dataset] = {
             "lifetime_epsilon": ledger.lifetime_epsilon(), "budget": node.budget.epsilon,
-            "delta": node.budget.delta, "accountant": node.budget.accountant,
-            "experiments": {key[:12]: {"epsilon": epsilon_of(item["history"], node.budget.delta,
-                                                             node.budget.accountant),
-                                       "steps": item["steps"],
-                                       "noise_multipliers": sorted({s for s, _, _ in item["history"]}),
-                                       "sample_rates": sorted({q for _, q, _ in item["history"]})}
-                            for key, item in experiments.items()},
+            "delta": node.budget.delta, "accountant": node.budget.accountant, "experiments": experiments,
         }
     runs = [read_json(p, {}) for p in sorted((folder / "runs").glob("*.json"))]
     witnessed = [json.loads(x) for x in (folder / WITNESS_FILE).read_text().splitlines()] \
@@ -47,3 +39,15 @@ def node_report(config: Path, state_dir: Optional[Path] = None) -> dict:
             "datasets": datasets, "runs": len(runs), "rounds_trained": sum(len(r.get("trained", [])) for r in runs),
             "audit_heads_witnessed": len(witnessed),
             "last_witnessed": max(witnessed, key=lambda r: r["seq"])["head"] if witnessed else None}
+
+
+def _experiment(ledger: Ledger, key: str, node: Node) -> dict:
+    """One experiment's spend; distributed mode adds the guarantee of this node's own shares alone."""
+    history = ledger.history(key)
+    distributed = any(len(entry) == 5 for entry in history)
+    delta, accountant = node.budget.delta, node.budget.accountant
+    return {"mode": "distributed" if distributed else "local",
+            "epsilon": epsilon_of(history, delta, accountant),
+            "epsilon_alone": epsilon_of(ledger.history(key, alone=True), delta, accountant) if distributed else None,
+            "steps": ledger.steps(key), "noise_multipliers": sorted({entry[0] for entry in history}),
+            "sample_rates": sorted({entry[1] for entry in history})}

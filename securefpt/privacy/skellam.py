@@ -18,6 +18,7 @@ the noise the nodes calibrated, in integers, with no floating-point noise to att
 from __future__ import annotations
 
 import math
+import warnings
 from functools import lru_cache
 
 import numpy as np
@@ -77,5 +78,26 @@ def epsilon(history: tuple[tuple, ...], delta: float) -> float:
         total += int(steps) * np.array(step)
     if not total.any():
         return 0.0
-    eps, _ = get_privacy_spent(orders=list(ORDERS), rdp=total, delta=delta)
+    with warnings.catch_warnings():  # integer orders start at 2: "optimal order is the smallest" is expected
+        warnings.filterwarnings("ignore", message="Optimal order is the smallest alpha")
+        eps, _ = get_privacy_spent(orders=list(ORDERS), rdp=total, delta=delta)
     return float(eps)
+
+
+def noise_multiplier_for(target_epsilon: float, delta: float, sample_rate: float, rounds: int, l2: float,
+                         l1: float) -> float:
+    """The smallest noise multiplier of the sum (to 0.1%) whose `rounds` Skellam steps at `sample_rate`
+    stay within `target_epsilon`: planning a distributed-DP run, as Opacus's get_noise_multiplier does
+    for DP-SGD. Plan with the smallest (l2, l1) a node accepts: the correction only shrinks above it."""
+    def spent(sigma: float) -> float:
+        return epsilon(((sigma, sample_rate, rounds, l2, l1),), delta)
+
+    low, high = 0.05, 1.0
+    while spent(high) > target_epsilon:
+        low, high = high, high * 2
+        if high > 1e4:
+            raise ValueError(f"no noise multiplier reaches epsilon {target_epsilon} in {rounds} rounds")
+    while high / low > 1.001:
+        mid = math.sqrt(low * high)
+        low, high = (low, mid) if spent(mid) <= target_epsilon else (mid, high)
+    return high

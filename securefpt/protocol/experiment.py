@@ -260,8 +260,10 @@ class DPConfig(Strict):
     distributed: DP-FedSGD under SecAgg+; each node adds only its share of the noise of the sum (Skellam, on the
     integer grid), so the unmasked sum carries what a trusted server would add: far less noise for the same epsilon,
     assuming at least the reconstruction threshold of contributors add theirs. Needs secagg, a fixed
-    dp.noise_multiplier (of the sum) and a shared head; fl.batch_size is each node's expected Poisson batch and the
-    public normaliser, fl.local_epochs is unused (one noisy gradient a round), server_optimizer.lr is the step."""
+    dp.noise_multiplier (of the sum) and a shared head; fl.batch_size is the public normaliser and the expected
+    Poisson batch of a node at the row cap (with a cap every node samples each row at the same public rate
+    batch/cap, so no epsilon or refusal depends on its size), fl.local_epochs is unused (one noisy gradient a
+    round), server_optimizer.lr is the step."""
     target_epsilon: Optional[float] = Field(8.0, gt=0.0)
     """Each node's epsilon for the whole experiment (the noise is derived from it), or with noise_multiplier fixed the
     cap beyond which a node declines to train."""
