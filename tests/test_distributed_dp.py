@@ -169,6 +169,15 @@ def test_the_unmasked_sum_carries_exactly_the_noise_of_the_target(tmp_path):
     assert [e["epsilon_alone"] for e in logged if e.get("event") == "privacy"] == [alone]
     card = (tmp_path / "run" / "README.md").read_text()
     assert "distributed DP under SecAgg+" in card and f"aa {alone['aa']:g}" in card
+    from rich.console import Console
+
+    from securefpt.engines.report import print_summary
+
+    console = Console(record=True, width=400)
+    print_summary(summary, tmp_path / "run", console)
+    line = next(x for x in console.export_text().splitlines() if x.startswith("DP:"))
+    assert "noise multiplier of the sum 20" in line and f"aa {eps['aa']:.2f}" in line
+    assert line.endswith(", ".join(f"{lang} {alone[lang]:.2f}" for lang in LANGS))
 
 
 # ---------------------------------------------------------------- a hostile coordinator

@@ -257,6 +257,7 @@ def privacy_summary(cfg: ExperimentConfig, reports: dict[str, dict]) -> dict:
         "epsilon": get("epsilon"),
         # distributed mode: each node's guarantee from its own noise share alone (full collusion)
         "epsilon_alone": get("epsilon-alone") if cfg.dp.enabled and cfg.dp.mode == "distributed" else None,
+        "sum_noise_multiplier": cfg.dp.noise_multiplier if cfg.dp.enabled and cfg.dp.mode == "distributed" else None,
         "delta": cfg.dp.delta if cfg.dp.enabled else None,
         "noise_multiplier": get("noise-multiplier") if cfg.dp.enabled else None,
         "sample_rate": get("sample-rate") if cfg.dp.enabled else None,

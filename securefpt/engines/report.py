@@ -40,8 +40,16 @@ def print_summary(summary: dict, out: Path, console: Console) -> None:
             console.print(f"[yellow]excluded[/yellow] {cid} ({c['region'] or c['language']}): {c['reason']}",
                           highlight=False)
     eps = {k: v for k, v in summary["privacy"]["epsilon"].items() if v is not None}
-    if eps:
-        console.print(f"DP: epsilon each node released (delta {summary['privacy']['delta']:g}): "
+    privacy = summary["privacy"]
+    if eps and privacy.get("mode") == "distributed":
+        alone = {k: v for k, v in (privacy.get("epsilon_alone") or {}).items() if v is not None}
+        console.print(f"DP: distributed under SecAgg+ (noise multiplier of the sum "
+                      f"{privacy['sum_noise_multiplier']:.3g}, delta {privacy['delta']:g}); "
+                      "epsilon each node released: " + ", ".join(f"{k} {v:.2f}" for k, v in eps.items())
+                      + "; from its own noise shares alone: "
+                      + (", ".join(f"{k} {v:.2f}" for k, v in alone.items()) or "not released"), highlight=False)
+    elif eps:
+        console.print(f"DP: epsilon each node released (delta {privacy['delta']:g}): "
                       + ", ".join(f"{k} {v:.2f}" for k, v in eps.items()))
     if summary.get("stopped_before_the_last_round"):
         console.print(f"[yellow]stopped before the last round:[/yellow] {summary['stopped_before_the_last_round']}",
