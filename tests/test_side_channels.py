@@ -175,3 +175,47 @@ def test_a_node_that_declares_its_labels_answers_label_space_probes_from_its_con
         path.write_text(yaml.safe_dump(node))
     declared = _setup_answers(paths, probes, 100)
     assert declared["aa"] == declared["bb"] == ["labels-outside-task"] * 3 + ["ok", "ok"]
+
+
+def test_evaluation_figures_stop_at_the_node_s_lifetime_cap_across_runs(tmp_path):
+    """Channel 4: every released accuracy is the answer to a question about the node's evaluation
+    labels on parameters of the coordinator's choosing, and a coordinator can ask once per planned
+    round, in run after run. With `release.max_metric_releases: 2` the node answers two such
+    questions in its lifetime on this dataset, whatever the runs, rounds or personalization; the
+    control without a cap answers every one."""
+    import yaml
+    from flwr.app import ConfigRecord, RecordDict
+
+    from securefpt.config import load_config
+    from securefpt.engines.trial_nodes import write_trial_nodes
+    from securefpt.learning.modeling import build_model, get_trainable
+    from securefpt.node.app import evaluate, personalize, setup
+    from securefpt.protocol import records as R
+    from tests.attacks import call_node, setup_content
+    from tests.conftest import TINY, make_masakhanews_like, tsv_cfg_overrides
+
+    root = make_masakhanews_like(tmp_path / "data", ["aa", "bb"])
+    cfg = load_config(None, TINY + tsv_cfg_overrides(root, ["aa", "bb"]) + [
+        "fl.rounds=3", "secagg.enabled=false", "personalization.adapt_epochs=1"])
+    capped, control = write_trial_nodes(cfg, tmp_path / "nodes")
+    node = yaml.safe_load(capped.read_text())
+    node["rules"]["release"]["max_metric_releases"] = 2
+    capped.write_text(yaml.safe_dump(node))
+    request = cfg.request(["health", "politics", "sports"])
+    chosen = get_trainable(build_model(cfg.model, cfg.peft, 3, 1).model)  # parameters the coordinator chose
+
+    def released(path, run_id):
+        call_node(setup, path, run_id, setup_content(request.to_json()), MessageType.QUERY)
+        figures = []
+        for server_round in (1, 2, 3):
+            content = RecordDict({R.GLOBAL: R.arrays_to_record(chosen),
+                                  R.ROUND: ConfigRecord({"server-round": server_round, "next-round": 0})})
+            reply = call_node(evaluate, path, run_id, content, MessageType.EVALUATE)
+            figures.append("accuracy" in reply.content.metric_records[R.EVAL])
+        reply = call_node(personalize, path, run_id, RecordDict({R.GLOBAL: R.arrays_to_record(chosen)}),
+                          R.PERSONALIZE_QUERY)
+        return figures + ["accuracy" in reply.content.metric_records[R.EVAL]]
+
+    assert released(control, 1) == released(control, 2) == [True] * 4
+    assert released(capped, 3) == [True, True, False, False]
+    assert released(capped, 4) == [False] * 4  # a new run does not reset the count

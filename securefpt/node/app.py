@@ -179,11 +179,8 @@ def evaluate(msg: Message, context: Context) -> Message:
         raise NodeRefusal("evaluation-repeated", f"round {server_round}")
     witnessed = _witness(node, msg, context)
     runtime = _runtime(node, request)
-    release = node.rules.release
-    metrics = {}
-    if release.eval_metrics and server_round > 0:  # round 0's message only offers the first round
-        result = runtime.evaluate(arrays)
-        metrics = {"accuracy": _coarse(result.accuracy, release.metric_decimals)}
+    # round 0's message only offers the first round
+    metrics = _released(node, runtime, lambda: runtime.evaluate(arrays).accuracy) if server_round > 0 else {}
     run.mark("evaluated", server_round)
     encoder = R.encoder_hash(arrays)
     run.note_evaluated(encoder)
@@ -219,9 +216,20 @@ def personalize(msg: Message, context: Context) -> Message:
     run.mark("personalized", 0)
     runtime = _runtime(node, request)
     result = runtime.personalize(arrays, seed=request.seed * 100_003 + 99_991)
+    return Message(RecordDict({R.EVAL: MetricRecord(_released(node, runtime, lambda: result.accuracy))}),
+                   reply_to=msg)
+
+
+def _released(node: Node, runtime, accuracy) -> dict:
+    """The accuracy the node's rules release, each figure counted against its lifetime cap per dataset
+    (`release.max_metric_releases`); past the cap nothing is measured and nothing leaves."""
     release = node.rules.release
-    metrics = {"accuracy": _coarse(result.accuracy, release.metric_decimals)} if release.eval_metrics else {}
-    return Message(RecordDict({R.EVAL: MetricRecord(metrics)}), reply_to=msg)
+    if not release.eval_metrics:
+        return {}
+    if not NodeState(node.state_dir).release_metric(runtime.dataset, release.max_metric_releases):
+        NodeState(node.state_dir).log("metric-withheld", dataset=runtime.dataset, cap=release.max_metric_releases)
+        return {}
+    return {"accuracy": _coarse(accuracy(), release.metric_decimals)}
 
 
 def _witness(node: Node, msg: Message, context: Context) -> dict:

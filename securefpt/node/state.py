@@ -127,6 +127,15 @@ class NodeState:
         held[encoder] = {"round": server_round, "attempts": attempts + 1}
         write_json(path, held)
 
+    def release_metric(self, dataset: str, cap: Optional[int]) -> bool:
+        """Count one released evaluation figure against the dataset's lifetime cap (False: none left)."""
+        path = self.folder / f"releases-{dataset}.json"
+        count = int(read_json(path, {"metrics": 0})["metrics"])
+        if cap is not None and count >= cap:
+            return False
+        write_json(path, {"metrics": count + 1})
+        return True
+
     def log(self, event: str, **details: Any) -> None:
         """Append to the node's own log (never sent anywhere)."""
         self.folder.mkdir(parents=True, exist_ok=True)

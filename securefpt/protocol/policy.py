@@ -41,6 +41,9 @@ class ReleaseRules(Strict):
     epsilon_decimals: Optional[int] = Field(1, ge=0, le=6)
     training_metrics: bool = False  # loss and steps of a plaintext round
     privacy_details: bool = False  # sample rate, steps, noise multiplier: functions of |D_k|
+    # Each released accuracy answers a question about the node's evaluation labels on parameters the
+    # coordinator chose: the lifetime number it releases per dataset, across runs and experiments (None: no cap).
+    max_metric_releases: Optional[int] = Field(None, ge=0)
 
 
 class NodeRules(Strict):
