@@ -83,8 +83,19 @@ def run(
     set_: List[str] = typer.Option([], "--set", help="override a key: dotted.key=value (repeatable)"),
     quiet: bool = typer.Option(False, "--quiet", help="no progress bars"),
     verbose: bool = typer.Option(False, "--verbose", help="engine logs"),
+    dry_run: bool = typer.Option(False, "--dry-run", help="say who takes part under which rules, the DP and "
+                                                          "SecAgg+ plan and the traffic; train and write nothing"),
 ) -> None:
     """Run one experiment."""
+    if dry_run:
+        from securefpt.config import load_config
+        from securefpt.engines.dry_run import plan_run, print_plan
+
+        try:
+            print_plan(plan_run(load_config(config, set_)), console)
+        except SecureFPTError as exc:
+            _fail(exc)
+        return
     _run(config, out, set_, quiet, verbose)
 
 

@@ -274,3 +274,31 @@ def test_a_cohort_that_setup_failures_leave_below_a_regions_minimum_trains_nothi
     assert not list((tmp_path / "run" / "nodes").rglob("ledger-*.json"))
     trained = [json.loads(p.read_text())["trained"] for p in (tmp_path / "run" / "nodes").rglob("runs/*.json")]
     assert trained and all(t == [] for t in trained)
+
+
+def test_a_dry_run_says_who_takes_part_under_which_rules_and_its_dp_plan_and_writes_nothing(federation, tmp_path):
+    """`securefpt run --dry-run` on the demo federation: every institution's inclusion with the
+    coordinator's own reason, the bound rules of those included, a DP plan at the row cap that spends
+    the target epsilon by the last round, and no run directory."""
+    from typer.testing import CliRunner
+
+    from securefpt.cli import app
+    from securefpt.coordinator.eligibility import participants
+
+    sets = fed_overrides(federation) + ["model.name=builtin:tiny", "data.max_train_per_client=48"]
+    config = ROOT / "securefpt" / "configs" / "demo.yaml"
+    done = CliRunner().invoke(app, ["run", str(config), "--dry-run", "--out", str(tmp_path / "out"),
+                                    *[x for s in sets for x in ("--set", s)]])
+    assert done.exit_code == 0, done.output
+    assert not (tmp_path / "out").exists()
+    lines = done.output.splitlines()
+    who = participants(load_config(config, sets))
+    assert any(not p.decision.included for p in who.values())  # the demo policy excludes someone
+    for lang, p in who.items():
+        verdict = "included" if p.decision.included else "EXCLUDED"
+        assert f"  {lang}: {p.client_id} ({p.region}) {verdict}: {p.decision.reason}" in lines
+    assert sum("its region's rules: secure aggregation" in x for x in lines) == sum(
+        p.decision.included for p in who.values())
+    dp = next(x for x in lines if x.startswith("DP: local at 48 rows"))
+    spent = float(dp.split(" after all")[0].split()[-1])
+    assert spent == pytest.approx(8.0, abs=0.02)  # the plan spends the target (Opacus's tolerance) by the end
