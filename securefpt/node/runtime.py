@@ -93,7 +93,7 @@ class NodeRuntime:
         request's row cap (a node with at least that many rows trains on exactly that many). A
         decision at the node's own |D_k| would answer one bit of it per probe; so without a cap
         the node accepts, and a plan noisier than the bound is noted in its own log only."""
-        dimension = self.dimension
+        dimension = sum(a.size for a in self._initial.values())  # DP-SGD noises every trainable parameter
         cap = self.request.training.max_train
         if cap is not None:  # a node with at least `cap` rows trains on exactly `cap`: its own plan is that plan
             public = plan if cap == len(self.data.train) else plan_privacy(self.request, cap)
