@@ -111,8 +111,9 @@ def train(msg: Message, context: Context) -> Message:
     encoder = R.encoder_hash(global_arrays)
     plan, ledger = runtime.privacy_plan, _ledger(node, runtime)
     guards.check_training(node, run, request, server_round, encoder, secure, ledger, plan)
-    if plan is not None and plan.distributed:
-        runtime.check_ring(masking_ring())  # the round's public grid can carry this node's noise share
+    distributed, ring = plan is not None and plan.distributed, masking_ring()
+    if distributed:
+        runtime.check_ring(ring)  # the round's public grid can carry this node's noise share
     run.note_trained(server_round, encoder)  # before anything leaves: a replay of this round is refused
     state = NodeState(node.state_dir)
     # in the clear the update leaves now; under SecAgg+ only once this node reveals its unmask shares
@@ -120,10 +121,10 @@ def train(msg: Message, context: Context) -> Message:
         state.hold_encoder(encoder, server_round)
     else:
         state.record_encoder(encoder)
-    if plan is not None and plan.distributed:  # the reply is this node's noisy gradient share, weight 1
-        values, result, share = runtime.gradient_share(global_arrays, masking_ring())
+    if distributed:  # the reply is this node's noisy gradient share, weight 1
+        values, result, share = runtime.gradient_share(global_arrays, ring)
         ledger.spend(request.sha256(), plan, result.steps, share)
-        fitres = FitRes(Status(Code.OK, "ok"), ndarrays_to_parameters(values), _unit_weight(), {})
+        fitres = FitRes(Status(Code.OK, "ok"), ndarrays_to_parameters(values), _unit_weight(ring.max_weight), {})
         return Message(compat.fitres_to_recorddict(fitres, keep_input=False), reply_to=msg)
     updated, result = runtime.fit(global_arrays, seed=request.seed * 100_003 + server_round)
     if plan is not None:
@@ -138,9 +139,8 @@ def train(msg: Message, context: Context) -> Message:
     return Message(compat.fitres_to_recorddict(fitres, keep_input=False), reply_to=msg)
 
 
-def _unit_weight():
+def _unit_weight(weight: float):
     """Distributed DP: every share weighs max_weight (a ratio of 1), whatever |D_k|: the sum is a sum."""
-    weight = masking_ring().max_weight
     return int(weight) if float(weight).is_integer() else weight
 
 
@@ -223,11 +223,11 @@ def personalize(msg: Message, context: Context) -> Message:
 def _released(node: Node, runtime, accuracy) -> dict:
     """The accuracy the node's rules release, each figure counted against its lifetime cap per dataset
     (`release.max_metric_releases`); past the cap nothing is measured and nothing leaves."""
-    release = node.rules.release
+    release, state = node.rules.release, NodeState(node.state_dir)
     if not release.eval_metrics:
         return {}
-    if not NodeState(node.state_dir).release_metric(runtime.dataset, release.max_metric_releases):
-        NodeState(node.state_dir).log("metric-withheld", dataset=runtime.dataset, cap=release.max_metric_releases)
+    if not state.release_metric(runtime.dataset, release.max_metric_releases):
+        state.log("metric-withheld", dataset=runtime.dataset, cap=release.max_metric_releases)
         return {}
     return {"accuracy": _coarse(accuracy(), release.metric_decimals)}
 

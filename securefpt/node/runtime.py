@@ -137,10 +137,9 @@ class NodeRuntime:
 
     def gradient_share(self, global_arrays, ring: Ring) -> tuple[list, TrainResult, dict]:
         """Distributed DP: this round's noisy clipped gradient share on the ring's integer grid (to be
-        masked), the result, and what the ledger records of it."""
+        masked), the result, and what the ledger records of it. The caller has checked `ring`."""
         from securefpt.learning.distributed_dp import ShareSpec, gradient_share
 
-        self.check_ring(ring)
         plan, batch = self.privacy_plan, self.request.training.batch_size
         contributors = ring.threshold  # any sum the coordinator can unmask holds at least this many shares
         scale = integer_scale(ring, batch)
