@@ -256,14 +256,13 @@ def privacy_summary(cfg: ExperimentConfig, reports: dict[str, dict]) -> dict:
         "mode": cfg.dp.mode if cfg.dp.enabled else None,
         "epsilon": get("epsilon"),
         # distributed mode: each node's guarantee from its own noise share alone (full collusion)
-        "epsilon_alone": get("epsilon-alone") if cfg.dp.enabled and cfg.dp.mode == "distributed" else None,
-        "sum_noise_multiplier": cfg.dp.noise_multiplier if cfg.dp.enabled and cfg.dp.mode == "distributed" else None,
+        "epsilon_alone": get("epsilon-alone") if cfg.dp.distributed else None,
+        "sum_noise_multiplier": cfg.dp.noise_multiplier if cfg.dp.distributed else None,
         "delta": cfg.dp.delta if cfg.dp.enabled else None,
         "noise_multiplier": get("noise-multiplier") if cfg.dp.enabled else None,
         "sample_rate": get("sample-rate") if cfg.dp.enabled else None,
         "steps": get("steps"),
-        "accountant": ("rdp (Skellam)" if cfg.dp.mode == "distributed" else cfg.dp.accountant) if cfg.dp.enabled
-        else None,
+        "accountant": "rdp (Skellam)" if cfg.dp.distributed else cfg.dp.accountant if cfg.dp.enabled else None,
         "target_epsilon": cfg.dp.target_epsilon if cfg.dp.enabled else None,
         "max_grad_norm": cfg.dp.max_grad_norm if cfg.dp.enabled else None,
     }

@@ -111,7 +111,7 @@ def resolve_settings(cfg: ExperimentConfig, num_clients: int) -> SecAggSettings:
     if s.timeout is not None and not s.timeout > 0:
         raise bad("timeout", f"must be positive, got {s.timeout}")
     clipping = s.clipping_range
-    if cfg.dp.enabled and cfg.dp.mode == "distributed" and "clipping_range" not in s.model_fields_set:
+    if cfg.dp.distributed and "clipping_range" not in s.model_fields_set:
         # the nodes' noisy gradient shares, on their integer grid: room for a batch and the noise tail
         clipping = clipping_range_for(cfg.fl.batch_size, cfg.dp.max_grad_norm, cfg.dp.noise_multiplier,
                                       2)  # the smallest threshold a shrunken round may use

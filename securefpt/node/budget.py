@@ -67,7 +67,7 @@ def plan_privacy(request: ExperimentRequest, num_examples: int, dimension: int =
     if num_examples < 1:
         raise NodeRefusal("data-unavailable", "no training examples to account")
     sample_rate = min(1.0, plan.batch_size / num_examples)
-    if dp.mode == "distributed":  # one noisy gradient a round; sigma is the sum's, public
+    if dp.distributed:  # one noisy gradient a round; sigma is the sum's, public
         if plan.max_train is not None:  # every row of the federation sampled at one public rate (central DP-SGD's
             sample_rate = min(1.0, plan.batch_size / plan.max_train)  # batch): no epsilon depends on |D_k|
         return PrivacyPlan(noise_multiplier=float(dp.noise_multiplier), sample_rate=sample_rate, steps_per_round=1,

@@ -147,7 +147,7 @@ def _setup(node: Node, msg: Message, context: Context, call_next: ClientAppCalla
     configs = msg.content.config_records[RECORD_KEY_CONFIGS]
     threshold = int(configs[Key.THRESHOLD])
     check_parameters(int(configs[Key.SHARE_NUMBER]), threshold, int(configs[Key.SAMPLE_NUMBER]), node.rules.min_cohort)
-    if request.dp.enabled and request.dp.mode == "distributed" and threshold < node.rules.dp.min_noise_contributors:
+    if request.dp.distributed and threshold < node.rules.dp.min_noise_contributors:
         raise NodeRefusal("protocol-parameters", f"distributed DP: threshold {threshold} is below this node's "
                                                  f"{node.rules.dp.min_noise_contributors} noise contributors")
     reply = secaggplus_mod(msg, context, call_next)

@@ -276,6 +276,11 @@ class DPConfig(Strict):
     accountant: Literal["prv", "rdp"] = "prv"
     """Opacus accountant: prv (tighter) or rdp."""
 
+    @property
+    def distributed(self) -> bool:
+        """DP on, in distributed mode (each node adds only its share of the sum's noise)."""
+        return self.enabled and self.mode == "distributed"
+
 
 class SecAggConfig(Strict):
     """Secure aggregation with Flower's SecAgg+ (validated per cohort in coordinator/secure_aggregation.py)."""
@@ -302,7 +307,7 @@ class SecAggConfig(Strict):
 
 def _check_distributed(dp: DPConfig, secure: bool, personalization: PersonalizationConfig) -> None:
     """What distributed DP needs, checked by the operator's config and again by each node's request."""
-    if not (dp.enabled and dp.mode == "distributed"):
+    if not dp.distributed:
         return
     why = ("secagg.enabled=false (the noise of the sum needs the sum to be all the coordinator sees)"
            if not secure else
