@@ -106,25 +106,26 @@ def _variants(args) -> list[tuple[str, float | None, list[str]]]:
     return out
 
 
+def _sampling_rate(cfg) -> float:
+    """The nodes' rate: batch over the row cap (every node samples at it), else over the fewest rows."""
+    rows = cfg.data.largest_train() or min(len(load_client_data(cfg.data, lang, label_space(cfg.data), cfg.seed)
+                                               .train) for lang in cfg.data.languages)
+    return min(1.0, cfg.fl.batch_size / rows)
+
+
 def _central_noise(cfg, eps: float) -> float:
     """A trusted server's Gaussian noise multiplier for `eps` over the run, at the nodes' sampling rate."""
     from opacus.accountants.utils import get_noise_multiplier
 
-    rows = cfg.data.largest_train() or min(len(load_client_data(cfg.data, lang, label_space(cfg.data), cfg.seed)
-                                               .train) for lang in cfg.data.languages)
-    return get_noise_multiplier(target_epsilon=eps, target_delta=cfg.dp.delta, sample_rate=min(1.0, cfg.fl.batch_size
-                                / rows), steps=cfg.fl.rounds, accountant="prv")
+    return get_noise_multiplier(target_epsilon=eps, target_delta=cfg.dp.delta, sample_rate=_sampling_rate(cfg),
+                                steps=cfg.fl.rounds, accountant="prv")
 
 
 def _distributed_noise(cfg, eps: float) -> float:
     """The sum's noise multiplier for `eps` over the run (the operator's planning, on its own data)."""
-    labels = label_space(cfg.data)
-    fewest = min(len(load_client_data(cfg.data, lang, labels, cfg.seed).train) for lang in cfg.data.languages)
-    dimension = sum(a.size for a in get_trainable(build_model(cfg.model, cfg.peft, len(labels), cfg.seed).model)
-                    .values())
-    l2, l1 = smallest_rounded_sensitivity(cfg.dp.max_grad_norm, dimension)
-    rows = cfg.data.largest_train() or fewest  # under a row cap every node samples at batch / cap
-    return noise_multiplier_for(eps, cfg.dp.delta, min(1.0, cfg.fl.batch_size / rows), cfg.fl.rounds, l2, l1)
+    model = build_model(cfg.model, cfg.peft, len(label_space(cfg.data)), cfg.seed).model
+    l2, l1 = smallest_rounded_sensitivity(cfg.dp.max_grad_norm, sum(a.size for a in get_trainable(model).values()))
+    return noise_multiplier_for(eps, cfg.dp.delta, _sampling_rate(cfg), cfg.fl.rounds, l2, l1)
 
 
 def _plot(rows: list[dict], path: Path, mode: str) -> None:
