@@ -22,11 +22,8 @@ import statistics
 from pathlib import Path
 
 from securefpt.config import load_config
+from securefpt.engines.dp_planning import central_noise, distributed_noise
 from securefpt.engines.runner import run_experiment
-from securefpt.learning.data import label_space, load_client_data
-from securefpt.learning.modeling import build_model, get_trainable
-from securefpt.privacy.distributed import smallest_rounded_sensitivity
-from securefpt.privacy.skellam import noise_multiplier_for
 
 
 def main() -> None:
@@ -88,11 +85,11 @@ def _variants(args) -> list[tuple[str, float | None, list[str]]]:
         dp = ["dp.enabled=true", f"dp.target_epsilon={eps}", f"dp.mode={args.mode}"]
         if args.mode == "distributed":  # sigma 1 only to read the config, then planned
             cfg = load_config(args.config, args.overrides + dp + ["dp.noise_multiplier=1"])
-            sigma = _distributed_noise(cfg, eps)
+            sigma = distributed_noise(cfg, eps)
             print(f"epsilon {eps:g}: noise multiplier of the sum {sigma:.3f}", flush=True)
             out.append((f"eps{eps:g}", eps, dp + [f"dp.noise_multiplier={sigma}"]))
             if args.anchors:  # what a trusted server would add for eps; the nodes' Skellam ledgers then exceed it
-                central = _central_noise(cfg, eps)
+                central = central_noise(cfg, eps)
                 print(f"epsilon {eps:g}: a trusted server's noise multiplier {central:.3f}", flush=True)
                 out.append((f"central-eps{eps:g}", eps, dp[:1] + ["dp.target_epsilon=null", "dp.mode=distributed",
                                                                  f"dp.noise_multiplier={central}"]))
@@ -104,28 +101,6 @@ def _variants(args) -> list[tuple[str, float | None, list[str]]]:
     if not args.no_baseline:
         out.append(("no-dp", None, ["dp.enabled=false"]))
     return out
-
-
-def _sampling_rate(cfg) -> float:
-    """The nodes' rate: batch over the row cap (every node samples at it), else over the fewest rows."""
-    rows = cfg.data.largest_train() or min(len(load_client_data(cfg.data, lang, label_space(cfg.data), cfg.seed)
-                                               .train) for lang in cfg.data.languages)
-    return min(1.0, cfg.fl.batch_size / rows)
-
-
-def _central_noise(cfg, eps: float) -> float:
-    """A trusted server's Gaussian noise multiplier for `eps` over the run, at the nodes' sampling rate."""
-    from opacus.accountants.utils import get_noise_multiplier
-
-    return get_noise_multiplier(target_epsilon=eps, target_delta=cfg.dp.delta, sample_rate=_sampling_rate(cfg),
-                                steps=cfg.fl.rounds, accountant="prv")
-
-
-def _distributed_noise(cfg, eps: float) -> float:
-    """The sum's noise multiplier for `eps` over the run (the operator's planning, on its own data)."""
-    model = build_model(cfg.model, cfg.peft, len(label_space(cfg.data)), cfg.seed).model
-    l2, l1 = smallest_rounded_sensitivity(cfg.dp.max_grad_norm, sum(a.size for a in get_trainable(model).values()))
-    return noise_multiplier_for(eps, cfg.dp.delta, _sampling_rate(cfg), cfg.fl.rounds, l2, l1)
 
 
 def _plot(rows: list[dict], path: Path, mode: str) -> None:

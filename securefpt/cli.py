@@ -178,7 +178,7 @@ def study(
 
 keys_app = typer.Typer(no_args_is_help=True, help="Keys and attestations for a federation.")
 policy_app = typer.Typer(no_args_is_help=True, help="Residency policies.")
-audit_app = typer.Typer(no_args_is_help=True, help="The signed audit log.")
+audit_app = typer.Typer(no_args_is_help=True, help="The signed audit log, and the empirical privacy audit.")
 app.add_typer(keys_app, name="keys")
 app.add_typer(policy_app, name="policy")
 app.add_typer(audit_app, name="audit")
@@ -385,6 +385,41 @@ def audit_report(log: Path) -> None:
         if e.get("event") == "artifact":
             where = f" in region {e['storage_region']}" if e.get("storage_region") else ""
             console.print(f"artifact {e['path']} sha256 {e['sha256'][:16]}...{where}", highlight=False)
+
+
+@audit_app.command("privacy")
+def audit_privacy(
+    config: Path = typer.Argument(..., help="experiment YAML (federated, on the operator's own data)"),
+    out: Optional[Path] = typer.Option(None, "--out", help="audit folder (default runs/<name>-privacy-audit); "
+                                                          "finished settings in it are read back, not retrained"),
+    epsilon: float = typer.Option(8.0, "--epsilon", min=0.01, help="the target epsilon of the DP settings"),
+    canaries: int = typer.Option(200, "--canaries", min=10, help="canaries a node (each in by a fair coin)"),
+    settings: List[str] = typer.Option([], "--setting", help="no-dp, local-dp, distributed-dp (repeatable; "
+                                                             "default: all that the config allows)"),
+    set_: List[str] = typer.Option([], "--set", help="override a key: dotted.key=value (repeatable)"),
+    quiet: bool = typer.Option(False, "--quiet", help="no progress bars"),
+) -> None:
+    """Train with canaries and measure what an attacker learns, with and without DP: empirical epsilon
+    lower bounds and membership inference (privacy-audit.json, privacy-audit.md and plots)."""
+    from securefpt.config import load_config
+    from securefpt.engines.privacy_audit import SETTINGS, run_privacy_audit
+    from securefpt.engines.privacy_report import verdict
+
+    try:
+        cfg = load_config(config, set_)
+        folder = _folder(out or Path("runs") / f"{cfg.name}-privacy-audit")
+        figures = run_privacy_audit(cfg, folder, epsilon, canaries, settings or SETTINGS, show_progress=not quiet,
+                                    log=lambda line: console.print(line, highlight=False))
+    except SecureFPTError as exc:
+        _fail(exc)
+    for s in figures["settings"]:
+        claimed = "none" if s["epsilon_claimed"] is None else f"{s['epsilon_claimed']:.2f}"
+        console.print(f"{s['setting']}: epsilon claimed {claimed}, lower bound {s['epsilon_lower_bound']:.2f} "
+                      f"({verdict(s).strip('*')}); MIA AUC {s['mia_auc']:.3f}, TPR at 1% FPR "
+                      f"{s['tpr_at_fpr_0.01']:.3f}", highlight=False)
+    for name, why in figures["skipped"].items():
+        console.print(f"{name}: not audited ({why})", highlight=False)
+    console.print(f"report: {folder / 'privacy-audit.md'}", highlight=False)
 
 
 def main() -> None:

@@ -131,17 +131,16 @@ def test_a_supernode_killed_mid_round_leaves_the_survivors_to_finish(loopback, t
     ids = loopback.start_institutions(faults={"hau": "hau@collect:kill-node"})
     loopback.wait_online(set(ids.values()))
     out = tmp_path / "deployed"
-    loopback.submit(out)
+    loopback.submit(out, "fl.rounds=1")  # one round shows it (the restart test runs two)
     assert loopback.procs["hau"].poll() == -signal.SIGKILL  # the whole SuperNode is gone
 
     summary = json.loads((out / "summary.json").read_text())
-    first, second = summary["secure_aggregation"]["rounds"]
-    assert first == {"round": 1, "participants": ["eng", "fra", "swa"], "dropouts": ["hau"], "aborted": False}
-    assert second["participants"] == ["eng", "fra", "swa"] and not second["aborted"]
-    assert "no answer" in summary["rounds"][1]["declined"]["hau"]
+    assert summary["secure_aggregation"]["rounds"] == [
+        {"round": 1, "participants": ["eng", "fra", "swa"], "dropouts": ["hau"], "aborted": False}]
+    assert summary["final"]["round"] == 1
 
-    # the simulation engine, where hau fails at the same stage each round: the same sums
+    # the simulation engine, where hau fails at the same stage: the same sum
     monkeypatch.setenv("SECUREFPT_FAULTS", "hau@collect")
-    cfg, _, reference = simulated(loopback, tmp_path / "simulated")
+    cfg, _, reference = simulated(loopback, tmp_path / "simulated", "fl.rounds=1")
     bound = quantization_bound(cfg, cohort=3, total_ratio=3.0)
     assert_within(load_arrays(out / "prompt_encoder.safetensors"), reference, 2 * bound + 1e-6)

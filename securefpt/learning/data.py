@@ -227,6 +227,16 @@ def load_examples(binding, language: str, labels: list[str], max_train: int | No
                       eval=encode(evals, binding.eval_split))
 
 
+def load_canaries(path: Path, labels: list[str]) -> list[Example]:
+    """A privacy audit's canary records (text, label in the task's label space)."""
+    index = {name: i for i, name in enumerate(labels)}
+    rows = read_labeled_file(Path(path))
+    outside = sorted({r.label for r in rows} - set(index))
+    if outside:
+        raise LabelError(f"{path}: canary labels {outside} are not in the label space {labels}")
+    return [Example(text=r.text, label=index[r.label], pair=r.pair) for r in rows]
+
+
 def load_client_data(cfg: DataConfig, language: str, labels: list[str], seed: int) -> ClientData:
     """A language's data as an experiment's local-trial section describes it (baselines, trial nodes)."""
     binding = cfg.model_copy(update={"train_split": cfg.train_split_of(language)})

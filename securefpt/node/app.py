@@ -135,8 +135,15 @@ def train(msg: Message, context: Context) -> Message:
     else:
         values = [updated[n] for n in names]
         metrics = {"loss": result.loss, "steps": result.steps} if node.rules.release.training_metrics else {}
-    fitres = FitRes(Status(Code.OK, "ok"), ndarrays_to_parameters(values), result.num_examples, metrics)
+    fitres = FitRes(Status(Code.OK, "ok"), ndarrays_to_parameters(values), _weight(request, result.num_examples),
+                    metrics)
     return Message(compat.fitres_to_recorddict(fitres, keep_input=False), reply_to=msg)
+
+
+def _weight(request: ExperimentRequest, rows: int) -> int:
+    """The rows trained on, never above the plan's public row cap (audit canaries are extra records)."""
+    cap = request.training.max_train
+    return rows if cap is None else min(rows, cap)
 
 
 def _unit_weight(weight: float):

@@ -64,6 +64,10 @@ class DataBinding(Strict):
     # The task's labels this node declares it holds (after label_map). Declared, a request's label
     # space is judged against this configuration, never against the rows: no label-set oracle.
     labels: Optional[list[str]] = Field(None, min_length=1)
+    # A privacy audit's canaries (`securefpt audit privacy`): records (jsonl: text, label) this node trains
+    # on besides its split, past any row cap; never evaluated. Which canaries are in was decided by coins
+    # the auditing institution keeps: nothing of them is in this file's records or leaves the node.
+    canaries: Optional[Path] = None
 
     @model_validator(mode="after")
     def _source_needs(self) -> "DataBinding":

@@ -13,7 +13,7 @@ from __future__ import annotations
 from typing import Optional
 
 from securefpt.errors import ConfigError, DataError, ModelUnavailableError
-from securefpt.learning.data import ClientData, LabelError, load_examples
+from securefpt.learning.data import ClientData, LabelError, load_canaries, load_examples
 from securefpt.learning.modeling import AssembledModel, build_model, get_trainable, set_trainable
 from securefpt.learning.training import EvalResult, TrainResult, evaluate, train_local
 from securefpt.node.budget import MAX_NOISE_TO_SIGNAL, PrivacyPlan, check_noise, noise_to_signal, plan_privacy
@@ -46,6 +46,8 @@ class NodeRuntime:
                 binding, binding.language or node.language, request.labels,
                 _min(binding.max_train, request.training.max_train), _min(binding.max_eval, request.training.max_eval),
                 request.seed, binding.label_map)
+            if binding.canaries is not None:  # the institution's own audit: trained on, never evaluated
+                self.data.train += load_canaries(binding.canaries, request.labels)
         except LabelError as exc:  # declared labels: a row outside them, whatever the request (constant)
             raise NodeRefusal("labels-outside-task" if binding.labels is None else "data-unavailable",
                               str(exc)) from None

@@ -1,0 +1,38 @@
+"""The operator's planning of a distributed-DP run: which noise multiplier of the sum reaches a target epsilon.
+
+Distributed DP needs a public `dp.noise_multiplier` (nodes size their Skellam shares from
+it; no node's size may move it). The operator derives it once, before the run, from
+public values and its own trial data: the nodes' Poisson rate (batch over the row cap,
+where every node samples at that rate; else over the fewest rows), one step a round, and
+the smallest rounded sensitivity a node accepts (privacy/distributed.py).
+"""
+
+from __future__ import annotations
+
+from securefpt.learning.data import label_space, load_client_data
+from securefpt.learning.modeling import build_model, get_trainable
+from securefpt.privacy.distributed import smallest_rounded_sensitivity
+from securefpt.privacy.skellam import noise_multiplier_for
+from securefpt.protocol.experiment import ExperimentConfig
+
+
+def sampling_rate(cfg: ExperimentConfig) -> float:
+    """The nodes' rate: batch over the row cap (every node samples at it), else over the fewest rows."""
+    rows = cfg.data.largest_train() or min(len(load_client_data(cfg.data, lang, label_space(cfg.data), cfg.seed)
+                                               .train) for lang in cfg.data.languages)
+    return min(1.0, cfg.fl.batch_size / rows)
+
+
+def central_noise(cfg: ExperimentConfig, eps: float) -> float:
+    """A trusted server's Gaussian noise multiplier for `eps` over the run, at the nodes' sampling rate."""
+    from opacus.accountants.utils import get_noise_multiplier
+
+    return get_noise_multiplier(target_epsilon=eps, target_delta=cfg.dp.delta, sample_rate=sampling_rate(cfg),
+                                steps=cfg.fl.rounds, accountant="prv")
+
+
+def distributed_noise(cfg: ExperimentConfig, eps: float) -> float:
+    """The sum's noise multiplier for `eps` over the run."""
+    model = build_model(cfg.model, cfg.peft, len(label_space(cfg.data)), cfg.seed).model
+    l2, l1 = smallest_rounded_sensitivity(cfg.dp.max_grad_norm, sum(a.size for a in get_trainable(model).values()))
+    return noise_multiplier_for(eps, cfg.dp.delta, sampling_rate(cfg), cfg.fl.rounds, l2, l1)

@@ -1,0 +1,179 @@
+"""`securefpt audit privacy`: run an experiment with canaries and measure what an attacker learns.
+
+For each setting (no DP, local DP-SGD, distributed DP where secure aggregation is on) the
+experiment runs on the simulation engine with trial nodes. Each node trains, besides its
+own rows, on the canaries whose fair coin came up "in" (random token strings with random
+labels: records no other record explains); the coins stay in the audit folder, never in
+a message. The attacker then scores every canary from what a real adversary holds
+(`attacks.py`): the released global encoder, and the sum of the aggregates the
+coordinator unmasked. The scores give the one-run lower bound on epsilon and the
+membership-inference figures (privacy/auditing.py), set beside the epsilon the nodes
+claim. A setting whose run finished is read back, not trained again.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import yaml
+
+from securefpt.engines.preflight import task_labels
+from securefpt.errors import ConfigError
+from securefpt.privacy.auditing import CONFIDENCE, membership, one_run_lower_bound
+from securefpt.protocol.experiment import ExperimentConfig
+
+CANARY_TOKENS = 12
+SETTINGS = ("no-dp", "local-dp", "distributed-dp")
+
+
+@dataclass(frozen=True)
+class Setting:
+    name: str
+    cfg: ExperimentConfig
+
+
+def plan_settings(cfg: ExperimentConfig, epsilon: float, names=SETTINGS) -> tuple[list[Setting], dict[str, str]]:
+    """The audited variants of `cfg` (the same experiment, DP switched as each setting says), and the
+    settings left out with the reason."""
+    if cfg.clients is not None or cfg.paradigm != "federated":
+        raise ConfigError("audit privacy runs a federated experiment on the operator's own data (a config without "
+                          "clients): an institution audits with its own copy of its data")
+    unknown = sorted(set(names) - set(SETTINGS))
+    if unknown:
+        raise ConfigError(f"unknown settings {unknown}; choose from {list(SETTINGS)}")
+    cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"labels": task_labels(cfg)})})
+    dp = cfg.dp.model_copy(update={"enabled": True, "target_epsilon": epsilon})
+    out, skipped = [], {}
+    for name in names:
+        if name == "no-dp":
+            out.append(Setting(name, cfg.model_copy(update={"dp": cfg.dp.model_copy(update={"enabled": False})})))
+        elif name == "local-dp":
+            local = dp.model_copy(update={"mode": "local", "noise_multiplier": None})
+            out.append(Setting(name, cfg.model_copy(update={"dp": local})))
+        elif not cfg.secagg.enabled:
+            skipped[name] = "needs secure aggregation (secagg.enabled: true)"
+        elif cfg.personalization.local_head:
+            skipped[name] = "needs a shared head (personalization.local_head: false)"
+        else:
+            from securefpt.engines.dp_planning import distributed_noise
+
+            planned = cfg.model_copy(update={"dp": dp.model_copy(update={"mode": "distributed"})})
+            sigma = distributed_noise(planned, epsilon)
+            out.append(Setting(name, planned.model_copy(update={"dp": planned.dp.model_copy(
+                update={"noise_multiplier": sigma, "target_epsilon": None})})))
+    return out, skipped
+
+
+def make_canaries(cfg: ExperimentConfig, count: int, rng: np.random.Generator) -> list[dict]:
+    """`count` canaries: strings of random vocabulary pieces, each with a random label and a fair coin."""
+    from securefpt.learning.modeling import load_tokenizer
+
+    tokenizer = load_tokenizer(cfg.model)
+    special = set(tokenizer.all_special_ids)
+    ids = np.array([i for i in range(len(tokenizer)) if i not in special])
+    labels = cfg.data.labels
+    return [{"text": tokenizer.decode(rng.choice(ids, CANARY_TOKENS).tolist()).strip(),
+             "label": labels[int(rng.integers(len(labels)))], "in": bool(rng.integers(2))} for _ in range(count)]
+
+
+def _plant(nodes: list[Path], canaries: dict[str, list[dict]], task: str) -> None:
+    """Give each node its included canaries (the file holds no coin: what it holds is what is in)."""
+    for path in nodes:
+        config = yaml.safe_load(path.read_text(encoding="utf-8"))
+        language = yaml.safe_load((path.parent / config["manifest"]).read_text(encoding="utf-8"))["language"]
+        rows = [{"text": c["text"], "label": c["label"]} for c in canaries[language] if c["in"]]
+        target = path.parent / "canaries.jsonl"
+        target.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+        config["data"][task]["canaries"] = str(target.resolve())
+        path.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
+
+
+def train_setting(setting: Setting, folder: Path, canaries_per_node: int, show_progress: bool,
+                  client_app=None) -> tuple[dict, dict[str, list[dict]]]:
+    """Run one setting with canaries (or read back its finished run): its summary and its canaries."""
+    from securefpt.engines.simulation import run_federated_simulation
+    from securefpt.engines.trial_nodes import write_trial_nodes
+
+    coins = folder / "canaries.json"  # the auditor's record of every canary and its coin
+    if (folder / "run" / "summary.json").is_file() and coins.is_file():
+        return json.loads((folder / "run" / "summary.json").read_text()), json.loads(coins.read_text())
+    shutil.rmtree(folder, ignore_errors=True)
+    cfg = setting.cfg
+    rng = np.random.default_rng(int.from_bytes(os.urandom(16), "little"))  # coins nobody else can predict
+    canaries = {lang: make_canaries(cfg, canaries_per_node, rng) for lang in cfg.data.languages}
+    nodes = write_trial_nodes(cfg, folder / "run" / "nodes")
+    _plant(nodes, canaries, cfg.data.task)
+    summary = run_federated_simulation(cfg, folder / "run", show_progress=show_progress, nodes=nodes,
+                                       client_app=client_app)
+    coins.write_text(json.dumps(canaries), encoding="utf-8")  # last: its presence marks a finished setting
+    return summary, canaries
+
+
+def claimed_epsilon(summary: dict) -> Optional[float]:
+    """The largest epsilon any node reported spending (None without DP)."""
+    spent = [e for e in ((summary.get("privacy") or {}).get("epsilon") or {}).values() if e is not None]
+    return max(spent) if spent else None
+
+
+def audit_setting(setting: Setting, folder: Path, canaries_per_node: int, show_progress: bool = True,
+                  client_app=None) -> dict:
+    """One setting's figures: the claim, the attacks' lower bounds and membership figures."""
+    from securefpt.engines.attacks import score_canaries
+    from securefpt.learning.artifacts import load_arrays
+
+    start = time.perf_counter()
+    cached = (folder / "canaries.json").is_file() and (folder / "run" / "summary.json").is_file()
+    summary, canaries = train_setting(setting, folder, canaries_per_node, show_progress, client_app)
+    pooled = [c for lang in setting.cfg.data.languages for c in canaries[lang]]
+    node_of = np.array([lang for lang in setting.cfg.data.languages for _ in canaries[lang]])
+    coins = np.array([c["in"] for c in pooled])
+    scores = score_canaries(setting.cfg, load_arrays(folder / "run" / "prompt_encoder.safetensors"), pooled)
+    # the bounds of all attacks are read together: each at its share of the 5% error
+    confidence = 1 - (1 - CONFIDENCE) / len(scores)
+    attacks = {}
+    for name, (view, values) in scores.items():
+        bound, mia = one_run_lower_bound(values, coins, confidence), membership(values, coins)
+        attacks[name] = {"view": view, "epsilon_lower_bound": bound.epsilon, "guesses": bound.guesses,
+                         "correct": bound.correct, "mia_auc": mia.auc, "tpr_at_fpr_0.01": mia.tpr_at_fpr[0.01],
+                         "tpr_at_fpr_0.001": mia.tpr_at_fpr[0.001],
+                         "per_node_auc": {lang: membership(values[node_of == lang], coins[node_of == lang]).auc
+                                          for lang in setting.cfg.data.languages},
+                         "roc": [np.round(a, 5).tolist() for a in mia.roc]}
+    strongest = max(attacks.values(), key=lambda a: a["mia_auc"])
+    dp = setting.cfg.dp
+    return {"setting": setting.name, "dp_mode": dp.mode if dp.enabled else "none",
+            "epsilon_claimed": claimed_epsilon(summary), "delta": dp.delta if dp.enabled else None,
+            "epsilon_lower_bound": max(a["epsilon_lower_bound"] for a in attacks.values()),
+            "mia_auc": strongest["mia_auc"], "tpr_at_fpr_0.01": max(a["tpr_at_fpr_0.01"] for a in attacks.values()),
+            "tpr_at_fpr_0.001": max(a["tpr_at_fpr_0.001"] for a in attacks.values()),
+            "confidence": CONFIDENCE, "canaries": len(pooled), "canaries_in": int(coins.sum()),
+            "accuracy": (summary.get("final") or {}).get("accuracy", {}).get("avg"),
+            "seconds": round(time.perf_counter() - start, 1), "cached": cached, "attacks": attacks}
+
+
+def run_privacy_audit(cfg: ExperimentConfig, out: Path, epsilon: float, canaries_per_node: int,
+                      names=SETTINGS, show_progress: bool = True, client_app=None, log=print) -> dict:
+    """Audit every setting; write privacy-audit.json and the report into `out`; return the figures."""
+    from securefpt.engines.privacy_report import write_report
+
+    settings, skipped = plan_settings(cfg, epsilon, names)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    results = []
+    for i, setting in enumerate(settings, 1):
+        log(f"audit {i}/{len(settings)}: {setting.name} ({canaries_per_node} canaries a node, "
+            f"{len(setting.cfg.data.languages)} nodes, {setting.cfg.fl.rounds} rounds)")
+        results.append(audit_setting(setting, out / setting.name, canaries_per_node, show_progress, client_app))
+    figures = {"model": cfg.model.name, "languages": cfg.data.languages, "rounds": cfg.fl.rounds,
+               "epsilon_target": epsilon, "canaries_per_node": canaries_per_node, "settings": results,
+               "skipped": skipped}
+    (out / "privacy-audit.json").write_text(json.dumps(figures, indent=2), encoding="utf-8")
+    write_report(figures, out)
+    return figures
