@@ -95,25 +95,39 @@ def _plant(nodes: list[Path], canaries: dict[str, list[dict]], task: str) -> Non
         path.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
 
 
+def _finished(folder: Path, cfg: ExperimentConfig) -> Optional[tuple[dict, dict]]:
+    """A finished run of this very setting in `folder` (its summary and canaries), or None."""
+    summary, coins = folder / "run" / "summary.json", folder / "canaries.json"
+    if not (summary.is_file() and coins.is_file()):
+        return None
+    record = json.loads(coins.read_text(encoding="utf-8"))
+    if record.get("config") != cfg.sha256():
+        return None
+    return json.loads(summary.read_text(encoding="utf-8")), record["canaries"]
+
+
 def train_setting(setting: Setting, folder: Path, canaries_per_node: int, show_progress: bool,
-                  client_app=None) -> tuple[dict, dict[str, list[dict]]]:
-    """Run one setting with canaries (or read back its finished run): its summary and its canaries."""
+                  client_app=None) -> tuple[dict, dict[str, list[dict]], bool]:
+    """Run one setting with canaries, or read back its finished run: its summary, its canaries and
+    whether it was read back."""
     from securefpt.engines.simulation import run_federated_simulation
     from securefpt.engines.trial_nodes import write_trial_nodes
 
-    coins = folder / "canaries.json"  # the auditor's record of every canary and its coin
-    if (folder / "run" / "summary.json").is_file() and coins.is_file():
-        return json.loads((folder / "run" / "summary.json").read_text()), json.loads(coins.read_text())
-    shutil.rmtree(folder, ignore_errors=True)
     cfg = setting.cfg
+    done = _finished(folder, cfg)
+    if done is not None and all(len(c) == canaries_per_node for c in done[1].values()):
+        return (*done, True)
+    shutil.rmtree(folder, ignore_errors=True)
     rng = np.random.default_rng(int.from_bytes(os.urandom(16), "little"))  # coins nobody else can predict
     canaries = {lang: make_canaries(cfg, canaries_per_node, rng) for lang in cfg.data.languages}
     nodes = write_trial_nodes(cfg, folder / "run" / "nodes")
     _plant(nodes, canaries, cfg.data.task)
     summary = run_federated_simulation(cfg, folder / "run", show_progress=show_progress, nodes=nodes,
                                        client_app=client_app)
-    coins.write_text(json.dumps(canaries), encoding="utf-8")  # last: its presence marks a finished setting
-    return summary, canaries
+    # the auditor's record of every canary and its coin; written last, it marks a finished setting
+    (folder / "canaries.json").write_text(json.dumps({"config": cfg.sha256(), "canaries": canaries}),
+                                          encoding="utf-8")
+    return summary, canaries, False
 
 
 def claimed_epsilon(summary: dict) -> Optional[float]:
@@ -129,8 +143,7 @@ def audit_setting(setting: Setting, folder: Path, canaries_per_node: int, show_p
     from securefpt.learning.artifacts import load_arrays
 
     start = time.perf_counter()
-    cached = (folder / "canaries.json").is_file() and (folder / "run" / "summary.json").is_file()
-    summary, canaries = train_setting(setting, folder, canaries_per_node, show_progress, client_app)
+    summary, canaries, cached = train_setting(setting, folder, canaries_per_node, show_progress, client_app)
     pooled = [c for lang in setting.cfg.data.languages for c in canaries[lang]]
     node_of = np.array([lang for lang in setting.cfg.data.languages for _ in canaries[lang]])
     coins = np.array([c["in"] for c in pooled])
@@ -166,14 +179,15 @@ def run_privacy_audit(cfg: ExperimentConfig, out: Path, epsilon: float, canaries
     settings, skipped = plan_settings(cfg, epsilon, names)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    results = []
+    figures = {"model": cfg.model.name, "languages": cfg.data.languages, "rounds": cfg.fl.rounds,
+               "epsilon_target": epsilon, "canaries_per_node": canaries_per_node, "settings": [],
+               "skipped": skipped}
     for i, setting in enumerate(settings, 1):
         log(f"audit {i}/{len(settings)}: {setting.name} ({canaries_per_node} canaries a node, "
             f"{len(setting.cfg.data.languages)} nodes, {setting.cfg.fl.rounds} rounds)")
-        results.append(audit_setting(setting, out / setting.name, canaries_per_node, show_progress, client_app))
-    figures = {"model": cfg.model.name, "languages": cfg.data.languages, "rounds": cfg.fl.rounds,
-               "epsilon_target": epsilon, "canaries_per_node": canaries_per_node, "settings": results,
-               "skipped": skipped}
-    (out / "privacy-audit.json").write_text(json.dumps(figures, indent=2), encoding="utf-8")
-    write_report(figures, out)
+        figures["settings"].append(audit_setting(setting, out / setting.name, canaries_per_node, show_progress,
+                                                 client_app))
+        # after every setting: an audit stopped later keeps what it measured
+        (out / "privacy-audit.json").write_text(json.dumps(figures, indent=2), encoding="utf-8")
+        write_report(figures, out)
     return figures

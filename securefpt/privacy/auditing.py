@@ -92,6 +92,6 @@ def roc_curve(scores, members) -> tuple[np.ndarray, np.ndarray]:
 
 def membership(scores, members, fprs=(0.01, 0.001)) -> Membership:
     fpr, tpr = roc_curve(scores, members)
-    auc = float(np.trapezoid(tpr, fpr))
+    auc = float(np.sum(np.diff(fpr) * (tpr[1:] + tpr[:-1]) / 2))  # the trapezoids under the curve
     at = {f: float(tpr[fpr <= f].max()) for f in fprs}  # the best threshold that keeps FPR <= f
     return Membership(auc=auc, tpr_at_fpr=at, roc=(fpr, tpr))
