@@ -233,7 +233,7 @@ def load_canaries(path: Path, labels: list[str]) -> list[Example]:
     rows = read_labeled_file(Path(path))
     outside = sorted({r.label for r in rows} - set(index))
     if outside:
-        raise LabelError(f"{path}: canary labels {outside} are not in the label space {labels}")
+        raise DataError(f"{path}: canary labels {outside} are not in the label space {labels}")  # not a label answer
     return [Example(text=r.text, label=index[r.label], pair=r.pair) for r in rows]
 
 
