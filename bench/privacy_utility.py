@@ -23,6 +23,7 @@ from pathlib import Path
 
 from securefpt.config import load_config
 from securefpt.engines.dp_planning import central_noise, distributed_noise
+from securefpt.engines.privacy_audit import claimed_epsilon
 from securefpt.engines.runner import run_experiment
 
 
@@ -48,12 +49,11 @@ def main() -> None:
         run_dir = args.out / name
         shutil.rmtree(run_dir, ignore_errors=True)  # a fresh run each time
         summary = run_experiment(cfg, run_dir, show_progress=False)
-        spent = [v for v in (summary["privacy"]["epsilon"] or {}).values() if v is not None]
         sigmas = summary["privacy"]["noise_multiplier"] or {}
         rounds = summary["rounds"]
         rows.append({"setting": name, "epsilon": eps, "accuracy": summary["final"]["accuracy"],
                      "personalized": summary["final"].get("personalized_accuracy"),
-                     "epsilon_spent": max(spent) if spent else None,
+                     "epsilon_spent": claimed_epsilon(summary),
                      "noise_multiplier": sorted(set(sigmas.values())) if sigmas else None,
                      "round_seconds": statistics.median(r["seconds"] for r in rounds),
                      "train_seconds": statistics.median(r["train_seconds"] for r in rounds)})

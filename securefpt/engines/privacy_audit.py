@@ -71,23 +71,25 @@ def plan_settings(cfg: ExperimentConfig, epsilon: float, names=SETTINGS) -> tupl
     return out, skipped
 
 
-def make_canaries(cfg: ExperimentConfig, count: int, rng: np.random.Generator) -> list[dict]:
-    """`count` canaries: strings of random vocabulary pieces, each with a random label and a fair coin."""
+def make_canaries(cfg: ExperimentConfig, count: int, rng: np.random.Generator) -> dict[str, list[dict]]:
+    """`count` canaries a language: strings of random vocabulary pieces, each with a random label and a
+    fair coin (the vocabulary is read once for every node)."""
     from securefpt.learning.modeling import load_tokenizer
 
     tokenizer = load_tokenizer(cfg.model)
     special = set(tokenizer.all_special_ids)
     ids = np.array([i for i in range(len(tokenizer)) if i not in special])
     labels = cfg.data.labels
-    return [{"text": tokenizer.decode(rng.choice(ids, CANARY_TOKENS).tolist()).strip(),
-             "label": labels[int(rng.integers(len(labels)))], "in": bool(rng.integers(2))} for _ in range(count)]
+    return {lang: [{"text": tokenizer.decode(rng.choice(ids, CANARY_TOKENS).tolist()).strip(),
+                    "label": labels[int(rng.integers(len(labels)))], "in": bool(rng.integers(2))}
+                   for _ in range(count)] for lang in cfg.data.languages}
 
 
 def _plant(nodes: list[Path], canaries: dict[str, list[dict]], task: str) -> None:
-    """Give each node its included canaries (the file holds no coin: what it holds is what is in)."""
-    for path in nodes:
+    """Give each trial node (in language order) its included canaries (the file holds no coin: what it
+    holds is what is in)."""
+    for path, language in zip(nodes, canaries, strict=True):
         config = yaml.safe_load(path.read_text(encoding="utf-8"))
-        language = yaml.safe_load((path.parent / config["manifest"]).read_text(encoding="utf-8"))["language"]
         rows = [{"text": c["text"], "label": c["label"]} for c in canaries[language] if c["in"]]
         target = path.parent / "canaries.jsonl"
         target.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
@@ -119,7 +121,7 @@ def train_setting(setting: Setting, folder: Path, canaries_per_node: int, show_p
         return (*done, True)
     shutil.rmtree(folder, ignore_errors=True)
     rng = np.random.default_rng(int.from_bytes(os.urandom(16), "little"))  # coins nobody else can predict
-    canaries = {lang: make_canaries(cfg, canaries_per_node, rng) for lang in cfg.data.languages}
+    canaries = make_canaries(cfg, canaries_per_node, rng)
     nodes = write_trial_nodes(cfg, folder / "run" / "nodes")
     _plant(nodes, canaries, cfg.data.task)
     summary = run_federated_simulation(cfg, folder / "run", show_progress=show_progress, nodes=nodes,
