@@ -21,12 +21,12 @@ if ! python -c "import torch" 2>/dev/null; then
 fi
 python -m pip install -q -e ".[test]"
 python -m securefpt.engines.flower_home "$PWD/.flwr" securefpt/configs/demo.yaml
-if ! grep -q "SECUREFPT_FLWR_SIMULATION" .venv/bin/activate; then
-  cat >> .venv/bin/activate <<ACTIVATE
+sed -i "/^# securefpt: Flower's CLI for this checkout/,\$d" .venv/bin/activate  # the block below, last in the file
+cat >> .venv/bin/activate <<ACTIVATE
 # securefpt: Flower's CLI for this checkout (flwr run .)
 export FLWR_HOME="$PWD/.flwr"
 export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1
 export SECUREFPT_FLWR_SIMULATION=1   # this machine's virtual nodes read their files by partition id
+export RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO=0   # no GPUs here: silences Ray's notice about them
 ACTIVATE
-fi
 echo "securefpt installed in .venv ($(python -c 'import securefpt; print(securefpt.__version__)'))"

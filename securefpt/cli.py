@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import sys
 from datetime import datetime
-from importlib import resources
 from pathlib import Path
 from typing import List, Optional
 
@@ -107,20 +106,13 @@ def demo(
 ) -> None:
     """Federated prompt tuning on the embedded default (multilingual e5, 4-bit origin; demo data), offline,
     under the demo federation's policy (made once in $SECUREFPT_HOME/demo-federation)."""
-    from securefpt.home import securefpt_home
-    from securefpt.operators.keys import make_federation
+    from securefpt.engines.demo import demo_config, demo_overrides
 
-    config = Path(str(resources.files("securefpt") / "configs" / "demo.yaml"))
-    federation = securefpt_home() / "demo-federation"
     try:
-        if not (federation / "coordinator" / "audit.key").is_file():
-            make_federation(federation)
-            err.print(f"made the demo federation in {federation} (securefpt keys demo)", highlight=False)
+        demo_sets = demo_overrides(lambda line: err.print(line, highlight=False))
     except SecureFPTError as exc:
         _fail(exc)
-    demo_sets = [f"policy={federation / 'policies' / 'masakhanews.yaml'}", f"clients={federation / 'clients'}",
-                 f"server_key={federation / 'coordinator' / 'audit.key'}"]
-    _run(config, out, demo_sets + list(set_), quiet, False)
+    _run(demo_config(), out, demo_sets + list(set_), quiet, False)
 
 
 @app.command()
@@ -189,8 +181,8 @@ app.add_typer(node_app, name="node")
 @node_app.command("report")
 def node_report(
     config: Path = typer.Argument(..., help="the node's node.yaml"),
-    state: Optional[Path] = typer.Option(None, "--state", help="its state folder, where node.yaml names none "
-                                                               "(on the simulation engine: RUN/nodes/<client id>)"),
+    state: Optional[Path] = typer.Option(None, "--state", help="its state folder (default: node.yaml's state_dir; "
+                                                               "without one, the newest runs/*/nodes/<client id>)"),
 ) -> None:
     """What this node has spent and witnessed, from its own state (none of it leaves the node)."""
     from securefpt.node.report import node_report as report

@@ -88,7 +88,7 @@ def test_predict_on_a_folder_that_is_not_a_run(tmp_path):
 @pytest.mark.slow
 def test_the_default_demo_is_federated_private_secure_and_witnessed(tmp_path):
     """`securefpt demo` itself (tiny model, two rounds): the demo federation, DP, SecAgg+, the policy."""
-    home, out = tmp_path / "home", tmp_path / "demo"
+    home, out = tmp_path / "home", tmp_path / "runs" / "demo"
     sets = [f"--set={x}" for x in TINY]
     res = securefpt("demo", "--out", str(out), "--quiet", *sets, home=home)
     assert res.returncode == 0, res.stderr
@@ -113,6 +113,12 @@ def test_the_default_demo_is_federated_private_secure_and_witnessed(tmp_path):
     res = securefpt("node", "report", str(home / "demo-federation" / "clients" / "hau-radio" / "node.yaml"),
                     "--state", str(out / "nodes" / "hau-radio"))
     assert res.returncode == 0 and "dataset news-topic: lifetime epsilon" in res.stdout and "2 rounds" in res.stdout
+    # without --state: the node.yaml names none, the engine gave it RUN/nodes/<client id>, found under runs/
+    hau = str(home / "demo-federation" / "clients" / "hau-radio" / "node.yaml")
+    res = securefpt("node", "report", hau, cwd=tmp_path)
+    assert res.returncode == 0 and "state in runs/demo/nodes/hau-radio" in res.stdout, res.stdout + res.stderr
+    res = securefpt("node", "report", hau, cwd=home)
+    assert res.returncode == 2 and "no run under runs/ holds its state" in one_line(res.stderr)
 
 
 def test_policy_explain_lists_every_institution_and_why_not(tmp_path):

@@ -18,7 +18,6 @@ import pytest
 
 from securefpt.engines.flower_home import write_flower_home
 
-pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
@@ -42,6 +41,7 @@ def clean_copy(tmp_path):
     return copy
 
 
+@pytest.mark.slow
 def test_flwr_run_runs_the_experiment_on_flowers_local_simulation(clean_copy, tmp_path):
     experiment = clean_copy / "server" / "deploy-tiny.yaml"  # four languages, secure aggregation
     write_flower_home(tmp_path / "flwr-home", experiment)  # what scripts/setup.sh writes to .flwr/
@@ -65,6 +65,16 @@ def test_flwr_run_runs_the_experiment_on_flowers_local_simulation(clean_copy, tm
         again = subprocess.run(command, cwd=clean_copy, env=env, capture_output=True, text=True, timeout=420)
         assert f"error: {out} holds a finished run (summary.json)" in again.stdout + again.stderr
         assert "Traceback" not in again.stdout + again.stderr
+        # quiet as `securefpt run`: no Flower per-round lines, no node's debug log, no library warnings
+        assert "configure_fit" not in first.stdout + first.stderr and "DEBUG" not in first.stdout + first.stderr
+        assert "Warning:" not in first.stdout.replace("⚠️ Warning: `options.`", "")
+        # a spare virtual node: one line that says which federation config to use, nothing trained or left
+        spare = subprocess.run([*command[:-1], f'experiment="{experiment}" out-dir="{tmp_path / "spare"}"',
+                                "--federation-config", "num-supernodes=5"],
+                               cwd=clean_copy, env=env, capture_output=True, text=True, timeout=420)
+        assert ("error: Flower's simulation started 5 virtual nodes and this experiment has 4 institutions: "
+                'flwr run . --federation-config "num-supernodes=4"') in spare.stdout + spare.stderr
+        assert "Traceback" not in spare.stdout + spare.stderr and not (tmp_path / "spare").exists()
     finally:  # Flower leaves its local SuperLink running: stop it (and its SuperExec)
         found = subprocess.run(["pgrep", "-f", f"flower-superlink.*--port {http}"], capture_output=True, text=True)
         for pid in found.stdout.split():
@@ -83,3 +93,58 @@ def test_the_app_declares_the_version_flower_requires_and_the_cli_reports():
     valid, errors, _ = validate_fields_in_config(config)
     assert valid, errors
     assert config["project"]["version"] == securefpt.__version__
+    # outside the prepared environment Flower would `uv sync` a fresh one (a CUDA torch): uv must refuse at once
+    assert config["tool"]["uv"]["managed"] is False
+
+
+class InMemoryGrid:  # what the app sees of Flower's simulation: node ids only
+    def __init__(self, nodes: int):
+        self.nodes = nodes
+
+    def get_node_ids(self):
+        return list(range(1, self.nodes + 1))
+
+
+def test_flwr_run_runs_the_demo_under_the_demo_federations_policy_as_securefpt_demo(tmp_path, monkeypatch):
+    """`flwr run .`'s default experiment is `securefpt demo`'s: the same policy, clients and audit key
+    (the Yoruba institution's region excluded), not the bare packaged config."""
+    import tomllib
+    from flwr.app import Context, RecordDict
+
+    from securefpt.coordinator.eligibility import participants
+    from securefpt.engines import flower_run
+
+    monkeypatch.setenv("SECUREFPT_HOME", str(tmp_path / "home"))
+    run_config = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["tool"]["flwr"]["app"]["config"]
+    context = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=dict(run_config))
+    cfg = flower_run._experiment(context)
+    federation = tmp_path / "home" / "demo-federation"
+    assert cfg.policy == federation / "policies" / "masakhanews.yaml" and cfg.clients == federation / "clients"
+    decisions = {lang: p.decision.included for lang, p in participants(cfg).items()}
+    assert decisions["yor"] is False and sum(decisions.values()) == 4
+
+
+def test_the_app_refuses_in_one_line_outside_the_prepared_environment_and_for_a_spare_node(tmp_path, monkeypatch):
+    from flwr.app import Context, RecordDict
+
+    from securefpt.engines import flower_run
+    from securefpt.errors import ConfigError, FederationError
+
+    monkeypatch.setenv("SECUREFPT_HOME", str(tmp_path / "home"))
+    experiment = ROOT / "server" / "deploy-tiny.yaml"  # four languages
+    context = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(),
+                      run_config={"experiment": str(experiment), "overrides": ""})
+    out = tmp_path / "out"
+    monkeypatch.delenv("SECUREFPT_FLWR_SIMULATION", raising=False)  # flwr run . without activating .venv
+    with pytest.raises(ConfigError, match="activate"):
+        flower_run._prepare(InMemoryGrid(4), context, out)
+    monkeypatch.setenv("SECUREFPT_FLWR_SIMULATION", "1")
+    monkeypatch.setattr(flower_run, "NODES_START_S", 0.5)
+    with pytest.raises(FederationError, match='num-supernodes=4'):
+        flower_run._one_node_per_institution(InMemoryGrid(5), 4)
+    with pytest.raises(FederationError, match='started 3 virtual nodes'):
+        flower_run._prepare(InMemoryGrid(3), context, out)
+    assert not out.exists()  # a run directory made for a run that could not start is removed
+    flower_run._prepare(InMemoryGrid(4), context, out)
+    partitions = json.loads((out / "nodes" / "partitions.json").read_text())
+    assert [Path(p).parent.name for p in partitions] == ["eng", "fra", "hau", "swa"]

@@ -3,7 +3,8 @@
 Flower's local simulation starts two virtual nodes unless told otherwise, and the app's
 pyproject.toml cannot tell it (Flower 1.41). This writes `config.toml` whose local
 connection starts one virtual node per institution (or trial node) of an experiment,
-each on one CPU:
+each on one CPU, with the nodes' own output kept off the driver's stream (as `securefpt
+run` keeps it; Flower ignores these options when `--federation-config` is given):
 
     python -m securefpt.engines.flower_home DIR EXPERIMENT.yaml
 """
@@ -32,6 +33,10 @@ num-supernodes = {nodes}  # one virtual node per institution of {experiment}
 
 [superlink.local.options.backend.client-resources]
 num-cpus = 1
+
+[superlink.local.options.backend.init-args]
+log-to-driver = false  # quiet as `securefpt run`: a node's errors stay in its own state folder's log
+logging-level = "error"
 """, encoding="utf-8")
     return path
 

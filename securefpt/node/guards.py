@@ -25,6 +25,7 @@ from flwr.app.message_type import MessageType
 from flwr.clientapp.typing import ClientAppCallable
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
 
+from securefpt.errors import SecureFPTError
 from securefpt.node.budget import Ledger, PrivacyPlan
 from securefpt.node.config import Node, this_node
 from securefpt.node.state import NodeState, RunRecord
@@ -84,6 +85,8 @@ def hygiene_mod(msg: Message, context: Context, call_next: ClientAppCallable) ->
         return call_next(msg, context)
     except NodeRefusal as exc:
         code, detail = exc.code, exc.detail
+    except SecureFPTError as exc:  # the node's own files: a line, not a traceback
+        code, detail = "node-error", str(exc)
     except Exception as exc:  # a bug, a broken file, a crash inside Flower's SecAgg+: details stay here
         code, detail = "node-error", "".join(traceback.format_exception(exc))
     state = _state_of(context)

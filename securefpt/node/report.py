@@ -12,16 +12,26 @@ import json
 from pathlib import Path
 from typing import Optional
 
+from securefpt.errors import ConfigError
 from securefpt.node.budget import Ledger, epsilon_of
 from securefpt.node.config import Node, load_node
 from securefpt.node.state import read_json
 from securefpt.protocol.audit import WITNESS_FILE
 
+ENGINE = Path("<engine-given>")  # stands for the base an engine would give a node without state_dir
 
-def node_report(config: Path, state_dir: Optional[Path] = None) -> dict:
-    """The node's own figures, read from its state folder (its `state_dir`, or the one given)."""
-    node: Node = load_node(config, state_base=Path("unused") if state_dir else None)
+
+def node_report(config: Path, state_dir: Optional[Path] = None, runs: Path = Path("runs")) -> dict:
+    """The node's own figures, read from its state folder: the one given, its `state_dir`, or for a
+    node without one the newest folder the simulation engine gave it (RUN/nodes/<client id> under `runs`)."""
+    node: Node = load_node(config, state_base=ENGINE)
     folder = Path(state_dir) if state_dir else node.state_dir
+    if folder.parent == ENGINE:
+        found = [p for p in Path(runs).glob(f"*/nodes/{node.client_id}") if p.is_dir()]
+        if not found:
+            raise ConfigError(f"{config}: names no state_dir and no run under {runs}/ holds its state "
+                              f"({runs}/*/nodes/{node.client_id}): --state FOLDER")
+        folder = max(found, key=lambda p: p.stat().st_mtime)
     datasets = {}
     for path in sorted(folder.glob("ledger-*.json")):
         dataset = path.stem.removeprefix("ledger-")
