@@ -13,7 +13,7 @@ from securefpt.errors import ConfigError
 from securefpt.learning.data import label_space, load_client_data
 from securefpt.learning.dp_training import DPSchedule, dp_train
 from securefpt.learning.modeling import build_model, get_trainable, set_trainable
-from securefpt.learning.training import train_local
+from securefpt.learning.training import local_steps, train_local
 from securefpt.node.budget import Ledger, epsilon_of, plan_privacy
 from securefpt.node.config import Budget
 from securefpt.protocol.refusals import NodeRefusal
@@ -168,6 +168,42 @@ def test_dp_training_works_for_each_peft_method(method):
     train_local(b, examples, cfg.fl, seed=0)
     for k, v in get_trainable(b.model).items():
         np.testing.assert_allclose(get_trainable(a.model)[k], v, atol=1e-6, err_msg=k)
+
+
+def test_a_node_logs_how_far_a_long_training_step_is_on_its_own_log(monkeypatch):
+    """node/progress.py: a line per step here (EVERY_S 0), counting up to the planned steps, which are
+    the steps taken (DP-SGD's schedule; local epochs' batches, the last one short)."""
+    import logging
+
+    import securefpt.node.progress as progress
+
+    monkeypatch.setattr(progress, "EVERY_S", 0.0)
+    lines: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: lines.append(record.getMessage())
+    progress.LOG.addHandler(handler)
+    old_level = progress.LOG.level
+    progress.LOG.setLevel(logging.INFO)
+    try:
+        cfg = _tiny("prompt_tuning", ["fl.batch_size=4", "fl.local_epochs=2"])
+        labels, examples = _examples(cfg, 14)
+        a = build_model(cfg.model, cfg.peft, len(labels), 0)
+        plan = plan_privacy(cfg.request(labels), len(examples))
+        step = progress.StepProgress("aa-node", "DP-SGD training", plan.steps_per_round)
+        dp = dp_train(a, examples, cfg.fl, DPSchedule(plan.noise_multiplier, plan.sample_rate,
+                                                     plan.steps_per_round, 1.0), on_step=step)
+        step.close()
+        planned = local_steps(len(examples), cfg.fl)
+        step = progress.StepProgress("aa-node", "training", planned)
+        plain = train_local(a, examples, cfg.fl, seed=0, on_step=step)
+        step.close()
+    finally:
+        progress.LOG.removeHandler(handler)
+        progress.LOG.setLevel(old_level)
+    assert dp.steps == plan.steps_per_round and plain.steps == planned == 8  # 2 epochs of 4 batches (4+4+4+2)
+    assert lines[dp.steps - 1].startswith(f"aa-node: DP-SGD training: step {dp.steps} of {dp.steps} (")
+    assert lines[dp.steps + 1 + planned - 1].startswith(f"aa-node: training: step {planned} of {planned} (")
+    assert lines[-1].startswith(f"aa-node: training: {planned} steps done in ")
 
 
 def test_full_fine_tuning_with_dp_is_a_clear_error():

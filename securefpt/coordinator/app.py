@@ -136,7 +136,9 @@ class FederatedPromptAveraging:
 
     def _admit_nodes(self, state: RunState) -> tuple[list[int], dict]:
         """Setup, then who takes part (recorded); the SecAgg+ settings are sized for them."""
-        self.admission.setup(self.admission.wait_for_nodes(len(self.cfg.data.languages)))
+        nodes = self.admission.wait_for_nodes(len(self.cfg.data.languages))
+        drill("setup")
+        self.admission.setup(nodes)
         clients, eligible = self.admission.admit()
         self.recorder.audit.append("eligibility", round=state.completed,
                                    clients={k: asdict(v) for k, v in clients.items()})

@@ -30,6 +30,7 @@ import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from securefpt.coordinator.audit_key import coordinator_key
+from securefpt.coordinator.interrupts import drill
 from securefpt.coordinator.run_dir import RoundRecord
 from securefpt.errors import FederationError
 from securefpt.learning.artifacts import load_arrays, save_arrays
@@ -102,6 +103,8 @@ def save_checkpoint(out_dir: Path, cfg: ExperimentConfig, state: RunState, key: 
     meta["signature"] = b64(key.sign(canonical(meta)))
     tmp = folder / "state.json.tmp"
     tmp.write_text(json.dumps(meta), encoding="utf-8")
+    if state.pending is None:
+        drill(f"round-{state.completed}:checkpoint")
     os.replace(tmp, folder / "state.json")
     for old in folder.glob("round-*.safetensors"):  # earlier rounds' arrays are superseded
         if old.name not in files.values():

@@ -19,6 +19,7 @@ from flwr.compat.common import recorddict_compat as compat
 
 from securefpt.coordinator.aggregation import weighted_average
 from securefpt.coordinator.audit_log import AuditLog
+from securefpt.coordinator.interrupts import drill
 from securefpt.coordinator.metering import MeteredGrid, exchange
 from securefpt.coordinator.progress import RunProgress
 from securefpt.coordinator.secure_aggregation import SecAggSettings, secure_fit_round
@@ -74,6 +75,7 @@ class RoundPhases:
 
     # ------------------------------------------------------------------ training
     def train(self, server_round: int, selected: list[int], global_arrays: Arrays) -> TrainOutcome:
+        drill(f"round-{server_round}:train")
         if self.secagg is None:
             return self._train_plaintext(server_round, selected, global_arrays)
         if len(selected) < max(2, self.secagg.min_cohort):
@@ -143,6 +145,7 @@ class RoundPhases:
             R.GLOBAL: R.arrays_to_record(global_arrays), R.AUDIT_HEAD: self._audit_head(node),
             R.ROUND: ConfigRecord({"server-round": server_round, "next-round": next_round})})
         msgs = [Message(content(n), dst_node_id=n, message_type=MessageType.EVALUATE) for n in nodes]
+        drill(f"round-{server_round}:evaluate")
         out, answered = EvalOutcome(), set()
         for node, reply in self._exchange(f"round {server_round}: evaluating", msgs):
             language = self.languages[node]
@@ -196,6 +199,7 @@ class RoundPhases:
         """The final audit head, for every node to witness (the entries after the last evaluation)."""
         msgs = [Message(RecordDict({R.AUDIT_HEAD: self._audit_head(n)}), dst_node_id=n,
                         message_type=R.WITNESS_QUERY) for n in nodes]
+        drill("witness")
         for node, reply in exchange(self.grid, msgs, timeout=self.cfg.fl.round_timeout):
             if not reply.has_error():
                 self._acknowledged(node, reply)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass
+from typing import Callable, Optional
 
 import torch
 from torch import nn
@@ -44,8 +45,10 @@ def tensor_dataset(assembled: AssembledModel, examples: list[Example]) -> Tensor
     return TensorDataset(enc["input_ids"], enc["attention_mask"], labels)
 
 
-def dp_train(assembled: AssembledModel, examples: list[Example], optim, schedule: DPSchedule) -> TrainResult:
-    """`schedule.steps` DP-SGD steps (AdamW on privatized gradients; `optim` has lr and weight_decay)."""
+def dp_train(assembled: AssembledModel, examples: list[Example], optim, schedule: DPSchedule,
+             on_step: Optional[Callable[[], None]] = None) -> TrainResult:
+    """`schedule.steps` DP-SGD steps (AdamW on privatized gradients; `optim` has lr and weight_decay);
+    `on_step` after each step."""
     from opacus import GradSampleModule
     from opacus.data_loader import DPDataLoader
     from opacus.optimizers import DPOptimizer
@@ -91,6 +94,8 @@ def dp_train(assembled: AssembledModel, examples: list[Example], optim, schedule
                     proximal.add_gradient()  # FedProx after the noise (a function of public w, w_start only)
                     optimizer.original_optimizer.step()
                 steps += 1
+                if on_step is not None:
+                    on_step()
     finally:
         gsm._close()
         model.autocast_dtype = mixed

@@ -70,15 +70,20 @@ class TrainResult:
     seconds: float
 
 
+def local_steps(examples: int, fl: FLConfig) -> int:
+    """The optimizer steps `train_local` takes: every batch of every epoch, the last one short."""
+    return fl.local_epochs * -(-examples // fl.batch_size)
+
+
 def train_local(
     assembled: AssembledModel,
     examples: list[Example],
     fl: FLConfig,
     seed: int,
-    on_step: Optional[Callable[[int], None]] = None,
+    on_step: Optional[Callable[[], None]] = None,
 ) -> TrainResult:
     """`fl.local_epochs` epochs of AdamW on the trainable parameters (Algorithm 1, client side),
-    with FedProx's proximal term where the plan sets `proximal_mu`."""
+    with FedProx's proximal term where the plan sets `proximal_mu`; `on_step` after each step."""
     import time
 
     model = assembled.model
@@ -101,7 +106,7 @@ def train_local(
             steps += 1
             total_loss += float(loss.detach())
             if on_step is not None:
-                on_step(len(batch["labels"]))
+                on_step()
     return TrainResult(
         num_examples=len(examples),
         steps=steps,

@@ -28,6 +28,7 @@ from pydantic import ValidationError
 from securefpt.node import guards
 from securefpt.node.budget import Ledger
 from securefpt.node.config import Node, this_node
+from securefpt.node.progress import show_progress
 from securefpt.node.secagg import masking, masking_ring, secure_aggregation_mod
 from securefpt.node.state import NodeState, RunRecord
 from securefpt.node.witness import witness
@@ -37,6 +38,7 @@ from securefpt.protocol.identity import prove
 from securefpt.protocol.refusals import NodeRefusal
 
 app = ClientApp(mods=[guards.hygiene_mod, guards.fault_injection_mod, secure_aggregation_mod])
+show_progress()  # the node's own log (its SuperNode's stderr): how far a long step is; never sent
 
 
 def _accepted(node: Node, context: Context) -> tuple[RunRecord, ExperimentRequest]:

@@ -15,10 +15,11 @@ from typing import Optional
 from securefpt.errors import ConfigError, DataError, ModelUnavailableError
 from securefpt.learning.data import ClientData, LabelError, load_canaries, load_examples
 from securefpt.learning.modeling import AssembledModel, build_model, get_trainable, set_trainable
-from securefpt.learning.training import EvalResult, TrainResult, evaluate, train_local
+from securefpt.learning.training import EvalResult, TrainResult, evaluate, local_steps, train_local
 from securefpt.node.budget import MAX_NOISE_TO_SIGNAL, PrivacyPlan, check_noise, noise_to_signal, plan_privacy
 from securefpt.node.config import Node
 from securefpt.node.personal import Personal
+from securefpt.node.progress import StepProgress
 from securefpt.node.state import NodeState
 from securefpt.privacy.distributed import Ring, integer_scale, ring_problem, rounded_sensitivity, share_variance
 from securefpt.protocol.experiment import ExperimentRequest
@@ -110,14 +111,17 @@ class NodeRuntime:
         locally: DP-SGD (randomness from the OS) when the request asks for DP, plain epochs
         otherwise. Returns the new trainable parameters; a local head is kept here."""
         set_trainable(self.assembled.model, self._with_own_head(global_arrays))
-        plan = self.privacy_plan
+        plan, training = self.privacy_plan, self.request.training
         if plan is None:
-            result = train_local(self.assembled, self.data.train, self.request.training, seed)
+            progress = StepProgress(self.node.client_id, "training", local_steps(len(self.data.train), training))
+            result = train_local(self.assembled, self.data.train, training, seed, on_step=progress)
         else:
             from securefpt.learning.dp_training import DPSchedule, dp_train
 
+            progress = StepProgress(self.node.client_id, "DP-SGD training", plan.steps_per_round)
             schedule = DPSchedule(plan.noise_multiplier, plan.sample_rate, plan.steps_per_round, plan.max_grad_norm)
-            result = dp_train(self.assembled, self.data.train, self.request.training, schedule)
+            result = dp_train(self.assembled, self.data.train, training, schedule, on_step=progress)
+        progress.close()
         updated = get_trainable(self.assembled.model)
         if self.local_head:
             self.personal.keep_head(updated)
@@ -164,7 +168,9 @@ class NodeRuntime:
         plan = self.request.training.model_copy(update={"local_epochs": adapt.adapt_epochs, "proximal_mu": 0.0,
                                                         "lr": adapt.adapt_lr or self.request.training.lr})
         if adapt.adapt_epochs:
-            train_local(self.assembled, self.data.train, plan, seed)
+            progress = StepProgress(self.node.client_id, "personalizing", local_steps(len(self.data.train), plan))
+            train_local(self.assembled, self.data.train, plan, seed, on_step=progress)
+            progress.close()
         self.personal.keep_model(get_trainable(self.assembled.model))
         return evaluate(self.assembled, self.data.eval, self.request.training.eval_batch_size)
 
