@@ -302,3 +302,26 @@ def test_a_dry_run_says_who_takes_part_under_which_rules_and_its_dp_plan_and_wri
     dp = next(x for x in lines if x.startswith("DP: local at 48 rows"))
     spent = float(dp.split(" after all")[0].split()[-1])
     assert spent == pytest.approx(8.0, abs=0.02)  # the plan spends the target (Opacus's tolerance) by the end
+    timing = next(x for x in lines if x.startswith("time (compute"))
+    assert "a DP step" in timing and "with every node on this machine (simulation)" in timing
+
+
+def test_a_dry_runs_time_is_its_nodes_steps_at_the_measured_step_times():
+    """engines/time_estimate.py: at the row caps, a node's round is its local steps and evaluation
+    batches; on one machine the selected nodes' training and every node's evaluation add up, with a
+    machine each the slowest node sets the pace; personalization comes once at the end."""
+    from securefpt.engines.time_estimate import estimate
+
+    cfg = load_config(None, ["data.languages=[aa,bb,cc]", "data.max_train_per_client=48", "fl.batch_size=16",
+                             "fl.local_epochs=2", "data.max_eval_per_client=20", "fl.eval_batch_size=64",
+                             "fl.rounds=3", "personalization.adapt_epochs=1"])
+    times = {"train_step": 1.0, "eval_batch": 0.5}
+    est = estimate(cfg, times, ["aa", "bb", "cc"], None)
+    assert est["round_seconds_one_machine"] == 3 * (2 * 3 * 1.0) + 3 * 0.5  # 6 steps a node, one eval batch
+    assert est["round_seconds_machine_each"] == 6.0 + 0.5
+    assert est["run_seconds_one_machine"] == 3 * 19.5 + 3 * 3.0  # each node adapts one epoch: 3 steps
+    assert est["run_seconds_machine_each"] == 3 * 6.5 + 3.0
+    dp = load_config(None, ["data.languages=[aa,bb,cc]", "data.max_train_per_client=48", "dp.enabled=true",
+                            "fl.fraction_fit=0.67", "fl.rounds=3"])
+    est = estimate(dp, {**times, "dp_step": 2.0}, ["aa", "bb", "cc"], 5)  # the DP plan's 5 steps, 2 of 3 selected
+    assert est["round_seconds_one_machine"] == 2 * 5 * 2.0 + 3 * 2 * 0.5  # 100 eval rows (no cap): 2 batches

@@ -6,7 +6,8 @@ node are its region's in the policy (each node enforces its own copy); the DP pl
 a node would make at the request's public row cap (without a cap it depends on each node's
 private row count, and the plan says so); the SecAgg+ settings are the coordinator's resolved
 ones; bytes per round count the encoder down and the update up for each selected node, as
-float32 (SecAgg+'s key exchange and the masked vector's integer encoding are extra).
+float32 (SecAgg+'s key exchange and the masked vector's integer encoding are extra); the
+time is estimated from this model's step time measured here (engines/time_estimate.py).
 """
 
 from __future__ import annotations
@@ -17,14 +18,15 @@ from typing import Any, Optional
 from securefpt.coordinator.eligibility import participants
 from securefpt.coordinator.secure_aggregation import resolve_settings
 from securefpt.engines.preflight import task_labels
+from securefpt.engines.time_estimate import describe, estimate, step_times
 from securefpt.learning.modeling import build_model, get_trainable
 from securefpt.node.budget import epsilon_of, plan_privacy
 from securefpt.protocol.experiment import ExperimentConfig
 from securefpt.protocol.policy import load_policy
 
 
-def plan_run(cfg: ExperimentConfig) -> dict[str, Any]:
-    """The run's plan as a dict (printed by the CLI, read by tools)."""
+def plan_run(cfg: ExperimentConfig, timed: bool = True) -> dict[str, Any]:
+    """The run's plan as a dict (printed by the CLI, read by tools); `timed`: with the time estimate."""
     who = participants(cfg)
     regions = load_policy(cfg.policy).regions if cfg.policy is not None else {}
     nodes = {}
@@ -41,6 +43,11 @@ def plan_run(cfg: ExperimentConfig) -> dict[str, Any]:
     shared = sum(a.size for name, a in arrays.items() if request.personalization.travels(name))
     selected = max(int(cfg.fl.fraction_fit * len(included)), 1) if included else 0  # Algorithm 1's m
     secagg = resolve_settings(cfg, selected) if cfg.secagg.enabled and selected else None
+    dp = _dp_plan(cfg, request, shared)
+    time_needed = None
+    if timed:
+        times = step_times(cfg, model, len(labels))
+        time_needed = estimate(cfg, times, included, dp.get("steps_per_round") if dp else None)
     return {
         "name": cfg.name, "paradigm": cfg.paradigm, "model": cfg.model.name, "peft_method": cfg.peft.method,
         "labels": labels, "rounds": cfg.fl.rounds, "nodes": nodes, "selected_per_round": selected,
@@ -50,7 +57,7 @@ def plan_run(cfg: ExperimentConfig) -> dict[str, Any]:
             "num_shares": secagg.num_shares, "reconstruction_threshold": secagg.reconstruction_threshold,
             "clipping_range": secagg.clipping_range, "quantization_range": secagg.quantization_range,
             "modulus_range": secagg.modulus_range, "max_weight": secagg.max_weight},
-        "dp": _dp_plan(cfg, request, shared),
+        "dp": dp, "time": time_needed,
     }
 
 
@@ -107,4 +114,6 @@ def print_plan(plan: dict[str, Any], console) -> None:
             f"{dp['sample_rate']:.4f}, {dp['steps_per_round']} steps a round ({dp['accountant']}); epsilon "
             f"{dp['epsilon_after_one_round']:.3f} after one round, {dp['epsilon_after_all_rounds']:.3f} after all "
             f"(delta {dp['delta']:g})")
+    if plan.get("time") is not None:
+        say(describe(plan["time"]))
     say("dry run: nothing was trained or written")
