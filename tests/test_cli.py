@@ -41,6 +41,13 @@ def test_missing_config_and_missing_data(tmp_path):
     cfg.write_text(f"data:\n  source: masakhanews_tsv\n  root: {tmp_path / 'absent'}\n  languages: [eng]\n")
     res = securefpt("run", str(cfg), "--set", "paradigm=centralized", *[f"--set={x}" for x in TINY])
     assert res.returncode == 2 and "eng/train.tsv: file not found" in one_line(res.stderr)
+    # federated: the trial nodes' files are written in the run directory, which is removed: not named
+    out = tmp_path / "fed"
+    res = securefpt("run", str(cfg), "--out", str(out), "--set", "data.labels=[business,sports]",
+                    *[f"--set={x}" for x in TINY])
+    line = one_line(res.stderr)
+    assert res.returncode == 2 and line.startswith("error: data (eng): ") and "eng/train.tsv: file not found" in line
+    assert str(out) not in line and not out.exists()
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,7 @@ from securefpt.node.config import Node, load_node
 from securefpt.protocol.experiment import ExperimentConfig
 
 
-def _binding(node: Node, path: Path, task: str):
+def _binding(node: Node, path, task: str):
     binding = node.data.get(task)
     if binding is None:
         raise ConfigError(f"{path}: data: no binding for the experiment's task '{task}' "
@@ -62,17 +62,19 @@ def check_nodes(paths: list[Path], cfg: ExperimentConfig) -> None:
     checked_models: set[str] = set()
     for path in paths:
         node = load_node(path, state_base=Path("unused"))  # its state is not touched here
-        binding = _binding(node, path, cfg.data.task)
+        # a trial node's file lives in a run directory that is removed when the run cannot start
+        where = path if cfg.clients is not None else f"data ({node.language})"
+        binding = _binding(node, where, cfg.data.task)
         source = node.model_source(cfg.model.name)
         if source is None:
-            raise ConfigError(f"{path}: models: this node does not load '{cfg.model.name}' (add it to models:)")
+            raise ConfigError(f"{where}: models: this node does not load '{cfg.model.name}' (add it to models:)")
         try:
             load_examples(binding, binding.language or node.language, labels, None, None, cfg.seed, binding.label_map)
         except DataError as exc:
-            raise DataError(f"{path}: {exc}") from None
+            raise DataError(f"{where}: {exc}") from None
         if source not in checked_models:
             try:
                 load_tokenizer(cfg.model.model_copy(update={"name": source}))
             except ModelUnavailableError as exc:
-                raise ModelUnavailableError(f"{path}: {exc}") from None
+                raise ModelUnavailableError(f"{where}: {exc}") from None
             checked_models.add(source)
