@@ -121,3 +121,29 @@ def test_a_node_claiming_another_institution_is_refused_and_cannot_shut_it_out(f
     refused = [e for e in identity if not e["accepted"]]
     assert len(refused) == 1 and refused[0]["client"] == "eng-newsroom"
     assert "attestation of 'eng-newsroom' without its private key" in refused[0]["reason"]
+
+
+def test_a_peer_whose_attestation_expired_on_the_nodes_own_clock_is_refused_in_secagg():
+    """Threat model item 12: a hostile coordinator relays a SecAgg+ key advertisement from a peer whose
+    attestation the authority really signed but which has expired. The node checks the expiry against
+    its own clock (nothing in the message sets the time): refused; the same peer while attested passes."""
+    from datetime import datetime, timedelta, timezone
+
+    from securefpt.protocol.attestation import issue, public_raw
+    from securefpt.protocol.key_advertisement import advertise, check_advertisement
+
+    authority, peer = new_key(), new_key()
+    now = datetime.now(timezone.utc)
+    pk1, pk2 = b"\x01" * 32, b"\x02" * 32
+    for expires, refused in ((now - timedelta(seconds=1), True), (now + timedelta(days=1), False)):
+        att = issue(authority, "eng-newsroom", "uk", "eng", public_raw(peer), expires)
+        text = advertise(peer, att, run_id=7, server_round=1, node_id=42, pk1=pk1, pk2=pk2)
+        if refused:
+            with pytest.raises(ValueError, match="attestation expired"):
+                check_advertisement(text, 7, 1, 42, pk1, pk2, {"uk": authority.public_key()})
+        else:
+            assert check_advertisement(text, 7, 1, 42, pk1, pk2, {"uk": authority.public_key()}).client_id \
+                == "eng-newsroom"
+    # an attestation that lapses during a run: refused from then on (the node reads its own clock each round)
+    with pytest.raises(ValueError, match="attestation expired"):
+        check_advertisement(text, 7, 1, 42, pk1, pk2, {"uk": authority.public_key()}, now=now + timedelta(days=2))
