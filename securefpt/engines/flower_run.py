@@ -36,8 +36,8 @@ from flwr.serverapp import Grid, ServerApp
 from securefpt.config import load_config
 from securefpt.coordinator.app import FederatedPromptAveraging
 from securefpt.engines.demo import DEMO, demo_config, demo_overrides
+from securefpt.engines.preflight import preflight
 from securefpt.engines.report import print_summary
-from securefpt.engines.simulation import preflight
 from securefpt.errors import ConfigError, FederationError, SecureFPTError
 from securefpt.node.config import FLWR_SIM_ENV, PARTITIONS
 

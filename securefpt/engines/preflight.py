@@ -4,17 +4,25 @@ On the simulation engine every node's files are on this machine, so each node's
 configuration, its data binding for the task, its data and labels, and the model it
 would load are checked here first. A node still checks all of it again itself (it
 trusts no one); this only makes a mistake fail fast, with the file and field named,
-before anything is started or written.
+before anything is started or written. Both engines on one machine (securefpt's simulation
+and `flwr run .`) call `preflight`; `prepare_nodes` picks the virtual nodes' files.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Optional
 
-from securefpt.errors import ConfigError, DataError, ModelUnavailableError
+from securefpt.coordinator.audit_key import coordinator_key
+from securefpt.coordinator.checkpoint import load_checkpoint
+from securefpt.coordinator.eligibility import participants
+from securefpt.coordinator.secure_aggregation import resolve_settings
+from securefpt.engines.trial_nodes import write_trial_nodes
+from securefpt.errors import ConfigError, DataError, FederationError, ModelUnavailableError
 from securefpt.learning.data import label_space, load_examples, read_rows
 from securefpt.node.config import Node, load_node
 from securefpt.protocol.experiment import ExperimentConfig
+from securefpt.protocol.policy import load_manifests
 
 
 def _binding(node: Node, path, task: str):
@@ -25,9 +33,21 @@ def _binding(node: Node, path, task: str):
     return binding
 
 
-def _nodes(cfg: ExperimentConfig) -> list[tuple[Path, Node]]:
-    from securefpt.engines.simulation import federation_nodes
+def federation_nodes(cfg: ExperimentConfig) -> list[Path]:
+    """The node configurations of the federation's institutions that serve the experiment's languages."""
+    by_language = {m.language: cid for cid, m in load_manifests(cfg.clients).items()}
+    paths = []
+    for language in cfg.data.languages:
+        if language not in by_language:
+            continue
+        path = Path(cfg.clients) / by_language[language] / "node.yaml"
+        if not path.is_file():
+            raise ConfigError(f"{path}: institution '{by_language[language]}' has no node configuration")
+        paths.append(path)
+    return paths
 
+
+def _nodes(cfg: ExperimentConfig) -> list[tuple[Path, Node]]:
     return [(p, load_node(p, state_base=Path("unused"))) for p in federation_nodes(cfg)]
 
 
@@ -78,3 +98,32 @@ def check_nodes(paths: list[Path], cfg: ExperimentConfig) -> None:
             except ModelUnavailableError as exc:
                 raise ModelUnavailableError(f"{where}: {exc}") from None
             checked_models.add(source)
+
+
+def prepare_nodes(cfg: ExperimentConfig, out_dir: Path) -> list[Path]:
+    """The virtual nodes' configuration files: the federation's, or trial nodes written for the experiment."""
+    if cfg.clients is not None:
+        return federation_nodes(cfg)
+    folder = out_dir / "nodes"
+    existing = [folder / lang / "node.yaml" for lang in cfg.data.languages]
+    if all(p.is_file() for p in existing):  # a resumed run keeps its trial nodes (and their ledgers)
+        return existing
+    return write_trial_nodes(cfg, folder)
+
+
+def preflight(cfg: ExperimentConfig, out_dir: Path, nodes: Optional[list[Path]]) -> tuple:
+    """A finished run directory or one of another experiment, a node whose files, data, labels or
+    model are wrong, a policy that admits nobody, bad secagg.* settings, a wrong audit key: in
+    that order. The experiment (with its label space filled in) and the nodes' files."""
+    load_checkpoint(out_dir, cfg, check_experiment=False)
+    cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"labels": task_labels(cfg)})})
+    load_checkpoint(out_dir, cfg)
+    nodes = nodes or prepare_nodes(cfg, out_dir)
+    if not nodes:
+        raise FederationError("no institution of the federation serves the experiment's languages")
+    check_nodes(nodes, cfg)
+    admitted = sum(p.decision.included for p in participants(cfg).values())
+    if cfg.secagg.enabled:
+        resolve_settings(cfg, admitted)
+    coordinator_key(cfg, out_dir)
+    return cfg, nodes

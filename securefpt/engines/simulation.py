@@ -10,8 +10,8 @@ the deployment engine: the institutions of the experiment's federation
 data section (engines/trial_nodes.py). The engine tells each virtual node which file is
 its own (by partition id, through the process environment) and where nodes without a
 `state_dir` keep their state: the run directory's `nodes/`. Before the engine starts,
-every node's configuration, data, labels and model are checked here, so a mistake is
-one line naming the file, not a failure inside a node.
+every node's configuration, data, labels and model are checked (engines/preflight.py), so
+a mistake is one line naming the file, not a failure inside a node.
 """
 
 from __future__ import annotations
@@ -28,47 +28,16 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional
 
-from securefpt.coordinator.audit_key import coordinator_key
-from securefpt.coordinator.checkpoint import load_checkpoint
-from securefpt.coordinator.eligibility import participants
 from securefpt.coordinator.interrupts import STOP
-from securefpt.coordinator.secure_aggregation import resolve_settings
-from securefpt.engines.preflight import check_nodes, task_labels
-from securefpt.engines.trial_nodes import write_trial_nodes
-from securefpt.errors import ConfigError, FederationError, SecureFPTError
+from securefpt.engines.preflight import preflight
+from securefpt.errors import FederationError, SecureFPTError
 from securefpt.node.config import SIM_NODES_ENV, STATE_ENV
 from securefpt.protocol.experiment import ExperimentConfig
-from securefpt.protocol.policy import load_manifests
 
 
 def _hide_known_deprecation(record: logging.LogRecord) -> bool:
     """Drop the `run_simulation` deprecation notice: the choice is deliberate (see above)."""
     return "run_simulation" not in record.getMessage()
-
-
-def federation_nodes(cfg: ExperimentConfig) -> list[Path]:
-    """The node configurations of the federation's institutions that serve the experiment's languages."""
-    by_language = {m.language: cid for cid, m in load_manifests(cfg.clients).items()}
-    paths = []
-    for language in cfg.data.languages:
-        if language not in by_language:
-            continue
-        path = Path(cfg.clients) / by_language[language] / "node.yaml"
-        if not path.is_file():
-            raise ConfigError(f"{path}: institution '{by_language[language]}' has no node configuration")
-        paths.append(path)
-    return paths
-
-
-def prepare_nodes(cfg: ExperimentConfig, out_dir: Path) -> list[Path]:
-    """The virtual nodes' configuration files: the federation's, or trial nodes written for the experiment."""
-    if cfg.clients is not None:
-        return federation_nodes(cfg)
-    folder = out_dir / "nodes"
-    existing = [folder / lang / "node.yaml" for lang in cfg.data.languages]
-    if all(p.is_file() for p in existing):  # a resumed run keeps its trial nodes (and their ledgers)
-        return existing
-    return write_trial_nodes(cfg, folder)
 
 
 @contextmanager
@@ -109,24 +78,6 @@ def operator_interrupts():
     finally:
         signal.signal(signal.SIGINT, previous)
         STOP.clear()
-
-
-def preflight(cfg: ExperimentConfig, out_dir: Path, nodes: Optional[list[Path]]) -> tuple:
-    """A finished run directory or one of another experiment, a node whose files, data, labels or
-    model are wrong, a policy that admits nobody, bad secagg.* settings, a wrong audit key: in
-    that order. The experiment (with its label space filled in) and the nodes' files."""
-    load_checkpoint(out_dir, cfg, check_experiment=False)
-    cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"labels": task_labels(cfg)})})
-    load_checkpoint(out_dir, cfg)
-    nodes = nodes or prepare_nodes(cfg, out_dir)
-    if not nodes:
-        raise FederationError("no institution of the federation serves the experiment's languages")
-    check_nodes(nodes, cfg)
-    admitted = sum(p.decision.included for p in participants(cfg).values())
-    if cfg.secagg.enabled:
-        resolve_settings(cfg, admitted)
-    coordinator_key(cfg, out_dir)
-    return cfg, nodes
 
 
 def run_federated_simulation(cfg: ExperimentConfig, out_dir: Path, show_progress: bool = True,
