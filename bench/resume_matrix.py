@@ -3,8 +3,9 @@
 Each cell runs `securefpt run` (simulation engine) with SECUREFPT_FAULTS set to one drill
 (securefpt/coordinator/interrupts.py: SIGINT is the operator's Ctrl-C, SIGKILL a crash with
 nothing cleaned up), then the same command again without it, as the message says. A cell
-is resumed when the second run ends with exit 0, every planned round once in summary.json,
-and an audit log that verifies with every node's witness records. Also reported: how far the
+is resumed when the second run ends with exit 0 (or is not needed: the interrupt came after
+the results were written), every planned round once in summary.json, and an audit log that
+verifies with every node's witness records. Also reported: how far the
 final encoder is from an uninterrupted run of the same command (the largest difference of
 one weight) beside how far two uninterrupted runs are from each other (run-to-run noise:
 SecAgg+ rounds randomly), the final accuracy, the most times one node trained on one
@@ -82,13 +83,15 @@ def cell(event: str, signal_name: str, rounds: int, work: Path, env: dict, basel
     start = time.perf_counter()
     first = subprocess.run(command(out, rounds), capture_output=True, text=True,
                            env={**env, "SECUREFPT_FAULTS": f"coordinator@{event}:{signal_name}"})
-    second = subprocess.run(command(out, rounds), capture_output=True, text=True, env=env)
+    finished = (out / "summary.json").is_file()  # the interrupt came after the run's results were written
+    second = None if finished else subprocess.run(command(out, rounds), capture_output=True, text=True, env=env)
     left = max(ray_processes() - before, 0)
-    row = {"event": event, "signal": signal_name, "first_exit": first.returncode, "resume_exit": second.returncode,
+    row = {"event": event, "signal": signal_name, "first_exit": first.returncode,
+           "resume_exit": None if second is None else second.returncode,
            "left_processes": left, "seconds": round(time.perf_counter() - start, 1),
-           "resume_message": (second.stderr.strip().splitlines() or [""])[-1][:160]}
+           "resume_message": "" if second is None else (second.stderr.strip().splitlines() or [""])[-1][:160]}
     summary_path = out / "summary.json"
-    if second.returncode == 0 and summary_path.is_file():
+    if (finished or second.returncode == 0) and summary_path.is_file():
         summary = json.loads(summary_path.read_text())
         verify = subprocess.run([sys.executable, "-m", "securefpt.cli", "audit", "verify", str(out / "audit.jsonl"),
                                  "--witness", str(out / "nodes")], capture_output=True, text=True, env=env)
@@ -99,8 +102,9 @@ def cell(event: str, signal_name: str, rounds: int, work: Path, env: dict, basel
                    accuracy=summary["final"]["accuracy"], baseline_accuracy=baseline["accuracy"],
                    distance=distance(mine, baseline["encoder"]),
                    trainings_per_encoder=trainings_per_encoder(out))
-    row["resumed"] = bool(second.returncode == 0 and row.get("rounds") == list(range(1, rounds + 1))
-                          and row.get("log_verifies"))
+    row["resumed"] = bool(row.get("rounds") == list(range(1, rounds + 1)) and row.get("log_verifies"))
+    row["outcome"] = ("finished without a resume" if finished else "resumed") if row["resumed"] else \
+        f"NOT resumed: {row['resume_message']}"
     return row
 
 
@@ -114,11 +118,10 @@ def table(rows: list[dict]) -> str:
              "outcome |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        outcome = "resumed" if r["resumed"] else f"NOT resumed: {r['resume_message']}"
-        lines.append(f"| `{r['event']}` | {r['signal']} | {r['first_exit']} | {r['resume_exit']} | "
+        lines.append(f"| `{r['event']}` | {r['signal']} | {r['first_exit']} | {_num(r['resume_exit'])} | "
                      f"{r.get('rounds', '-')} | {r.get('verify_line', '-')} | {_num(r.get('distance'))} | "
                      f"{_num((r.get('accuracy') or {}).get('avg'))} | {r.get('trainings_per_encoder', '-')} | "
-                     f"{r['left_processes']} | {outcome} |")
+                     f"{r['left_processes']} | {r['outcome']} |")
     return "\n".join(lines)
 
 
@@ -151,8 +154,8 @@ def main() -> None:
         for signal_name in args.signals:
             rows.append(cell(event, signal_name, args.rounds, work, env, baseline))
             r = rows[-1]
-            print(f"{r['event']:<34} {r['signal']:<8} first {r['first_exit']:>4} resume {r['resume_exit']:>3} "
-                  f"{'resumed' if r['resumed'] else 'NOT RESUMED'} distance={_num(r.get('distance'))} "
+            print(f"{r['event']:<34} {r['signal']:<8} first {r['first_exit']:>4} resume {_num(r['resume_exit']):>3} "
+                  f"{r['outcome']} distance={_num(r.get('distance'))} "
                   f"({r['seconds']} s)", flush=True)
     waited = time.perf_counter()
     while ray_processes() > ray_before and time.perf_counter() - waited < 300:

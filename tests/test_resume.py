@@ -167,16 +167,19 @@ def test_ctrl_c_after_the_aggregate_resumes_by_evaluating_it_and_no_node_trains_
     assert verdict.ok, verdict.reason
 
 
-@pytest.mark.parametrize("stage, first_run", [("collect_masked_vectors", [1]), ("unmask", [1, 2])])
-def test_ctrl_c_inside_a_secure_round_resumes_and_the_nodes_train_that_round_once_more(tmp_path, stage, first_run):
-    """Interrupted before a SecAgg+ stage of round 2. Before collect, no node has trained round 2.
+@pytest.mark.parametrize("stage, signal_name, first_run", [("collect_masked_vectors", "sigint", [1]),
+                                                          ("unmask", "sigkill", [1, 2])])
+def test_ctrl_c_inside_a_secure_round_resumes_and_the_nodes_train_that_round_once_more(tmp_path, stage, signal_name,
+                                                                                       first_run):
+    """Interrupted before a SecAgg+ stage of round 2 (by Ctrl-C, or by a crash: SIGKILL, nothing
+    cleaned up, the audit log's lock left behind). Before collect, no node has trained round 2.
     Before unmask, every node trained on round 2's encoder, but none revealed unmask shares, so no
     sum with their updates could be unmasked: each held that encoder (node/state.py) and trains
     round 2 again in the resumed run; then it is spent, like every other."""
     command = _cli(tmp_path, ["aa", "bb", "cc"], ["fl.rounds=3", "secagg.enabled=true"])
-    env = {**os.environ, "SECUREFPT_FAULTS": f"coordinator@round-2:{stage}:sigint"}
+    env = {**os.environ, "SECUREFPT_FAULTS": f"coordinator@round-2:{stage}:{signal_name}"}
     stopped = subprocess.run(command(tmp_path / "run"), capture_output=True, text=True, env=env, timeout=600)
-    assert stopped.returncode == 130, stopped.stderr
+    assert stopped.returncode == {"sigint": 130, "sigkill": -9}[signal_name], stopped.stderr
     for lang in ("aa", "bb", "cc"):
         runs, spent, held = _node_files(tmp_path / "run", lang)
         assert runs[0]["trained"] == first_run and len(spent) == 1  # round 2's encoder is not spent

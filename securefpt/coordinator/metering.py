@@ -91,15 +91,19 @@ def exchange(
     timeout: Optional[float] = None,
     on_reply: Optional[Callable[[Message], None]] = None,
     poll: float = 0.05,
+    stoppable: bool = True,
 ) -> list[tuple[int, Message]]:
     """Push messages and pull replies until all arrive or `timeout` passes.
 
     Each reply comes with the node its message went to: an error reply that the
     SuperLink makes for a node it considers offline carries the SuperLink as sender.
+    `stoppable`: the operator's Ctrl-C stops it (the run's last exchange, once its results
+    are written, is not: a second Ctrl-C still quits at once).
     """
     import time
 
-    check_stop()
+    stop = check_stop if stoppable else (lambda: None)
+    stop()
     ids = list(grid.push_messages(messages))
     destination = {mid: msg.metadata.dst_node_id for mid, msg in zip(ids, messages) if mid}
     pending = set(destination)
@@ -114,7 +118,7 @@ def exchange(
                 on_reply(reply)
         if not pending or (deadline is not None and time.monotonic() > deadline):
             break
-        check_stop()
+        stop()
         time.sleep(poll)
     return replies
 

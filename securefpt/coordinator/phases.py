@@ -196,11 +196,12 @@ class RoundPhases:
         return {lang: accuracy[lang] for lang in self.cfg.data.languages if lang in accuracy}
 
     def witness_end(self, nodes: list[int]) -> None:
-        """The final audit head, for every node to witness (the entries after the last evaluation)."""
+        """The final audit head, for every node to witness (the entries after the last evaluation).
+        The summary is written by now: Ctrl-C lets this last exchange finish, so the run ends whole."""
         msgs = [Message(RecordDict({R.AUDIT_HEAD: self._audit_head(n)}), dst_node_id=n,
                         message_type=R.WITNESS_QUERY) for n in nodes]
         drill("witness")
-        for node, reply in exchange(self.grid, msgs, timeout=self.cfg.fl.round_timeout):
+        for node, reply in exchange(self.grid, msgs, timeout=self.cfg.fl.round_timeout, stoppable=False):
             if not reply.has_error():
                 self._acknowledged(node, reply)
 
