@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from flwr.app import ConfigRecord, Context, Message, Metadata, RecordDict
 from flwr.app.message_type import MessageType
-from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
+from flwr.common import Code, FitIns, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_STATE
 from flwr.compat.common import recorddict_compat as compat
 
@@ -219,3 +219,68 @@ def test_evaluation_figures_stop_at_the_node_s_lifetime_cap_across_runs(tmp_path
     assert released(control, 1) == released(control, 2) == [True] * 4
     assert released(capped, 3) == [True, True, False, False]
     assert released(capped, 4) == [False] * 4  # a new run does not reset the count
+
+
+def test_a_near_copy_of_an_encoder_is_refused_and_node_randomness_blurs_a_replayed_training(tmp_path):
+    """Channel 3, differencing without DP: in a new run the coordinator offers the encoder of an earlier
+    run plus 1e-6. The exact-bytes guard misses it, and under the request's seed the node's update
+    comes back equal to 1e-6: two cohort sums would differ by that node's update alone. A node whose
+    rules set `differencing` refuses the near copy (`encoder-reused`) and, with its own randomness,
+    two trainings on encoders it accepts differ by SGD's noise, far more than the perturbation's effect."""
+    import yaml
+
+    from securefpt.config import load_config
+    from securefpt.engines.trial_nodes import write_trial_nodes
+    from securefpt.learning.modeling import build_model, get_trainable
+    from securefpt.node.app import setup, train
+    from securefpt.protocol.refusals import NodeRefusal
+    from tests.attacks import call_node, setup_content
+    from tests.conftest import TINY, make_masakhanews_like, tsv_cfg_overrides
+
+    root = make_masakhanews_like(tmp_path / "data", ["aa"], sizes=[18])
+    cfg = load_config(None, TINY + tsv_cfg_overrides(root, ["aa"]) + [
+        "fl.rounds=2", "secagg.enabled=false", "fl.batch_size=4"])
+    import shutil
+
+    guarded = write_trial_nodes(cfg, tmp_path / "nodes")[0]
+    control = shutil.copytree(guarded.parent, tmp_path / "nodes" / "aa-control") / "node.yaml"  # same data
+    node = yaml.safe_load(guarded.read_text())
+    node["rules"]["differencing"] = {"randomness": "node", "min_encoder_distance": 0.01}
+    guarded.write_text(yaml.safe_dump(node))
+    labels = ["health", "politics", "sports"]
+    encoder = get_trainable(build_model(cfg.model, cfg.peft, 3, cfg.seed).model)
+    rng = np.random.default_rng(1)
+    direction = {k: rng.standard_normal(v.shape).astype(v.dtype) for k, v in encoder.items()}
+    norm = float(np.sqrt(sum(float((d.astype(np.float64) ** 2).sum()) for d in direction.values())))
+    moved = lambda by: {k: v + direction[k] * (by / norm) for k, v in encoder.items()}  # noqa: E731
+
+    def update(path, run_id, arrays, name):
+        request = cfg.model_copy(update={"name": name}).request(labels)  # a new experiment in a new run
+        assert str(call_node(setup, path, run_id, setup_content(request.to_json()), MessageType.QUERY)
+                   .content.config_records["answer"]["code"]) == "ok"
+        content = compat.fitins_to_recorddict(FitIns(ndarrays_to_parameters(list(arrays.values())),
+                                                     {"server-round": 1}), True)
+        try:
+            reply = call_node(train, path, run_id, content, MessageType.TRAIN)
+        except NodeRefusal as refusal:
+            return refusal.code
+        values = parameters_to_ndarrays(compat.recorddict_to_fitres(reply.content, keep_input=True).parameters)
+        return np.concatenate([(v - a).ravel() for v, a in zip(values, arrays.values())])
+
+    def gap(a, b):
+        return float(np.linalg.norm(a - b))
+
+    # the attack, on a node under the request's seed: the replayed update is the first one (L2 gap ~1e-7)
+    first, replayed = update(control, 1, encoder, "e1"), update(control, 2, moved(1e-6), "e2")
+    assert gap(first, replayed) < 1e-4
+    farther = update(control, 3, moved(0.02), "e3")
+    # the guarded node (the same data): the near copy is refused; encoders beyond the distance train, and
+    # two of them 0.02 apart give updates that differ far more than the deterministic node's (its own randomness)
+    assert not isinstance(update(guarded, 11, encoder, "e1"), str)
+    assert update(guarded, 12, moved(1e-6), "e2") == "encoder-reused"
+    assert update(guarded, 13, moved(0.005), "e3") == "encoder-reused"  # within 0.01, still refused
+    guarded_first = update(guarded, 14, moved(0.5), "e4")
+    guarded_second = update(guarded, 15, moved(0.52), "e5")
+    control_first, control_second = update(control, 4, moved(0.5), "e4"), update(control, 5, moved(0.52), "e5")
+    assert gap(guarded_first, guarded_second) > 5 * gap(control_first, control_second)  # measured 9x to 16x
+    assert gap(first, farther) > 0  # the control trained every offer

@@ -16,6 +16,7 @@ Handlers (each runs inside `hygiene_mod`: a refusal or failure leaves as a reaso
 
 from __future__ import annotations
 
+import os
 from collections import OrderedDict
 from typing import Optional
 
@@ -30,6 +31,7 @@ from securefpt.node.budget import Ledger
 from securefpt.node.config import Node, this_node
 from securefpt.node.progress import show_progress
 from securefpt.node.secagg import masking, masking_ring, secure_aggregation_mod
+from securefpt.node.sketches import Sketches
 from securefpt.node.state import NodeState, RunRecord
 from securefpt.node.witness import witness
 from securefpt.protocol import records as R
@@ -112,11 +114,13 @@ def train(msg: Message, context: Context) -> Message:
     global_arrays = OrderedDict(zip(names, parameters_to_ndarrays(fitins.parameters), strict=True))
     encoder = R.encoder_hash(global_arrays)
     plan, ledger = runtime.privacy_plan, _ledger(node, runtime)
-    guards.check_training(node, run, request, server_round, encoder, secure, ledger, plan)
+    guards.check_training(node, run, request, server_round, encoder, global_arrays, secure, ledger, plan)
     distributed, ring = plan is not None and plan.distributed, masking_ring()
     if distributed:
         runtime.check_ring(ring)  # the round's public grid can carry this node's noise share
     run.note_trained(server_round, encoder)  # before anything leaves: a replay of this round is refused
+    if node.rules.differencing.min_encoder_distance > 0:  # near copies of it are refused from now on
+        Sketches(node.state_dir).keep(global_arrays, encoder)
     state = NodeState(node.state_dir)
     # in the clear the update leaves now; under SecAgg+ only once this node reveals its unmask shares
     if secure:
@@ -128,7 +132,7 @@ def train(msg: Message, context: Context) -> Message:
         ledger.spend(request.sha256(), plan, result.steps, share)
         fitres = FitRes(Status(Code.OK, "ok"), ndarrays_to_parameters(values), _unit_weight(ring.max_weight), {})
         return Message(compat.fitres_to_recorddict(fitres, keep_input=False), reply_to=msg)
-    updated, result = runtime.fit(global_arrays, seed=request.seed * 100_003 + server_round)
+    updated, result = runtime.fit(global_arrays, seed=_training_seed(node, request, server_round))
     if plan is not None:
         ledger.spend(request.sha256(), plan, result.steps)
     if secure:
@@ -140,6 +144,14 @@ def train(msg: Message, context: Context) -> Message:
     fitres = FitRes(Status(Code.OK, "ok"), ndarrays_to_parameters(values), _weight(request, result.num_examples),
                     metrics)
     return Message(compat.fitres_to_recorddict(fitres, keep_input=False), reply_to=msg)
+
+
+def _training_seed(node: Node, request: ExperimentRequest, salt: int) -> int:
+    """The request's seed (reproducible runs), or the node's own entropy where its rules say so: then two
+    trainings on one encoder differ, and a coordinator cannot replay one to difference it."""
+    if node.rules.differencing.randomness == "node":
+        return int.from_bytes(os.urandom(8), "big") >> 1
+    return request.seed * 100_003 + salt
 
 
 def _weight(request: ExperimentRequest, rows: int) -> int:
@@ -196,7 +208,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     answer = _answer(False, "round-out-of-plan")
     if next_round:
         code = "round-out-of-plan" if next_round != server_round + 1 else guards.check_offer(
-            node, request, next_round, encoder, _ledger(node, runtime), runtime.privacy_plan)
+            node, request, next_round, encoder, arrays, _ledger(node, runtime), runtime.privacy_plan)
         if code == "ok":
             run.offer(next_round, encoder)
         answer = _answer(code == "ok", code)
@@ -224,7 +236,7 @@ def personalize(msg: Message, context: Context) -> Message:
         raise NodeRefusal("personalization-refused", f"planned={planned}")
     run.mark("personalized", 0)
     runtime = _runtime(node, request)
-    result = runtime.personalize(arrays, seed=request.seed * 100_003 + 99_991)
+    result = runtime.personalize(arrays, seed=_training_seed(node, request, 99_991))
     return Message(RecordDict({R.EVAL: MetricRecord(_released(node, runtime, lambda: result.accuracy))}),
                    reply_to=msg)
 

@@ -28,6 +28,7 @@ from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFI
 from securefpt.errors import SecureFPTError
 from securefpt.node.budget import Ledger, PrivacyPlan
 from securefpt.node.config import Node, this_node
+from securefpt.node.sketches import Sketches
 from securefpt.node.state import NodeState, RunRecord
 from securefpt.protocol.experiment import ExperimentRequest
 from securefpt.protocol.refusals import REFUSAL_ERROR_CODE, NodeRefusal, reason
@@ -42,8 +43,14 @@ def check_request(node: Node, request: ExperimentRequest, run: RunRecord) -> lis
                                             node.coordinator_region)]
 
 
+def near_copy(node: Node, encoder: str, arrays) -> bool:
+    """An encoder within the node's `differencing.min_encoder_distance` of another it trained on."""
+    distance = node.rules.differencing.min_encoder_distance
+    return distance > 0 and Sketches(node.state_dir).nearest(arrays, encoder) < distance
+
+
 def check_training(node: Node, run: RunRecord, request: ExperimentRequest, server_round: int, encoder: str,
-                   secure: bool, ledger: Optional[Ledger], plan: Optional[PrivacyPlan]) -> None:
+                   arrays, secure: bool, ledger: Optional[Ledger], plan: Optional[PrivacyPlan]) -> None:
     """Raise the refusal for a training request this node must not answer."""
     if not secure and (request.secure_aggregation or node.rules.require_secure_aggregation):
         raise NodeRefusal("secagg-required", "plaintext training request")
@@ -56,16 +63,18 @@ def check_training(node: Node, run: RunRecord, request: ExperimentRequest, serve
         raise NodeRefusal("encoder-not-offered", f"round {server_round}")
     if not NodeState(node.state_dir).may_train(encoder, server_round):
         raise NodeRefusal("encoder-reused", encoder)
+    if near_copy(node, encoder, arrays):
+        raise NodeRefusal("encoder-reused", f"{encoder}: a near copy of an encoder this node trained on")
     if plan is not None:
         ledger.authorize(request.sha256(), plan)
 
 
-def check_offer(node: Node, request: ExperimentRequest, next_round: int, encoder: str,
+def check_offer(node: Node, request: ExperimentRequest, next_round: int, encoder: str, arrays,
                 ledger: Optional[Ledger], plan: Optional[PrivacyPlan]) -> str:
     """Whether this node will train round `next_round` on `encoder`: "ok" or a refusal code."""
     if not 1 <= next_round <= request.training.rounds:
         return "round-out-of-plan"
-    if not NodeState(node.state_dir).may_train(encoder, next_round):
+    if not NodeState(node.state_dir).may_train(encoder, next_round) or near_copy(node, encoder, arrays):
         return "encoder-reused"
     if plan is not None and not ledger.allows_round(request.sha256(), plan):
         return "budget-exhausted"

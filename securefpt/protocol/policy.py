@@ -32,6 +32,17 @@ class DPRequirement(Strict):
     min_noise_contributors: int = Field(3, ge=2)
 
 
+class DifferencingRules(Strict):
+    """How a node answers a coordinator that differences its updates: offers of an encoder close to
+    one it trained on (any run), and trainings whose randomness the coordinator would choose."""
+
+    # request: each training's data order and dropout follow the request's seed (reproducible runs);
+    # node: from the node's own entropy, so two trainings on one encoder differ by SGD's noise
+    randomness: Literal["request", "node"] = "request"
+    # refuse an encoder within this L2 distance of one it trained on (node/sketches.py); 0: exact copies only
+    min_encoder_distance: float = Field(0.0, ge=0)
+
+
 class ReleaseRules(Strict):
     """What may leave a node in the clear, and in what form (None decimals: exact)."""
 
@@ -54,6 +65,7 @@ class NodeRules(Strict):
     dp: DPRequirement = DPRequirement()
     min_cohort: int = Field(2, ge=2)  # fewest contributors in any aggregate holding this node's update
     release: ReleaseRules = ReleaseRules()
+    differencing: DifferencingRules = DifferencingRules()
 
 
 class RegionRule(NodeRules):
