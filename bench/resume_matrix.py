@@ -77,6 +77,14 @@ def distance(a: dict, b: dict) -> float:
     return float(max(np.max(np.abs(a[k] - b[k])) for k in a))
 
 
+def _verdict(text: str) -> str:
+    """`audit verify`'s verdict, short: entries and how far the witnesses agree."""
+    words = " ".join(text.split())
+    entries = words.split(" entries")[0].split()[-1] if " entries" in words else "?"
+    witnessed = words.split("agree up to entry ")[-1].split()[0] if "agree up to entry " in words else "none"
+    return f"{words.split(':')[0]}, {entries} entries, witnessed to entry {witnessed}"
+
+
 def cell(event: str, signal_name: str, rounds: int, work: Path, env: dict, baseline: dict) -> dict:
     out = work / f"{event.replace(':', '-')}-{signal_name}"
     before = ray_processes()
@@ -97,8 +105,7 @@ def cell(event: str, signal_name: str, rounds: int, work: Path, env: dict, basel
                                  "--witness", str(out / "nodes")], capture_output=True, text=True, env=env)
         mine = encoder(out)
         row.update(rounds=[r["round"] for r in summary["rounds"]], log_verifies=verify.returncode == 0,
-                   verify_line=verify.stdout.strip().splitlines()[-1][:160] if verify.stdout.strip() else
-                   verify.stderr.strip()[:160],
+                   verify_line=_verdict(verify.stdout + verify.stderr),
                    accuracy=summary["final"]["accuracy"], baseline_accuracy=baseline["accuracy"],
                    distance=distance(mine, baseline["encoder"]),
                    trainings_per_encoder=trainings_per_encoder(out))
