@@ -284,3 +284,41 @@ def test_a_near_copy_of_an_encoder_is_refused_and_node_randomness_blurs_a_replay
     control_first, control_second = update(control, 4, moved(0.5), "e4"), update(control, 5, moved(0.52), "e5")
     assert gap(guarded_first, guarded_second) > 5 * gap(control_first, control_second)  # measured 9x to 16x
     assert gap(first, farther) > 0  # the control trained every offer
+
+
+def test_a_dp_node_releases_no_figure_of_its_personalized_model(tmp_path):
+    """Channel 4's last part: a node's personalized model adapts without DP (it never leaves), so its
+    accuracy is a statistic of a non-private model. A DP node keeps it in its own log and releases
+    nothing, whatever its release rules; the same node without DP releases it as its rules say."""
+    from flwr.app import ConfigRecord, RecordDict
+
+    from securefpt.config import load_config
+    from securefpt.engines.trial_nodes import write_trial_nodes
+    from securefpt.learning.modeling import build_model, get_trainable
+    from securefpt.node.app import evaluate, personalize, setup
+    from securefpt.protocol import records as R
+    from tests.attacks import call_node, setup_content
+    from tests.conftest import TINY, make_masakhanews_like, tsv_cfg_overrides
+
+    root = make_masakhanews_like(tmp_path / "data", ["aa"], sizes=[18])
+    base = TINY + tsv_cfg_overrides(root, ["aa"]) + ["fl.rounds=2", "secagg.enabled=false",
+                                                      "personalization.adapt_epochs=1"]
+    path = write_trial_nodes(load_config(None, base), tmp_path / "nodes")[0]  # releases every figure
+    encoder = get_trainable(build_model(load_config(None, base).model, load_config(None, base).peft, 3, 0).model)
+    labels = ["health", "politics", "sports"]
+
+    def personalized(run_id, extra):
+        request = load_config(None, base + extra).request(labels)
+        assert str(call_node(setup, path, run_id, setup_content(request.to_json()), MessageType.QUERY)
+                   .content.config_records[R.ANSWER]["code"]) == "ok"
+        content = RecordDict({R.GLOBAL: R.arrays_to_record(encoder),
+                              R.ROUND: ConfigRecord({"server-round": 1, "next-round": 0})})
+        call_node(evaluate, path, run_id, content, MessageType.EVALUATE)
+        reply = call_node(personalize, path, run_id, RecordDict({R.GLOBAL: R.arrays_to_record(encoder)}),
+                          R.PERSONALIZE_QUERY)
+        return dict(reply.content.metric_records[R.EVAL])
+
+    assert set(personalized(1, [])) == {"accuracy"}
+    assert personalized(2, ["dp.enabled=true", "dp.target_epsilon=8"]) == {}
+    kept = (path.parent / "node.log").read_text()
+    assert '"released": false' in kept  # the node's own log keeps the figure

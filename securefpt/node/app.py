@@ -224,7 +224,8 @@ def personalize(msg: Message, context: Context) -> Message:
     Once per run, only when the experiment plans it, and only for an encoder this node
     evaluated in this run (so it is no oracle for parameters of the coordinator's choosing).
     The reply is the personalized model's accuracy where the node's rules release
-    evaluation metrics, else nothing."""
+    evaluation metrics, else nothing; never for a DP node: its adaptation trains without DP,
+    so the figure would be a statistic of a model that is not private (its own log keeps it)."""
     node = this_node(context)
     run, request = _accepted(node, context)
     try:
@@ -237,6 +238,9 @@ def personalize(msg: Message, context: Context) -> Message:
     run.mark("personalized", 0)
     runtime = _runtime(node, request)
     result = runtime.personalize(arrays, seed=_training_seed(node, request, 99_991))
+    if runtime.privacy_plan is not None:
+        NodeState(node.state_dir).log("personalized", accuracy=result.accuracy, released=False)
+        return Message(RecordDict({R.EVAL: MetricRecord({})}), reply_to=msg)
     return Message(RecordDict({R.EVAL: MetricRecord(_released(node, runtime, lambda: result.accuracy))}),
                    reply_to=msg)
 
