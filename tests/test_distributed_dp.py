@@ -316,10 +316,25 @@ def test_a_node_whose_rules_allow_only_local_dp_refuses_a_distributed_request(no
 
 def test_distributed_dp_needs_secure_aggregation_a_public_noise_multiplier_and_a_shared_head(tmp_path):
     for i, (extra, why) in enumerate([("secagg.enabled=false", "secagg.enabled=false"),
-                                      ("dp.noise_multiplier=null", "no dp.noise_multiplier"),
                                       ("personalization.local_head=true", "local_head=true")]):
         with pytest.raises(ConfigError, match=why):
             distributed(tmp_path / str(i), extra)
+    # without a fixed noise multiplier the operator's engines plan the sum's for target_epsilon, before the run,
+    # on public values (the row cap); a federation's nodes without a cap cannot be planned for
+    from securefpt.engines.dp_planning import distributed_noise, with_planned_noise
+
+    unplanned = distributed(tmp_path / "plan", "dp.noise_multiplier=null", "dp.target_epsilon=4",
+                            "data.max_train_per_client=16", "fl.batch_size=4")
+    with pytest.raises(ValueError, match="no dp.noise_multiplier"):  # a request must carry it
+        unplanned.request(label_space(unplanned.data))
+    planned = with_planned_noise(unplanned)
+    sigma = planned.dp.noise_multiplier
+    assert sigma == distributed_noise(unplanned, 4.0) and sigma > 0 and planned.dp.target_epsilon == 4.0
+    assert planned.request(label_space(planned.data)).dp.noise_multiplier == sigma
+    federation = unplanned.model_copy(update={"clients": tmp_path, "data": unplanned.data.model_copy(
+        update={"max_train_per_client": None})})
+    with pytest.raises(ConfigError, match="needs the public row cap"):
+        with_planned_noise(federation)
     # the node checks the request itself: a coordinator that sends one anyway is refused
     cfg = distributed(tmp_path)
     path = write_trial_nodes(cfg, tmp_path / "nodes")[0]

@@ -1,7 +1,8 @@
 """The operator's planning of a distributed-DP run: which noise multiplier of the sum reaches a target epsilon.
 
 Distributed DP needs a public `dp.noise_multiplier` (nodes size their Skellam shares from
-it; no node's size may move it). The operator derives it once, before the run, from
+it; no node's size may move it). The operator derives it once, before the run (both engines
+do it in engines/preflight.py when the config leaves it to dp.target_epsilon), from
 public values and its own trial data: the nodes' Poisson rate (batch over the row cap,
 where every node samples at that rate; else over the fewest rows), one step a round, and
 the smallest rounded sensitivity a node accepts (privacy/distributed.py).
@@ -9,11 +10,25 @@ the smallest rounded sensitivity a node accepts (privacy/distributed.py).
 
 from __future__ import annotations
 
+from securefpt.errors import ConfigError
 from securefpt.learning.data import label_space, load_client_data
 from securefpt.learning.modeling import build_model, get_trainable
 from securefpt.privacy.distributed import smallest_rounded_sensitivity
 from securefpt.privacy.skellam import noise_multiplier_for
 from securefpt.protocol.experiment import ExperimentConfig
+
+
+def with_planned_noise(cfg: ExperimentConfig) -> ExperimentConfig:
+    """Distributed DP without a fixed `dp.noise_multiplier`: the sum's, planned for `dp.target_epsilon`
+    over the run (which stays each node's cap). Planned on public values: the row cap; for the operator's
+    own trial data without a cap, its fewest rows; a federation's nodes without a cap cannot be planned for."""
+    if not cfg.dp.distributed or cfg.dp.noise_multiplier is not None:
+        return cfg
+    if cfg.clients is not None and cfg.data.largest_train() is None:
+        raise ConfigError("dp.mode=distributed: planning the sum's noise multiplier needs the public row cap "
+                          "(data.max_train_per_client) or a fixed dp.noise_multiplier")
+    sigma = distributed_noise(cfg, cfg.dp.target_epsilon)
+    return cfg.model_copy(update={"dp": cfg.dp.model_copy(update={"noise_multiplier": sigma})})
 
 
 def sampling_rate(cfg: ExperimentConfig) -> float:

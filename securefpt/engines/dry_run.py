@@ -17,6 +17,7 @@ from typing import Any, Optional
 
 from securefpt.coordinator.eligibility import participants
 from securefpt.coordinator.secure_aggregation import resolve_settings
+from securefpt.engines.dp_planning import with_planned_noise
 from securefpt.engines.preflight import task_labels
 from securefpt.engines.time_estimate import describe, estimate, step_times
 from securefpt.learning.modeling import build_model, get_trainable
@@ -37,6 +38,7 @@ def plan_run(cfg: ExperimentConfig, timed: bool = True) -> dict[str, Any]:
                        "rules": rule.model_dump(mode="json", exclude={"authority_key"}) if rule else None}
     included = [lang for lang, n in nodes.items() if n["included"]]
     labels = task_labels(cfg)
+    cfg = with_planned_noise(cfg.model_copy(update={"data": cfg.data.model_copy(update={"labels": labels})}))
     request = cfg.request(labels)
     model = build_model(cfg.model, cfg.peft, len(labels), cfg.seed)
     arrays = get_trainable(model.model)

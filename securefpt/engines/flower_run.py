@@ -36,6 +36,7 @@ from flwr.serverapp import Grid, ServerApp
 from securefpt.config import load_config
 from securefpt.coordinator.app import FederatedPromptAveraging
 from securefpt.engines.demo import DEMO, demo_config, demo_overrides
+from securefpt.engines.dp_planning import with_planned_noise
 from securefpt.engines.preflight import preflight
 from securefpt.engines.report import print_summary
 from securefpt.errors import ConfigError, FederationError, SecureFPTError
@@ -75,8 +76,8 @@ def _prepare(grid: Grid, context: Context, out: Path):
     fresh = not out.exists()
     try:
         cfg = _experiment(context)
-        if not _simulated(grid):
-            return cfg
+        if not _simulated(grid):  # the SuperNodes hold the data: the label space is declared
+            return with_planned_noise(cfg)
         if os.environ.get(FLWR_SIM_ENV) != "1":
             raise ConfigError(f"the virtual nodes would not find their files ({FLWR_SIM_ENV} is not set): "
                               ". .venv/bin/activate (scripts/setup.sh prepares it), then flwr run .")

@@ -17,6 +17,7 @@ from securefpt.coordinator.audit_key import coordinator_key
 from securefpt.coordinator.checkpoint import load_checkpoint
 from securefpt.coordinator.eligibility import participants
 from securefpt.coordinator.secure_aggregation import resolve_settings
+from securefpt.engines.dp_planning import with_planned_noise
 from securefpt.engines.trial_nodes import write_trial_nodes
 from securefpt.errors import ConfigError, DataError, FederationError, ModelUnavailableError
 from securefpt.learning.data import label_space, load_examples, read_rows
@@ -117,6 +118,7 @@ def preflight(cfg: ExperimentConfig, out_dir: Path, nodes: Optional[list[Path]])
     that order. The experiment (with its label space filled in) and the nodes' files."""
     load_checkpoint(out_dir, cfg, check_experiment=False)
     cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"labels": task_labels(cfg)})})
+    cfg = with_planned_noise(cfg)  # distributed DP: the sum's noise multiplier, from target_epsilon
     load_checkpoint(out_dir, cfg)
     nodes = nodes or prepare_nodes(cfg, out_dir)
     if not nodes:

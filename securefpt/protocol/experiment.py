@@ -259,11 +259,11 @@ class DPConfig(Strict):
     """local: each node runs Opacus DP-SGD and adds all the noise its own update needs (safe whatever the others do).
     distributed: DP-FedSGD under SecAgg+; each node adds only its share of the noise of the sum (Skellam, on the
     integer grid), so the unmasked sum carries what a trusted server would add: far less noise for the same epsilon,
-    assuming at least the reconstruction threshold of contributors add theirs. Needs secagg, a fixed
-    dp.noise_multiplier (of the sum) and a shared head; fl.batch_size is the public normaliser and the expected
-    Poisson batch of a node at the row cap (with a cap every node samples each row at the same public rate
-    batch/cap, so no epsilon or refusal depends on its size), fl.local_epochs is unused (one noisy gradient a
-    round), server_optimizer.lr is the step."""
+    assuming at least the reconstruction threshold of contributors add theirs. Needs secagg and a shared head; the
+    sum's dp.noise_multiplier is public (fixed, or planned before the run from target_epsilon at the row cap);
+    fl.batch_size is the public normaliser and the expected Poisson batch of a node at the row cap (with a cap every
+    node samples each row at the same public rate batch/cap, so no epsilon or refusal depends on its size),
+    fl.local_epochs is unused (one noisy gradient a round), server_optimizer.lr is the step."""
     target_epsilon: Optional[float] = Field(8.0, gt=0.0)
     """Each node's epsilon for the whole experiment (the noise is derived from it), or with noise_multiplier fixed the
     cap beyond which a node declines to train."""
@@ -305,14 +305,17 @@ class SecAggConfig(Strict):
     """Fewest surviving contributors the coordinator aggregates."""
 
 
-def _check_distributed(dp: DPConfig, secure: bool, personalization: PersonalizationConfig) -> None:
-    """What distributed DP needs, checked by the operator's config and again by each node's request."""
+def _check_distributed(dp: DPConfig, secure: bool, personalization: PersonalizationConfig,
+                       planned: bool = True) -> None:
+    """What distributed DP needs, checked by the operator's config and again by each node's request
+    (`planned`: the noise multiplier must be set; the operator's config may leave it to be planned
+    from dp.target_epsilon, engines/dp_planning.py)."""
     if not dp.distributed:
         return
     why = ("secagg.enabled=false (the noise of the sum needs the sum to be all the coordinator sees)"
            if not secure else
            "no dp.noise_multiplier (the sum's noise multiplier is public: every node sizes its share from it)"
-           if dp.noise_multiplier is None or dp.noise_multiplier <= 0 else
+           if planned and (dp.noise_multiplier is None or dp.noise_multiplier <= 0) else
            "personalization.local_head=true (the head would train outside the noisy gradient)"
            if personalization.local_head else "")
     if why:
@@ -367,7 +370,8 @@ class ExperimentConfig(Strict):
                              "federation's nodes (clients) bind their own data and their own row caps")
         if self.dp.enabled and self.dp.noise_multiplier is None and self.dp.target_epsilon is None:
             raise ValueError("dp: set dp.target_epsilon or dp.noise_multiplier")
-        _check_distributed(self.dp, self.secagg.enabled, self.personalization)
+        _check_distributed(self.dp, self.secagg.enabled, self.personalization,
+                           planned=self.dp.target_epsilon is None or self.dp.noise_multiplier == 0)
         return self
 
     def to_json(self) -> str:
