@@ -197,6 +197,9 @@ def node_report(
         budget = f" of {d['budget']:g}" if d["budget"] is not None else " (no lifetime budget)"
         console.print(f"dataset {dataset}: lifetime epsilon {d['lifetime_epsilon']:.3f}{budget} "
                       f"(delta {d['delta']:g}, {d['accountant']})", highlight=False)
+        share = f" of its share {d['per_federation']:g}" if d["per_federation"] is not None else ""
+        for federation, spent in d["federations"].items():
+            console.print(f"  federation {federation}: epsilon {spent:.3f}{share}", highlight=False)
         for key, e in d["experiments"].items():
             alone = f" ({e['epsilon_alone']:.3f} from its own noise shares alone)" if e["epsilon_alone"] else ""
             console.print(f"  experiment {key} ({e['mode']} DP): epsilon {e['epsilon']:.3f}{alone}, {e['steps']} "

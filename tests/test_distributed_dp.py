@@ -261,7 +261,7 @@ def test_a_ring_that_cannot_carry_the_share_and_a_plaintext_round_are_refused_be
     d = sum(a.size for a in get_trainable(build_model(cfg.model, cfg.peft, 3, cfg.seed).model).values())
     l2, l1 = rounded_sensitivity(integer_scale(ring, cfg.fl.batch_size) * cfg.dp.max_grad_norm, d)
     assert ledger() == [{"experiment": request.sha256(), "sigma": 1.0, "q": 4 / 10, "steps": 1, "l2": l2, "l1": l1,
-                         "contributors": 3}]
+                         "contributors": 3, "federation": "local"}]
     # the institution's own report reads the entry as a Skellam step: both guarantees, alone the weaker
     from securefpt.node.report import node_report
 

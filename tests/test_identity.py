@@ -147,3 +147,15 @@ def test_a_peer_whose_attestation_expired_on_the_nodes_own_clock_is_refused_in_s
     # an attestation that lapses during a run: refused from then on (the node reads its own clock each round)
     with pytest.raises(ValueError, match="attestation expired"):
         check_advertisement(text, 7, 1, 42, pk1, pk2, {"uk": authority.public_key()}, now=now + timedelta(days=2))
+
+
+def test_a_nodes_budget_is_shared_out_by_the_coordinator_key_its_own_policy_pins(federation):
+    """The federation a spend is charged to (budget.per_federation) is the node's own pinned coordinator
+    key, never a name the coordinator sends; a node outside a federation is "local"."""
+    import hashlib
+
+    from securefpt.protocol.attestation import load_public, public_raw
+
+    node = load_node(federation / "clients" / "eng-newsroom" / "node.yaml", state_base=Path("unused"))
+    pinned = load_public(federation / "clients" / "keys" / "coordinator-audit.pub")
+    assert node.federation == hashlib.sha256(public_raw(pinned)).hexdigest()[:16]

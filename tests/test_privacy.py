@@ -62,6 +62,38 @@ def test_the_lifetime_budget_spans_experiments_on_the_same_dataset(tmp_path):
     assert Ledger(tmp_path, "other-dataset", budget).allows_round(renamed.sha256(), plan)
 
 
+def test_a_federation_draining_the_budget_with_throwaway_experiments_spends_only_its_own_share(tmp_path):
+    """Channel 9 (drain): a coordinator starts experiment after experiment, each within its own target,
+    until the dataset's lifetime budget is gone for every federation the node serves. With
+    `budget.per_federation` its experiments stop at its share; another federation (another pinned
+    coordinator key) still trains; without a share the drain takes everything."""
+    plan = plan_privacy(_request("fl.rounds=2"), num_examples=64)
+    runs = lambda k: epsilon_of([plan.round_spend()] * 2 * k, 1e-5, "prv")  # noqa: E731  (k experiments composed)
+    budget = Budget(epsilon=runs(5), per_federation=runs(2))  # a share of two experiments in a lifetime of five
+
+    def drain(ledger, name_prefix):
+        """Throwaway experiments until the node refuses one at setup; how many it trained."""
+        for i in range(10):
+            request = _request("fl.rounds=2", f"name={name_prefix}{i}")
+            try:
+                ledger.check_plan(request.sha256(), plan)
+            except NodeRefusal as refusal:
+                assert refusal.code == "budget-exhausted"
+                return i, str(refusal.detail)
+            for _ in range(2):
+                ledger.authorize(request.sha256(), plan)
+                ledger.spend(request.sha256(), plan, plan.steps_per_round)
+        return 10, ""
+
+    done, why = drain(Ledger(tmp_path / "shared", "news", budget, federation="hostile"), "throwaway-")
+    assert done == 2 and "this federation's share" in why  # two experiments fit its share, the third does not
+    other = Ledger(tmp_path / "shared", "news", budget, federation="honest")
+    assert other.federation_epsilon() == 0.0 and other.lifetime_epsilon() == pytest.approx(runs(2), rel=1e-6)
+    assert drain(other, "real-")[0] == 2  # the other federation still trains its own share
+    done, why = drain(Ledger(tmp_path / "alone", "news", Budget(epsilon=runs(5)), federation="hostile"), "throwaway-")
+    assert done == 5 and "lifetime" in why  # the control: without a share one coordinator drains it all
+
+
 def _tiny(method="prompt_tuning", extra=()):
     return load_config(None, ["model.name=builtin:tiny", "model.max_length=32", "peft.num_virtual_tokens=4",
                               f"peft.method={method}", "dp.enabled=true", *extra])

@@ -59,7 +59,8 @@ def _runtime(node: Node, request: ExperimentRequest):
 
 
 def _ledger(node: Node, runtime) -> Optional[Ledger]:
-    return Ledger(node.state_dir, runtime.dataset, node.budget) if runtime.privacy_plan is not None else None
+    return Ledger(node.state_dir, runtime.dataset, node.budget, node.federation) \
+        if runtime.privacy_plan is not None else None
 
 
 def _coarse(value: float, decimals: Optional[int]) -> float:

@@ -133,17 +133,21 @@ def _epsilon(history: tuple[tuple, ...], delta: float, accountant: str) -> float
 class Ledger:
     """Every DP spend on one dataset of this node, kept in its state folder."""
 
-    def __init__(self, state_dir: Path, dataset: str, budget: Budget) -> None:
+    def __init__(self, state_dir: Path, dataset: str, budget: Budget, federation: str = "local") -> None:
         self.path = Path(state_dir) / f"ledger-{re.sub(r'[^A-Za-z0-9_.-]', '_', dataset)}.json"
-        self.budget = budget
+        self.budget, self.federation = budget, federation
         self.entries: list[dict] = read_json(self.path, {"entries": []})["entries"]
 
-    def history(self, experiment: Optional[str] = None, alone: bool = False) -> list[tuple]:
+    def history(self, experiment: Optional[str] = None, alone: bool = False,
+                federation: Optional[str] = None) -> list[tuple]:
         """The spends as accountant entries; `alone`: a Skellam step counts only this node's own share
-        (the guarantee left if every other contributor colluded with the coordinator)."""
+        (the guarantee left if every other contributor colluded with the coordinator); `federation`: only
+        that federation's spends (an entry from before federations were recorded counts for every one)."""
         out = []
         for e in self.entries:
             if experiment is not None and e["experiment"] != experiment:
+                continue
+            if federation is not None and e.get("federation", federation) != federation:
                 continue
             if "l2" not in e:
                 out.append((e["sigma"], e["q"], e["steps"]))
@@ -167,13 +171,24 @@ class Ledger:
         """The dataset's epsilon over every experiment (at the node's own delta and accountant)."""
         return epsilon_of(self.history() + list(extra), self.budget.delta, self.budget.accountant)
 
+    def federation_epsilon(self, extra: list = (), federation: Optional[str] = None) -> float:
+        """What one federation (this ledger's, by default) has spent of the dataset, over all its experiments."""
+        return epsilon_of(self.history(federation=federation or self.federation) + list(extra), self.budget.delta,
+                          self.budget.accountant)
+
+    def _over_budget(self, extra: list) -> Optional[str]:
+        if self.budget.epsilon is not None and self.lifetime_epsilon(extra) > self.budget.epsilon * TOLERANCE:
+            return f"the node's lifetime budget {self.budget.epsilon:g}"
+        share = self.budget.per_federation
+        if share is not None and self.federation_epsilon(extra) > share * TOLERANCE:
+            return f"this federation's share {share:g} of the lifetime budget"
+        return None
+
     def _check(self, experiment: str, plan: PrivacyPlan, rounds: int) -> Optional[str]:
         extra = [plan.round_spend()] * rounds
         if plan.target_epsilon is not None and self.epsilon(experiment, plan, extra) > plan.target_epsilon * TOLERANCE:
             return "the experiment's target epsilon"
-        if self.budget.epsilon is not None and self.lifetime_epsilon(extra) > self.budget.epsilon * TOLERANCE:
-            return "the node's lifetime budget"
-        return None
+        return self._over_budget(extra)
 
     def rounds_left(self, experiment: str, plan: PrivacyPlan) -> int:
         """How many more rounds the experiment may spend: what is left of its plan, and no more than
@@ -191,13 +206,13 @@ class Ledger:
         return low
 
     def check_plan(self, experiment: str, plan: PrivacyPlan) -> None:
-        """At setup: whatever the experiment may still spend must fit the dataset's lifetime budget."""
-        if self.budget.epsilon is None:
+        """At setup: whatever the experiment may still spend must fit the dataset's lifetime budget and
+        this federation's share of it."""
+        if self.budget.epsilon is None and self.budget.per_federation is None:
             return
-        extra = [plan.round_spend()] * self.rounds_left(experiment, plan)
-        if self.lifetime_epsilon(extra) > self.budget.epsilon * TOLERANCE:
-            raise NodeRefusal("budget-exhausted",
-                              f"the experiment could exceed the lifetime budget {self.budget.epsilon}")
+        which = self._over_budget([plan.round_spend()] * self.rounds_left(experiment, plan))
+        if which is not None:
+            raise NodeRefusal("budget-exhausted", f"the experiment could exceed {which}")
 
     def allows_round(self, experiment: str, plan: PrivacyPlan) -> bool:
         return self._check(experiment, plan, 1) is None
@@ -210,6 +225,7 @@ class Ledger:
 
     def spend(self, experiment: str, plan: PrivacyPlan, steps: int, share: Optional[dict] = None) -> None:
         """Record a round's steps; `share` (distributed mode): the round's real l2, l1 and contributors."""
-        entry = {"experiment": experiment, "sigma": plan.noise_multiplier, "q": plan.sample_rate, "steps": int(steps)}
+        entry = {"experiment": experiment, "sigma": plan.noise_multiplier, "q": plan.sample_rate, "steps": int(steps),
+                 "federation": self.federation}
         self.entries.append({**entry, **(share or {})})
         write_json(self.path, {"entries": self.entries})

@@ -18,6 +18,7 @@ returns the `Node` that every handler works with.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import time
@@ -82,6 +83,9 @@ class Budget(Strict):
     """The node's lifetime privacy budget per dataset, accounted over every experiment it joins."""
 
     epsilon: Optional[float] = Field(None, gt=0)  # None: no lifetime cap (each request's target still binds)
+    # the most of it one federation (one pinned coordinator key) may spend, whatever its experiments: a
+    # coordinator starting throwaway experiments drains its own share, never the others' (None: no share)
+    per_federation: Optional[float] = Field(None, gt=0)
     delta: float = Field(1e-5, gt=0, lt=1)
     accountant: Literal["prv", "rdp"] = "prv"
 
@@ -126,6 +130,13 @@ class Node:
     models: dict[str, str]
     budget: Budget
     state_dir: Path
+
+    @property
+    def federation(self) -> str:
+        """Who spends this node's budget: its pinned coordinator key's fingerprint ("local" outside a federation)."""
+        if self.audit_key is None:
+            return "local"
+        return hashlib.sha256(public_raw(self.audit_key)).hexdigest()[:16]
 
     def model_source(self, name: str) -> Optional[str]:
         """Where this node loads model `name` from (None: it does not load it)."""
