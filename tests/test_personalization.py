@@ -195,3 +195,24 @@ def test_the_terminal_table_shows_the_personalized_accuracy_beside_the_global(tm
             if line.startswith("│") and line.split()[1] in ("aa", "bb", "avg")}
     # as released: 0.5, not 0.500 (a node that rounds to one decimal released 0.5, nothing finer)
     assert rows["aa"][:4] == ["│", "0.5", "│", "0.75"] and rows["bb"][:4] == ["│", "0.25", "│", "-"]
+
+
+def test_a_node_keeps_the_personalized_models_of_its_newest_experiments_only(tmp_path):
+    """Channel 9 (flood): one personalized model per run would grow a node's state with every run a
+    coordinator starts. The node keeps its newest `keep_personalized` experiments' folders, the one it
+    writes always among them."""
+    import os
+    import time
+
+    from securefpt.node.personal import Personal
+
+    arrays = {"prompt": np.zeros((4, 8), dtype=np.float32)}
+    for i in range(5):
+        Personal(tmp_path, f"{i:x}" * 64, keep=3).keep_model(arrays)
+        folder = tmp_path / "personal" / (f"{i:x}" * 16)
+        past = time.time() - 100 + i  # written in order, a second apart
+        for path in [folder, *folder.iterdir()]:
+            os.utime(path, (past, past))
+    kept = sorted(p.name for p in (tmp_path / "personal").iterdir())
+    assert kept == [f"{i:x}" * 16 for i in (2, 3, 4)]
+    assert Personal(tmp_path, "4" * 64, keep=3).model() is not None

@@ -100,6 +100,9 @@ class NodeConfig(Strict):
     models: dict[str, str] = Field(default_factory=dict)  # model name -> local folder or cached hub id
     budget: Budget = Budget()
     state_dir: Optional[Path] = None
+    # the newest experiments whose personalized model (and local head) the node keeps; older ones are
+    # removed, so a coordinator starting run after run cannot grow the node's state without bound
+    keep_personalized: int = Field(10, ge=1)
 
     @model_validator(mode="after")
     def _one_source_of_rules(self) -> "NodeConfig":
@@ -130,6 +133,7 @@ class Node:
     models: dict[str, str]
     budget: Budget
     state_dir: Path
+    keep_personalized: int = 10
 
     @property
     def federation(self) -> str:
@@ -192,7 +196,7 @@ def load_node(path: Path, now: Optional[datetime] = None, state_base: Optional[P
                 attestation=manifest.attestation, key=key, rules=rules, authorities=authorities,
                 coordinator_region=coordinator_region,
                 audit_key=audit_key, data={task: _binding(base, b) for task, b in cfg.data.items()},
-                models=dict(cfg.models), budget=cfg.budget, state_dir=state)
+                models=dict(cfg.models), budget=cfg.budget, state_dir=state, keep_personalized=cfg.keep_personalized)
 
 
 @lru_cache(maxsize=16)

@@ -15,6 +15,7 @@ where the node's rules release evaluation metrics (node/app.py, `personalize`).
 
 from __future__ import annotations
 
+import shutil
 from collections import OrderedDict
 from pathlib import Path
 from typing import Mapping, Optional
@@ -30,8 +31,9 @@ MODEL_FILE = "personalized.safetensors"
 class Personal:
     """A node's own parameters for one experiment, in its state folder."""
 
-    def __init__(self, state_dir: Path, request_sha256: str) -> None:
+    def __init__(self, state_dir: Path, request_sha256: str, keep: int = 10) -> None:
         self.folder = Path(state_dir) / "personal" / request_sha256[:16]
+        self.keep = keep
 
     def head(self, initial: Mapping[str, np.ndarray]) -> "OrderedDict[str, np.ndarray]":
         """The node's head: as last trained here, or the model's initial head before its first round."""
@@ -43,7 +45,19 @@ class Personal:
         self._save("head.safetensors", {k: v for k, v in arrays.items() if k.startswith(HEAD)})
 
     def keep_model(self, arrays: Mapping[str, np.ndarray]) -> Path:
-        return self._save(MODEL_FILE, arrays)
+        path = self._save(MODEL_FILE, arrays)
+        self._prune()
+        return path
+
+    def _prune(self) -> None:
+        """Keep the newest `keep` experiments' folders (by their last write), this one always."""
+        def written(folder: Path) -> float:
+            return max((p.stat().st_mtime for p in folder.iterdir()), default=folder.stat().st_mtime)
+
+        others = sorted((f for f in self.folder.parent.iterdir() if f.is_dir() and f != self.folder),
+                        key=written, reverse=True)
+        for old in others[self.keep - 1:]:
+            shutil.rmtree(old, ignore_errors=True)
 
     def model(self) -> Optional[dict]:
         path = self.folder / MODEL_FILE

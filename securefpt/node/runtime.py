@@ -64,7 +64,7 @@ class NodeRuntime:
         except (ModelUnavailableError, ConfigError) as exc:  # a model or device this node cannot load
             raise NodeRefusal("model-not-allowed", str(exc)) from None
         self._plan: Optional[PrivacyPlan] = None
-        self.personal = Personal(node.state_dir, request.sha256())
+        self.personal = Personal(node.state_dir, request.sha256(), keep=node.keep_personalized)
         self.local_head = request.personalization.local_head
         self._initial = get_trainable(self.assembled.model)  # the model's initial head, before any round
 

@@ -12,6 +12,10 @@ Files (each replaced atomically, so a crash leaves the previous version):
   in another run, at most `MAX_ATTEMPTS` times (coordinator/checkpoint.py resumes so);
 - `ledger-<dataset>.json`: the privacy ledger (node/budget.py);
 - `witness.jsonl`: the signed audit heads it witnessed (node/witness.py);
+- `personal/<experiment>/`: its local head and personalized model, for the newest
+  `keep_personalized` experiments only (node/personal.py);
+- `sketches.json`, `sketch.key`: sketches of the encoders it trained on, where its rules refuse
+  near copies (node/sketches.py);
 - `node.log`: details of refusals and failures, which never leave the node.
 """
 
@@ -20,6 +24,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, Optional
 
@@ -94,6 +99,12 @@ class RunRecord:
 MAX_ATTEMPTS = 3  # trainings of one round on one held encoder (each in its own run)
 
 
+@lru_cache(maxsize=8)
+def _spent(path: str, mtime_ns: int, size: int) -> frozenset:
+    """encoders.json as a set, read again only when the file changes (it grows with every round)."""
+    return frozenset(read_json(Path(path), []))
+
+
 class NodeState:
     def __init__(self, folder: Path) -> None:
         self.folder = Path(folder)
@@ -103,7 +114,11 @@ class NodeState:
 
     def trained_on(self, encoder: str) -> bool:
         """Whether an update of this node on `encoder` may have reached the coordinator."""
-        return encoder in read_json(self.folder / "encoders.json", [])
+        path = self.folder / "encoders.json"
+        if not path.is_file():
+            return False
+        stat = path.stat()
+        return encoder in _spent(str(path), stat.st_mtime_ns, stat.st_size)
 
     def record_encoder(self, encoder: str) -> None:
         path = self.folder / "encoders.json"
