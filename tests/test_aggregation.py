@@ -52,3 +52,74 @@ def test_selection_is_sized_by_the_eligible_population_when_some_decline():
     again = select_clients(list(range(8)), 0.5, np.random.default_rng(0), population=10)
     first = select_clients(list(range(8)), 0.5, np.random.default_rng(0), population=10)
     assert again == first and len(set(first)) == 5
+
+
+def test_robust_aggregation_is_not_moved_far_by_one_poisoning_update():
+    """fl.aggregation: one node among four sends 1000 in every coordinate. The mean moves by 250;
+    the coordinate-wise median and the trimmed mean stay inside the honest updates' range."""
+    from securefpt.coordinator.aggregation import robust_average
+
+    honest = [({"p": np.array([1.0, -1.0, 0.5], dtype=np.float32) + i * 0.1}, 10) for i in range(4)]
+    poisoned = honest[:3] + [({"p": np.full(3, 1000.0, dtype=np.float32)}, 10)]
+    low = np.min([u["p"] for u, _ in honest[:3]], axis=0)
+    high = np.max([u["p"] for u, _ in honest[:3]], axis=0)
+    assert np.all(robust_average(poisoned, "mean")["p"] > 200)
+    for how in ("median", "trimmed_mean"):
+        out = robust_average(poisoned, how, trim_fraction=0.25)["p"]
+        assert np.all(out >= low - 1e-6) and np.all(out <= high + 1e-6), (how, out)
+    np.testing.assert_allclose(robust_average(honest, "median")["p"], np.median([u["p"] for u, _ in honest], 0))
+
+
+def test_robust_aggregation_needs_each_update_so_not_under_secagg():
+    from securefpt.config import load_config
+    from securefpt.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="fl.aggregation=median needs each node's update"):
+        load_config(None, ["fl.aggregation=median", "secagg.enabled=true"])
+    assert load_config(None, ["fl.aggregation=median", "secagg.enabled=false"]).fl.aggregation == "median"
+
+
+@pytest.mark.slow
+def test_a_poisoning_node_pulls_the_mean_and_not_the_median_in_a_plaintext_federation(tmp_path):
+    """The attack for real: one of four nodes runs modified software that sends its encoder plus 100
+    in every coordinate (a plaintext federation: no SecAgg+, whose sum hides whose it was). Under the
+    mean the global encoder moves by about 25; under fl.aggregation=median it stays where the honest
+    nodes' training put it."""
+    from flwr.app import MessageType
+    from flwr.clientapp import ClientApp
+    from flwr.common import ndarrays_to_parameters, parameters_to_ndarrays
+    from flwr.compat.common import recorddict_compat as compat
+
+    from securefpt.config import load_config
+    from securefpt.engines.simulation import run_federated_simulation
+    from securefpt.learning.artifacts import load_arrays
+    from securefpt.learning.modeling import build_model, get_trainable
+    from securefpt.node import app as node_app
+    from securefpt.node.config import this_node
+    from securefpt.node.guards import fault_injection_mod, hygiene_mod
+    from tests.conftest import TINY, make_masakhanews_like, tsv_cfg_overrides
+
+    def poison(msg, context, call_next):
+        reply = call_next(msg, context)
+        if msg.metadata.message_type != MessageType.TRAIN or this_node(context).language != "dd" or reply.has_error():
+            return reply
+        fitres = compat.recorddict_to_fitres(reply.content, keep_input=True)
+        fitres.parameters = ndarrays_to_parameters([a + 100.0 for a in parameters_to_ndarrays(fitres.parameters)])
+        return type(reply)(compat.fitres_to_recorddict(fitres, keep_input=False), reply_to=msg)
+
+    app = ClientApp(mods=[hygiene_mod, fault_injection_mod, poison])
+    app.query()(node_app.setup)
+    app.train()(node_app.train)
+    app.evaluate()(node_app.evaluate)
+    app.query("witness")(node_app.witness_head)
+    langs = ["aa", "bb", "cc", "dd"]
+    root = make_masakhanews_like(tmp_path / "data", langs)
+    moved = {}
+    for how in ("mean", "median"):
+        cfg = load_config(None, TINY + tsv_cfg_overrides(root, langs) + [
+            "fl.rounds=1", "secagg.enabled=false", f"fl.aggregation={how}"])
+        start = get_trainable(build_model(cfg.model, cfg.peft, 3, cfg.seed).model)
+        run_federated_simulation(cfg, tmp_path / how, show_progress=False, client_app=app)
+        final = load_arrays(tmp_path / how / "prompt_encoder.safetensors")
+        moved[how] = max(float(np.abs(final[k] - start[k]).max()) for k in final if k in start)
+    assert moved["mean"] > 20 and moved["median"] < 1.0, moved

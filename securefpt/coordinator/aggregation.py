@@ -32,6 +32,28 @@ def weighted_average(updates: Sequence[tuple[Arrays, float]]) -> "OrderedDict[st
     return out
 
 
+def robust_average(updates: Sequence[tuple[Arrays, float]], how: str,
+                   trim_fraction: float = 0.2) -> "OrderedDict[str, np.ndarray]":
+    """The coordinate-wise median, or mean after dropping `trim_fraction` of the updates at each end
+    (Yin et al. 2018): one poisoning node among honest ones moves neither far, whatever it sends.
+    Unweighted: a node's claimed |D_k| is itself something it could lie about."""
+    if how == "mean":
+        return weighted_average(updates)
+    if not updates:
+        raise ValueError("no client returned an update: nothing to aggregate")
+    names = list(updates[0][0].keys())
+    out: "OrderedDict[str, np.ndarray]" = OrderedDict()
+    for name in names:
+        stacked = np.stack([np.asarray(arrays[name], dtype=np.float64) for arrays, _ in updates])
+        if how == "median":
+            out[name] = np.median(stacked, axis=0).astype(np.float32)
+        else:
+            cut = int(trim_fraction * len(updates))
+            ordered = np.sort(stacked, axis=0)
+            out[name] = ordered[cut:len(updates) - cut].mean(axis=0).astype(np.float32)
+    return out
+
+
 def select_clients(
     candidates: Sequence[int], fraction: float, rng: np.random.Generator, population: int | None = None
 ) -> list[int]:

@@ -17,7 +17,7 @@ from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.common import FitIns, ndarrays_to_parameters, parameters_to_ndarrays
 from flwr.compat.common import recorddict_compat as compat
 
-from securefpt.coordinator.aggregation import weighted_average
+from securefpt.coordinator.aggregation import robust_average
 from securefpt.coordinator.audit_log import AuditLog
 from securefpt.coordinator.interrupts import drill
 from securefpt.coordinator.metering import MeteredGrid, exchange
@@ -105,7 +105,7 @@ class RoundPhases:
         outcome.failures += [(n, "no reply before fl.round_timeout") for n in selected if n not in answered]
         outcome.contributors = [n for n in selected if n in set(outcome.contributors)]
         if updates:
-            average = weighted_average(updates)
+            average = robust_average(updates, self.cfg.fl.aggregation, self.cfg.fl.trim_fraction)
             outcome.change = OrderedDict((k, average[k].astype(np.float64) - global_arrays[k]) for k in global_arrays)
         return outcome
 

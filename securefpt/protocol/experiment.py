@@ -243,6 +243,12 @@ class FLConfig(Strict):
     """FedProx: each node adds mu/2 ||w - w_global||^2 to its objective."""
     server_optimizer: ServerOptimizerConfig = ServerOptimizerConfig()
     """How the coordinator applies the round's average change."""
+    aggregation: Literal["mean", "median", "trimmed_mean"] = "mean"
+    """mean: Algorithm 1's weighted mean. median (coordinate-wise) or trimmed_mean (coordinate-wise, dropping
+    fl.trim_fraction of the updates at each end): robust to a few poisoning nodes, for plaintext rounds only (under
+    SecAgg+ the coordinator sees only the sum); they ignore the nodes' weights."""
+    trim_fraction: float = Field(0.2, ge=0.0, lt=0.5)
+    """trimmed_mean: the share of updates dropped at each end of every coordinate."""
 
 
 class DPConfig(Strict):
@@ -368,6 +374,9 @@ class ExperimentConfig(Strict):
         if self.clients is not None and (self.data.partition is not None or self.data.per_language):
             raise ValueError("data.partition and data.per_language shape the operator's own trial data; a "
                              "federation's nodes (clients) bind their own data and their own row caps")
+        if self.fl.aggregation != "mean" and self.secagg.enabled:
+            raise ValueError(f"fl.aggregation={self.fl.aggregation} needs each node's update: secagg.enabled=false "
+                             "(under SecAgg+ the coordinator sees only the sum, so only the mean)")
         if self.dp.enabled and self.dp.noise_multiplier is None and self.dp.target_epsilon is None:
             raise ValueError("dp: set dp.target_epsilon or dp.noise_multiplier")
         _check_distributed(self.dp, self.secagg.enabled, self.personalization,
