@@ -6,13 +6,15 @@ federation), and compares what each printed, line by line, with every number rep
 (DP noise comes from the OS, so the figures differ from run to run; the lines must not) and
 run directories named alike. Flower's own lines before the app starts (the local SuperLink,
 the federation's size, the app's installation) are listed apart: the app cannot change them.
-Prints the lines only one of the two printed, each run's wall time, and a verdict.
+Prints the lines one printed where the other did not (a line-by-line diff, in order), each
+run's wall time, and a verdict.
 
     python bench/flwr_parity.py
 """
 
 from __future__ import annotations
 
+import difflib
 import os
 import re
 import signal
@@ -32,7 +34,7 @@ FLOWER_PREAMBLE = ("Starting local SuperLink", "Using SuperLink", "⚠️", "Suc
 def shape(line: str, out: Path) -> str:
     line = re.sub(r"\x1b\[[0-9;]*m", "", line).replace(str(out.resolve()), "RUN").replace(str(out), "RUN")
     line = re.sub(r"/\S*/demo-federation", "FEDERATION", line)
-    return re.sub(r"\d+(\.\d+)?", "#", line).rstrip()
+    return " ".join(re.sub(r"\d+(\.\d+)?", "#", line).split())  # numbers and column widths vary
 
 
 def run(command: list[str], env: dict, out: Path) -> tuple[float, list[str], list[str]]:
@@ -53,15 +55,17 @@ def main() -> None:
     demo_out, flwr_out = work / "demo", work / "flwr"
     demo_s, demo, _ = run([str(BIN / "securefpt"), "demo", "--out", str(demo_out)], env, demo_out)
     demo = [x for x in demo if not x.startswith("made the demo federation")]  # the first demo's one-off line
+    before = set(subprocess.run(["pgrep", "-f", "flower-superlink"], capture_output=True, text=True).stdout.split())
     try:
         flwr_s, flwr, preamble = run([str(BIN / "flwr"), "run", ".", "--stream", "--run-config",
                                       f'out-dir="{flwr_out}"'], env, flwr_out)
-    finally:  # Flower leaves its local SuperLink running
+    finally:  # Flower leaves the local SuperLink it started running: stop that one
         found = subprocess.run(["pgrep", "-f", "flower-superlink"], capture_output=True, text=True)
-        for pid in found.stdout.split():
+        for pid in set(found.stdout.split()) - before:
             os.kill(int(pid), signal.SIGTERM)
-    only_demo = [x for x in demo if x not in flwr]
-    only_flwr = [x for x in flwr if x not in demo]
+    diff = [x for x in difflib.ndiff(demo, flwr) if x[:1] in "-+"]
+    only_demo = [x[2:] for x in diff if x.startswith("-")]
+    only_flwr = [x[2:] for x in diff if x.startswith("+")]
     print(f"machine: {os.cpu_count()} cores")
     print(f"securefpt demo: {demo_s:.0f} s, {len(demo)} lines; flwr run .: {flwr_s:.0f} s, {len(flwr)} lines "
           f"after Flower's own {len(preamble)} lines before the app starts:")

@@ -110,8 +110,12 @@ def cell(event: str, signal_name: str, rounds: int, work: Path, env: dict, basel
                    distance=distance(mine, baseline["encoder"]),
                    trainings_per_encoder=trainings_per_encoder(out))
     row["resumed"] = bool(row.get("rounds") == list(range(1, rounds + 1)) and row.get("log_verifies"))
+    words = row.get("verify_line", "").replace(",", "").split()  # "intact N entries witnessed to entry K"
+    lost = len(words) == 7 and words[1].isdigit() and words[-1] != str(int(words[1]) - 1)
     row["outcome"] = ("finished without a resume" if finished else "resumed") if row["resumed"] else \
         f"NOT resumed: {row['resume_message']}"
+    if row["resumed"] and finished and lost:
+        row["outcome"] += "; the last entries are not witnessed"
     return row
 
 

@@ -330,7 +330,17 @@ def test_distributed_dp_needs_secure_aggregation_a_public_noise_multiplier_and_a
     planned = with_planned_noise(unplanned)
     sigma = planned.dp.noise_multiplier
     assert sigma == distributed_noise(unplanned, 4.0) and sigma > 0 and planned.dp.target_epsilon == 4.0
-    assert planned.request(label_space(planned.data)).dp.noise_multiplier == sigma
+    request = planned.request(label_space(planned.data))
+    assert request.dp.noise_multiplier == sigma
+    # a node at the row cap, planning its own spend from that request, reaches the target by the last
+    # round and not before: it trains every planned round, and the plan is not looser than asked
+    from securefpt.learning.modeling import build_model, get_trainable
+    from securefpt.node.budget import TOLERANCE, epsilon_of, plan_privacy
+
+    d = sum(a.size for a in get_trainable(build_model(planned.model, planned.peft, 3, 0).model).values())
+    plan = plan_privacy(request, 16, d)
+    spent = epsilon_of([plan.round_spend()] * planned.fl.rounds, plan.delta, plan.accountant)
+    assert 0.9 * 4.0 <= spent <= 4.0 * TOLERANCE, spent
     federation = unplanned.model_copy(update={"clients": tmp_path, "data": unplanned.data.model_copy(
         update={"max_train_per_client": None})})
     with pytest.raises(ConfigError, match="needs the public row cap"):

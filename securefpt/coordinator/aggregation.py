@@ -48,9 +48,10 @@ def robust_average(updates: Sequence[tuple[Arrays, float]], how: str,
         if how == "median":
             out[name] = np.median(stacked, axis=0).astype(np.float32)
         else:
-            cut = int(trim_fraction * len(updates))
+            n = len(updates)  # at least one dropped at each end once there are 3 (else it would be the mean)
+            cut = min(max(int(trim_fraction * n), 1 if trim_fraction > 0 and n >= 3 else 0), (n - 1) // 2)
             ordered = np.sort(stacked, axis=0)
-            out[name] = ordered[cut:len(updates) - cut].mean(axis=0).astype(np.float32)
+            out[name] = ordered[cut:n - cut].mean(axis=0).astype(np.float32)
     return out
 
 

@@ -5,10 +5,11 @@ a synthetic batch of the configured size and length (a warm-up step, then two): 
 training step, one DP step where the run uses DP (per-example gradients cost more), and one
 evaluation batch. A node's round is its steps (local epochs over its rows, or the DP plan's
 steps) and its evaluation batches, at the public row caps; without a cap the estimate is per
-100 rows. Two figures: every node on this machine (the simulation engine: one node at a
-time uses all its cores), and each node on a machine like this one (the deployment engine:
-the slowest node sets the pace). Compute only: the engine's start, SecAgg+'s stages and
-loading the model add to it (bench/demo.py measures the whole).
+100 rows. Two figures: every node on this machine (the simulation engine: the nodes share its
+cores, so their compute adds up; the step was timed with all of them), and each node on a
+machine like this one (the deployment engine: the slowest node sets the pace). Compute only:
+the engine's start, SecAgg+'s stages and loading the model add to it, and a timed DP step
+includes Opacus's per-call setup, so it errs long (bench/demo.py measures the whole).
 """
 
 from __future__ import annotations
@@ -66,7 +67,7 @@ def estimate(cfg: ExperimentConfig, times: dict[str, float], included: list[str]
         rows = cfg.data.max_train_of(lang) or PER_ROWS
         evals = cfg.data.max_eval_per_client or PER_ROWS
         if cfg.dp.enabled:
-            steps = 1 if cfg.dp.mode == "distributed" else (dp_steps or math.ceil(rows / cfg.fl.batch_size))
+            steps = 1 if cfg.dp.mode == "distributed" else (dp_steps or local_steps(rows, cfg.fl))
             train = steps * times["dp_step"]
         else:
             train = local_steps(rows, cfg.fl) * times["train_step"]

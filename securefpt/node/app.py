@@ -121,7 +121,7 @@ def train(msg: Message, context: Context) -> Message:
         runtime.check_ring(ring)  # the round's public grid can carry this node's noise share
     run.note_trained(server_round, encoder)  # before anything leaves: a replay of this round is refused
     if node.rules.differencing.min_encoder_distance > 0:  # near copies of it are refused from now on
-        Sketches(node.state_dir).keep(global_arrays, encoder)
+        Sketches(node.state_dir, node.federation).keep(global_arrays, encoder)
     state = NodeState(node.state_dir)
     # in the clear the update leaves now; under SecAgg+ only once this node reveals its unmask shares
     if secure:

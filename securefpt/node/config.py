@@ -89,6 +89,12 @@ class Budget(Strict):
     delta: float = Field(1e-5, gt=0, lt=1)
     accountant: Literal["prv", "rdp"] = "prv"
 
+    @model_validator(mode="after")
+    def _share_within_lifetime(self) -> "Budget":
+        if self.per_federation is not None and self.epsilon is not None and self.per_federation > self.epsilon:
+            raise ValueError(f"budget.per_federation {self.per_federation} above budget.epsilon {self.epsilon}")
+        return self
+
 
 class NodeConfig(Strict):
     manifest: Path

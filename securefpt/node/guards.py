@@ -46,7 +46,7 @@ def check_request(node: Node, request: ExperimentRequest, run: RunRecord) -> lis
 def near_copy(node: Node, encoder: str, arrays) -> bool:
     """An encoder within the node's `differencing.min_encoder_distance` of another it trained on."""
     distance = node.rules.differencing.min_encoder_distance
-    return distance > 0 and Sketches(node.state_dir).nearest(arrays, encoder) < distance
+    return distance > 0 and Sketches(node.state_dir, node.federation).nearest(arrays, encoder) < distance
 
 
 def check_training(node: Node, run: RunRecord, request: ExperimentRequest, server_round: int, encoder: str,

@@ -45,12 +45,12 @@ class Personal:
         self._save("head.safetensors", {k: v for k, v in arrays.items() if k.startswith(HEAD)})
 
     def keep_model(self, arrays: Mapping[str, np.ndarray]) -> Path:
-        path = self._save(MODEL_FILE, arrays)
-        self._prune()
-        return path
+        return self._save(MODEL_FILE, arrays)
 
     def _prune(self) -> None:
-        """Keep the newest `keep` experiments' folders (by their last write), this one always."""
+        """Keep the newest `keep` experiments' folders (by their last write), this one always. A running
+        experiment's head is written every round, so only an experiment idle while `keep` others wrote
+        since can lose its folder."""
         def written(folder: Path) -> float:
             return max((p.stat().st_mtime for p in folder.iterdir()), default=folder.stat().st_mtime)
 
@@ -68,6 +68,7 @@ class Personal:
         tmp = self.folder / f"{name}.tmp"
         save_arrays(tmp, arrays)
         tmp.replace(self.folder / name)  # a crash leaves the previous version
+        self._prune()
         return self.folder / name
 
 

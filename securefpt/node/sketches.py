@@ -8,8 +8,12 @@ directions drawn from a secret the node keeps (the coordinator cannot aim a pert
 what the sketch misses), whose distances are the encoders' L2 distances within a few tens of
 percent (Johnson-Lindenstrauss). An offer within the node's `differencing.min_encoder_distance`
 of a kept sketch (other than the same encoder: a held secure round's retry is node/state.py's
-to allow) is refused like an exact reuse. Sketching costs d x K normal draws per encoder: for
-prompt tuning and LoRA fractions of a second; for full fine-tuning, minutes.
+to allow) is refused like an exact reuse. Sketches are compared within one federation (the
+node's pinned coordinator key): a refusal is then no answer to another coordinator about what
+the node trained on elsewhere. The distance must stay below the change of the global encoder
+in one round, or the node refuses its own run's next round (it drops out of that run).
+Sketching costs d x K normal draws per encoder: for prompt tuning and LoRA fractions of a
+second; for full fine-tuning, minutes.
 """
 
 from __future__ import annotations
@@ -29,13 +33,18 @@ CHUNK = 8192  # coordinates projected at a time (bounded memory)
 class Sketches:
     """The sketches of every encoder this node trained on (lifetime, in its state folder)."""
 
-    def __init__(self, folder: Path) -> None:
+    def __init__(self, folder: Path, federation: str = "local") -> None:
         self.path, self.key = Path(folder) / "sketches.json", Path(folder) / "sketch.key"
+        self.federation = federation
 
     def _secret(self) -> int:
         if not self.key.is_file():
             self.key.parent.mkdir(parents=True, exist_ok=True)
-            self.key.write_bytes(os.urandom(32))
+            tmp = self.key.with_name("sketch.key.tmp")
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(os.urandom(32))
+            os.replace(tmp, self.key)  # two processes racing keep one secret: the one replaced last
         return int.from_bytes(self.key.read_bytes(), "big")
 
     def sketch(self, arrays: Mapping[str, np.ndarray]) -> np.ndarray:
@@ -49,7 +58,8 @@ class Sketches:
 
     def nearest(self, arrays: Mapping[str, np.ndarray], encoder: str) -> float:
         """The sketched distance to the closest other encoder of the same size trained on (inf: none)."""
-        kept = [e for e in read_json(self.path, []) if e["encoder"] != encoder]
+        kept = [e for e in read_json(self.path, [])
+                if e["encoder"] != encoder and e.get("federation", self.federation) == self.federation]
         if not kept:
             return float("inf")
         mine, size = self.sketch(arrays), sum(int(np.asarray(a).size) for a in arrays.values())
@@ -58,7 +68,8 @@ class Sketches:
 
     def keep(self, arrays: Mapping[str, np.ndarray], encoder: str) -> None:
         kept = read_json(self.path, [])
-        if any(e["encoder"] == encoder for e in kept):
+        if any(e["encoder"] == encoder and e.get("federation") == self.federation for e in kept):
             return
         size = sum(int(np.asarray(a).size) for a in arrays.values())
-        write_json(self.path, [*kept, {"encoder": encoder, "size": size, "sketch": self.sketch(arrays).tolist()}])
+        write_json(self.path, [*kept, {"encoder": encoder, "size": size, "federation": self.federation,
+                                       "sketch": self.sketch(arrays).tolist()}])
