@@ -39,9 +39,10 @@ def shape(line: str, out: Path) -> str:
 
 def run(command: list[str], env: dict, out: Path) -> tuple[float, list[str], list[str]]:
     start = time.perf_counter()
-    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800)
+    done = subprocess.run(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          timeout=1800)  # one stream, in the order printed
     seconds = time.perf_counter() - start
-    lines = [x for x in (done.stdout + done.stderr).splitlines() if x.strip() and "━" not in x]
+    lines = [x for x in done.stdout.splitlines() if x.strip() and "━" not in x]
     preamble = [x for x in lines if any(p in x for p in FLOWER_PREAMBLE)]
     return seconds, [shape(x, out) for x in lines if x not in preamble], preamble
 
