@@ -77,12 +77,13 @@ def distance(a: dict, b: dict) -> float:
     return float(max(np.max(np.abs(a[k] - b[k])) for k in a))
 
 
-def _verdict(text: str) -> str:
-    """`audit verify`'s verdict, short: entries and how far the witnesses agree."""
+def _verdict(text: str) -> dict:
+    """`audit verify`'s verdict, short, with its entries and the last one the witnesses agree on."""
     words = " ".join(text.split())
     entries = words.split(" entries")[0].split()[-1] if " entries" in words else "?"
     witnessed = words.split("agree up to entry ")[-1].split()[0] if "agree up to entry " in words else "none"
-    return f"{words.split(':')[0]}, {entries} entries, witnessed to entry {witnessed}"
+    return {"verify_line": f"{words.split(':')[0]}, {entries} entries, witnessed to entry {witnessed}",
+            "last_entry_witnessed": entries.isdigit() and witnessed == str(int(entries) - 1)}
 
 
 def cell(event: str, signal_name: str, rounds: int, work: Path, env: dict, baseline: dict) -> dict:
@@ -105,13 +106,12 @@ def cell(event: str, signal_name: str, rounds: int, work: Path, env: dict, basel
                                  "--witness", str(out / "nodes")], capture_output=True, text=True, env=env)
         mine = encoder(out)
         row.update(rounds=[r["round"] for r in summary["rounds"]], log_verifies=verify.returncode == 0,
-                   verify_line=_verdict(verify.stdout + verify.stderr),
+                   **_verdict(verify.stdout + verify.stderr),
                    accuracy=summary["final"]["accuracy"], baseline_accuracy=baseline["accuracy"],
                    distance=distance(mine, baseline["encoder"]),
                    trainings_per_encoder=trainings_per_encoder(out))
     row["resumed"] = bool(row.get("rounds") == list(range(1, rounds + 1)) and row.get("log_verifies"))
-    words = row.get("verify_line", "").replace(",", "").split()  # "intact N entries witnessed to entry K"
-    lost = len(words) == 7 and words[1].isdigit() and words[-1] != str(int(words[1]) - 1)
+    lost = not row.get("last_entry_witnessed", True)
     row["outcome"] = ("finished without a resume" if finished else "resumed") if row["resumed"] else \
         f"NOT resumed: {row['resume_message']}"
     if row["resumed"] and finished and lost:

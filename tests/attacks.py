@@ -16,6 +16,7 @@ from typing import Optional
 
 import numpy as np
 from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.clientapp import ClientApp
 from flwr.common import FitIns, bytes_to_ndarray, ndarrays_to_parameters
 from flwr.common.secure_aggregation.crypto.shamir import combine_shares
 from flwr.common.secure_aggregation.crypto.symmetric_encryption import decrypt, encrypt, generate_shared_key
@@ -131,6 +132,20 @@ def hostile_app(script, log: dict, nodes: int) -> ServerApp:
         except BaseException:  # the test reports it
             log["error"] = traceback.format_exc()
 
+    return app
+
+
+def node_app_with(mod) -> ClientApp:
+    """The node's own ClientApp (its handlers, hygiene and fault mods) with `mod` in the place of its
+    innermost mod: a misbehaving node, or a planted bug, around the real handlers."""
+    from securefpt.node import app as node_app
+    from securefpt.node.guards import fault_injection_mod, hygiene_mod
+
+    app = ClientApp(mods=[hygiene_mod, fault_injection_mod, mod])
+    app.query()(node_app.setup)
+    app.train()(node_app.train)
+    app.evaluate()(node_app.evaluate)
+    app.query("witness")(node_app.witness_head)
     return app
 
 

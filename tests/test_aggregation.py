@@ -86,7 +86,6 @@ def test_a_poisoning_node_pulls_the_mean_and_not_the_median_in_a_plaintext_feder
     mean the global encoder moves by about 25; under fl.aggregation=median it stays where the honest
     nodes' training put it."""
     from flwr.app import MessageType
-    from flwr.clientapp import ClientApp
     from flwr.common import ndarrays_to_parameters, parameters_to_ndarrays
     from flwr.compat.common import recorddict_compat as compat
 
@@ -94,9 +93,8 @@ def test_a_poisoning_node_pulls_the_mean_and_not_the_median_in_a_plaintext_feder
     from securefpt.engines.simulation import run_federated_simulation
     from securefpt.learning.artifacts import load_arrays
     from securefpt.learning.modeling import build_model, get_trainable
-    from securefpt.node import app as node_app
     from securefpt.node.config import this_node
-    from securefpt.node.guards import fault_injection_mod, hygiene_mod
+    from tests.attacks import node_app_with
     from tests.conftest import TINY, make_masakhanews_like, tsv_cfg_overrides
 
     def poison(msg, context, call_next):
@@ -107,11 +105,7 @@ def test_a_poisoning_node_pulls_the_mean_and_not_the_median_in_a_plaintext_feder
         fitres.parameters = ndarrays_to_parameters([a + 100.0 for a in parameters_to_ndarrays(fitres.parameters)])
         return type(reply)(compat.fitres_to_recorddict(fitres, keep_input=False), reply_to=msg)
 
-    app = ClientApp(mods=[hygiene_mod, fault_injection_mod, poison])
-    app.query()(node_app.setup)
-    app.train()(node_app.train)
-    app.evaluate()(node_app.evaluate)
-    app.query("witness")(node_app.witness_head)
+    app = node_app_with(poison)
     langs = ["aa", "bb", "cc", "dd"]
     root = make_masakhanews_like(tmp_path / "data", langs)
     moved = {}

@@ -17,10 +17,9 @@ from flwr.clientapp import ClientApp
 from securefpt.config import load_config
 from securefpt.engines.privacy_audit import plan_settings, run_privacy_audit
 from securefpt.errors import ConfigError
-from securefpt.node import app as node_app
-from securefpt.node.guards import fault_injection_mod, hygiene_mod
 from securefpt.node.secagg import secure_aggregation_mod
 from securefpt.privacy.auditing import epsilon_refuted, membership, one_run_lower_bound
+from tests.attacks import node_app_with
 from tests.conftest import make_masakhanews_like, tsv_cfg_overrides
 
 EPSILON = 0.25
@@ -52,12 +51,7 @@ def silent_shares_app() -> ClientApp:
         finally:
             distributed_dp.skellam = real
 
-    app = ClientApp(mods=[hygiene_mod, fault_injection_mod, silent])
-    app.query()(node_app.setup)
-    app.train()(node_app.train)
-    app.evaluate()(node_app.evaluate)
-    app.query("witness")(node_app.witness_head)
-    return app
+    return node_app_with(silent)
 
 
 def quiet(_line: str) -> None:

@@ -26,8 +26,8 @@ from securefpt.protocol.experiment import ExperimentConfig
 from securefpt.protocol.policy import load_policy
 
 
-def plan_run(cfg: ExperimentConfig, timed: bool = True) -> dict[str, Any]:
-    """The run's plan as a dict (printed by the CLI, read by tools); `timed`: with the time estimate."""
+def plan_run(cfg: ExperimentConfig) -> dict[str, Any]:
+    """The run's plan as a dict (printed by the CLI, read by tools)."""
     who = participants(cfg)
     regions = load_policy(cfg.policy).regions if cfg.policy is not None else {}
     nodes = {}
@@ -46,10 +46,8 @@ def plan_run(cfg: ExperimentConfig, timed: bool = True) -> dict[str, Any]:
     selected = max(int(cfg.fl.fraction_fit * len(included)), 1) if included else 0  # Algorithm 1's m
     secagg = resolve_settings(cfg, selected) if cfg.secagg.enabled and selected else None
     dp = _dp_plan(cfg, request, shared)
-    time_needed = None
-    if timed:
-        times = step_times(cfg, model, len(labels))
-        time_needed = estimate(cfg, times, included, dp.get("steps_per_round") if dp else None)
+    time_needed = estimate(cfg, step_times(cfg, model, len(labels)), included,
+                           dp.get("steps_per_round") if dp else None)
     return {
         "name": cfg.name, "paradigm": cfg.paradigm, "model": cfg.model.name, "peft_method": cfg.peft.method,
         "labels": labels, "rounds": cfg.fl.rounds, "nodes": nodes, "selected_per_round": selected,
@@ -116,6 +114,5 @@ def print_plan(plan: dict[str, Any], console) -> None:
             f"{dp['sample_rate']:.4f}, {dp['steps_per_round']} steps a round ({dp['accountant']}); epsilon "
             f"{dp['epsilon_after_one_round']:.3f} after one round, {dp['epsilon_after_all_rounds']:.3f} after all "
             f"(delta {dp['delta']:g})")
-    if plan.get("time") is not None:
-        say(describe(plan["time"]))
+    say(describe(plan["time"]))
     say("dry run: nothing was trained or written")

@@ -43,12 +43,11 @@ def step_times(cfg: ExperimentConfig, model: AssembledModel, labels: int) -> dic
     """Seconds of one training step, one DP step (where DP is on) and one evaluation batch."""
     from securefpt.learning.modeling import get_trainable, set_trainable
 
-    batch = _synthetic(cfg, labels, cfg.fl.batch_size)
+    batch, eval_batch = _synthetic(cfg, labels, cfg.fl.batch_size), _synthetic(cfg, labels, cfg.fl.eval_batch_size)
     one_epoch = cfg.fl.model_copy(update={"local_epochs": 1})
     initial = get_trainable(model.model)
     times = {"train_step": _seconds(lambda: train_local(model, batch, one_epoch, seed=0)),
-             "eval_batch": _seconds(lambda: evaluate(model, _synthetic(cfg, labels, cfg.fl.eval_batch_size),
-                                                     cfg.fl.eval_batch_size))}
+             "eval_batch": _seconds(lambda: evaluate(model, eval_batch, cfg.fl.eval_batch_size))}
     if cfg.dp.enabled:
         from securefpt.learning.dp_training import DPSchedule, dp_train
 

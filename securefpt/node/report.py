@@ -38,11 +38,11 @@ def node_report(config: Path, state_dir: Optional[Path] = None, runs: Path = Pat
         ledger = Ledger(folder, dataset, node.budget)
         experiments = {key[:12]: _experiment(ledger, key, node) for key in dict.fromkeys(
             e["experiment"] for e in ledger.entries)}
-        federations = sorted({e.get("federation", "unrecorded") for e in ledger.entries})
+        federations = sorted({e["federation"] for e in ledger.entries if "federation" in e})
         datasets[dataset] = {
             "lifetime_epsilon": ledger.lifetime_epsilon(), "budget": node.budget.epsilon,
             "per_federation": node.budget.per_federation,
-            "federations": {f: ledger.federation_epsilon(federation=f) for f in federations if f != "unrecorded"},
+            "federations": {f: ledger.federation_epsilon(federation=f) for f in federations},
             "delta": node.budget.delta, "accountant": node.budget.accountant, "experiments": experiments,
         }
     runs = [read_json(p, {}) for p in sorted((folder / "runs").glob("*.json"))]
