@@ -19,9 +19,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from securefpt.config import load_config
 from securefpt.engines.loopback import EXPERIMENT, Loopback
 from securefpt.engines.simulation import run_federated_simulation
+from securefpt.experiment.loading import load_config
 
 
 def main() -> None:

@@ -15,8 +15,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from securefpt.config import load_config
-from securefpt.learning.data import label_space
+from securefpt.experiment.loading import load_config
+from securefpt.experiment.trial_data import label_space
 from securefpt.learning.modeling import build_model, count_params
 from securefpt.node.budget import MAX_NOISE_TO_SIGNAL, noise_to_signal, plan_privacy
 

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import torch
 
-from securefpt.config import load_config
-from securefpt.learning.data import label_space, load_client_data
+from securefpt.experiment.loading import load_config
+from securefpt.experiment.trial_data import label_space, load_client_data
 from securefpt.learning.dp_training import DPSchedule, dp_train
 from securefpt.learning.modeling import build_model
 from securefpt.learning.training import train_local
@@ -42,10 +42,10 @@ def main() -> None:
         # warm up both paths once, then time one local epoch of each
         plan = plan_privacy(cfg.request(labels), len(examples))
         schedule = DPSchedule(plan.noise_multiplier, plan.sample_rate, plan.steps_per_round, plan.max_grad_norm)
-        dp_train(build_model(cfg.model, cfg.peft, len(labels), 0), examples[:16], cfg.fl,
+        dp_train(build_model(cfg.model, cfg.peft, len(labels), 0), examples[:16], cfg.training_plan(),
                  DPSchedule(plan.noise_multiplier, 1.0, 1, plan.max_grad_norm))
-        plain = train_local(build_model(cfg.model, cfg.peft, len(labels), 0), examples, cfg.fl, seed=1)
-        dp = dp_train(build_model(cfg.model, cfg.peft, len(labels), 0), examples, cfg.fl, schedule)
+        plain = train_local(build_model(cfg.model, cfg.peft, len(labels), 0), examples, cfg.training_plan(), seed=1)
+        dp = dp_train(build_model(cfg.model, cfg.peft, len(labels), 0), examples, cfg.training_plan(), schedule)
         p, d = plain.seconds / plain.steps, dp.seconds / dp.steps
         print(f"| {method} | {p:.3f} | {d:.3f} | {d / p:.2f}x |", flush=True)
 

@@ -25,8 +25,8 @@ import shutil
 import time
 from pathlib import Path
 
-from securefpt.config import load_config
 from securefpt.engines.runner import run_experiment
+from securefpt.experiment.loading import load_config
 
 DEFAULT_VARIANTS = ["fedavg=", "fedper=personalization.local_head=true"]
 

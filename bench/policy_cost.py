@@ -23,10 +23,10 @@ from pathlib import Path
 
 from flwr.app import ConfigRecord
 
-from securefpt.config import load_config
 from securefpt.coordinator.audit_log import AuditLog
 from securefpt.coordinator.eligibility import decide_eligibility
 from securefpt.engines.trial_nodes import write_trial_nodes
+from securefpt.experiment.loading import load_config
 from securefpt.node.config import load_node
 from securefpt.node.witness import witness
 from securefpt.protocol.attestation import issue, new_key, public_raw, save_public

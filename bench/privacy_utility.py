@@ -21,10 +21,10 @@ import shutil
 import statistics
 from pathlib import Path
 
-from securefpt.config import load_config
 from securefpt.engines.dp_planning import central_noise, distributed_noise
 from securefpt.engines.privacy_audit import claimed_epsilon
 from securefpt.engines.runner import run_experiment
+from securefpt.experiment.loading import load_config
 
 
 def main() -> None:

@@ -20,9 +20,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from securefpt.config import load_config
 from securefpt.engines.runner import run_experiment
-from securefpt.learning.data import label_space, load_client_data
+from securefpt.experiment.loading import load_config
+from securefpt.experiment.trial_data import label_space, load_client_data
 from securefpt.learning.modeling import build_model
 from securefpt.learning.training import make_loader
 

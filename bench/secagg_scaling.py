@@ -41,12 +41,12 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.simulation import run_simulation
 
 import securefpt.coordinator.secure_aggregation as secure_aggregation
-from securefpt.config import load_config
 from securefpt.coordinator.aggregation import weighted_average
 from securefpt.coordinator.metering import GridProxy, collect
 from securefpt.coordinator.secure_aggregation import SecAggSettings, active_threshold, secure_fit_round
 from securefpt.engines.simulation import node_environment
 from securefpt.engines.trial_nodes import write_trial_nodes
+from securefpt.experiment.loading import load_config
 from securefpt.node.config import this_node
 from securefpt.node.secagg import secure_aggregation_mod
 from securefpt.node.state import NodeState

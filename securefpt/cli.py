@@ -52,8 +52,8 @@ def _default_out(name: str) -> Path:
 
 
 def _run(config: Optional[Path], out: Optional[Path], overrides: List[str], quiet: bool, verbose: bool) -> None:
-    from securefpt.config import load_config
     from securefpt.engines.runner import run_experiment
+    from securefpt.experiment.loading import load_config
 
     try:
         cfg = load_config(config, overrides)
@@ -87,8 +87,8 @@ def run(
 ) -> None:
     """Run one experiment."""
     if dry_run:
-        from securefpt.config import load_config
         from securefpt.engines.dry_run import plan_run, print_plan
+        from securefpt.experiment.loading import load_config
 
         try:
             print_plan(plan_run(load_config(config, set_)), console)
@@ -149,7 +149,7 @@ def study(
 ) -> None:
     """Run a study (a grid of experiments) and write its report; finished cells are kept, so the same
     command resumes an interrupted study."""
-    from securefpt.config import load_config
+    from securefpt.experiment.loading import load_config
     from securefpt.study.config import load_study
     from securefpt.study.report import write_report
     from securefpt.study.runner import run_study
@@ -266,8 +266,8 @@ def policy_explain(
     set_: List[str] = typer.Option([], "--set", help="override a key of the experiment: dotted.key=value"),
 ) -> None:
     """Who may take part in this experiment under this policy, and why not."""
-    from securefpt.config import load_config
     from securefpt.coordinator.eligibility import decide_eligibility
+    from securefpt.experiment.loading import load_config
     from securefpt.protocol.policy import load_manifests, load_policy
 
     try:
@@ -290,9 +290,9 @@ def _pinned_key(log: Path, policy: Optional[Path], public_key: Optional[Path]) -
     its own copy of the policy). The run directory's files are the coordinator's: a key found through
     them would verify a log the coordinator re-signed, so they only decide what to ask for. Without a
     flag, a local trial (no federation policy) verifies with the operator's own key."""
-    from securefpt.config import read_yaml_mapping
     from securefpt.home import securefpt_home
     from securefpt.protocol.policy import load_policy
+    from securefpt.protocol.yaml_files import read_yaml_mapping
 
     if public_key is not None:
         return public_key, "the given key"
@@ -396,9 +396,9 @@ def audit_privacy(
 ) -> None:
     """Train with canaries and measure what an attacker learns, with and without DP: empirical epsilon
     lower bounds and membership inference (privacy-audit.json, privacy-audit.md and plots)."""
-    from securefpt.config import load_config
     from securefpt.engines.privacy_audit import SETTINGS, run_privacy_audit
     from securefpt.engines.privacy_report import verdict
+    from securefpt.experiment.loading import load_config
 
     try:
         cfg = load_config(config, set_)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from securefpt.protocol.experiment import ExperimentConfig
+from securefpt.experiment.config import ExperimentConfig
 
 BOUNDS = {"minimum": ">= {}", "exclusiveMinimum": "> {}", "maximum": "<= {}", "exclusiveMaximum": "< {}",
           "maxLength": "at most {} characters"}
@@ -68,7 +68,7 @@ def reference_markdown() -> str:
     schema = ExperimentConfig.model_json_schema()
     defs = schema.get("$defs", {})
     lines = ["# Experiment file reference", "",
-             "Generated from the schema of `ExperimentConfig` (securefpt/protocol/experiment.py) by "
+             "Generated from the schema of `ExperimentConfig` (securefpt/experiment/config.py) by "
              "`python -m securefpt.config_reference`; a test keeps this file equal to the code. Any key can be "
              "overridden on the command line: `securefpt run exp.yaml --set fl.rounds=20`.", ""]
     sections: list[tuple[str, dict[str, Any]]] = [("", schema)]
@@ -76,10 +76,21 @@ def reference_markdown() -> str:
     while sections:
         prefix, model = sections.pop(0)
         title = f"`{prefix}`" if prefix else "top level"
+        tag = model.get("properties", {}).get("method", {}).get("const")
+        if tag is not None:  # one type of a tagged union (a PEFT method)
+            title = f"`{prefix}` with `method: {tag}`"
         lines += [f"## {title}", "", _one_line(model.get("description")), "",
                   "| key | type | default | bounds | why |", "|---|---|---|---|---|"]
         for name, prop in model.get("properties", {}).items():
             key = f"{prefix}.{name}" if prefix else name
+            if "oneOf" in prop:  # a tagged union: a section per type, each with its own keys
+                refs = [option["$ref"].rsplit("/", 1)[-1] for option in prop["oneOf"]]
+                tags = [defs[r]["properties"]["method"]["const"] for r in refs]
+                links = ", ".join(f"[`{t}`](#{key.replace('.', '')}-with-method-{t})" for t in tags)
+                lines.append(f"| `{key}` | one section by `{key}.method`: {links} | `{tags[0]}` | | "
+                             f"{_one_line(prop.get('description'))} |")
+                sections += [(key, defs[r]) for r in refs]
+                continue
             ref = _ref(prop)
             kind = f"section ([`{key}`](#{key.replace('.', '')}))" if ref and "additionalProperties" not in prop \
                 else _type(prop, defs)

@@ -85,7 +85,7 @@ def expected_predictions(run: Path, texts, artifact="prompt_encoder.safetensors"
     the same model gives without it (so a predict that ignored the artifact would be caught)."""
     import torch
 
-    from securefpt.config import load_config
+    from securefpt.experiment.loading import load_config
     from securefpt.learning.artifacts import load_arrays
     from securefpt.learning.modeling import build_model, set_trainable
 

@@ -71,8 +71,8 @@ def test_robust_aggregation_is_not_moved_far_by_one_poisoning_update():
 
 
 def test_robust_aggregation_needs_each_update_so_not_under_secagg():
-    from securefpt.config import load_config
     from securefpt.errors import ConfigError
+    from securefpt.experiment.loading import load_config
 
     with pytest.raises(ConfigError, match="fl.aggregation=median needs each node's update"):
         load_config(None, ["fl.aggregation=median", "secagg.enabled=true"])
@@ -89,8 +89,8 @@ def test_a_poisoning_node_pulls_the_mean_and_not_the_median_in_a_plaintext_feder
     from flwr.common import ndarrays_to_parameters, parameters_to_ndarrays
     from flwr.compat.common import recorddict_compat as compat
 
-    from securefpt.config import load_config
     from securefpt.engines.simulation import run_federated_simulation
+    from securefpt.experiment.loading import load_config
     from securefpt.learning.artifacts import load_arrays
     from securefpt.learning.modeling import build_model, get_trainable
     from securefpt.node.config import this_node

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 import securefpt
-from securefpt.config import load_config
 from securefpt.engines.runner import run_experiment
+from securefpt.experiment.loading import load_config
 from securefpt.learning.adapter import HEAD_FILE
 from securefpt.learning.artifacts import load_arrays
 from securefpt.learning.modeling import load_backbone, load_tokenizer

@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 from flwr.app import ConfigRecord
 
-from securefpt.config import load_config
 from securefpt.coordinator.audit_log import AuditLog
 from securefpt.coordinator.checkpoint import RunState, load_checkpoint, save_checkpoint
 from securefpt.engines.trial_nodes import write_trial_nodes
 from securefpt.errors import FederationError
+from securefpt.experiment.loading import load_config
 from securefpt.node.config import load_node
 from securefpt.node.witness import witness
 from securefpt.protocol.attestation import new_key, save_private, save_public

@@ -2,8 +2,8 @@ from pathlib import Path
 
 import pytest
 
-from securefpt.config import load_config
 from securefpt.errors import ConfigError
+from securefpt.experiment.loading import load_config
 
 
 def write(tmp_path: Path, text: str) -> Path:
@@ -38,6 +38,31 @@ def test_wrong_choice_names_field(tmp_path):
         load_config(write(tmp_path, "peft:\n  method: adapters\n"))
 
 
+def test_each_peft_method_is_its_own_type_with_only_its_own_settings(tmp_path):
+    """PEFT's shape: a method's section names only that method's settings; a setting of another
+    method is refused by name, in the operator's file and in a request a node receives."""
+    from pydantic import ValidationError
+
+    from securefpt.protocol.request import ExperimentRequest, Lora, PromptTuning, PTuning
+
+    assert isinstance(load_config(None).peft, PromptTuning)  # the default, with no method named
+    lora = load_config(write(tmp_path, "peft:\n  method: lora\n  lora_r: 4\n"))
+    assert isinstance(lora.peft, Lora) and lora.peft.lora_r == 4
+    with pytest.raises(ConfigError, match=r"peft\.num_virtual_tokens: not a setting of peft\.method=lora"):
+        load_config(write(tmp_path, "peft:\n  method: lora\n  num_virtual_tokens: 8\n"))
+    with pytest.raises(ConfigError, match=r"--set: peft\.lora_r: not a setting of peft\.method=prompt_tuning"):
+        load_config(None, ["peft.lora_r=4"])
+    # switching a file's method with --set keeps the settings the new method has, drops the others
+    base = write(tmp_path, "peft:\n  method: prompt_tuning\n  num_virtual_tokens: 4\n  prompt_init: random\n")
+    assert load_config(base, ["peft.method=p_tuning"]).peft == PTuning(method="p_tuning", num_virtual_tokens=4)
+    assert load_config(base, ["peft.method=lora", "peft.lora_r=2"]).peft == Lora(method="lora", lora_r=2)
+    # a request on the wire is the same tagged union: a stray setting is refused by the node's parser
+    wire = load_config(None, ["peft.method=lora"]).request(["a", "b"]).model_dump(mode="json")
+    wire["peft"]["num_virtual_tokens"] = 64
+    with pytest.raises(ValidationError, match="num_virtual_tokens"):
+        ExperimentRequest.model_validate(wire)
+
+
 def test_missing_file_and_malformed_yaml(tmp_path):
     with pytest.raises(ConfigError, match="not found"):
         load_config(tmp_path / "nope.yaml")
@@ -48,7 +73,7 @@ def test_missing_file_and_malformed_yaml(tmp_path):
 
 
 def test_source_requirements(tmp_path):
-    with pytest.raises(ConfigError, match="data.root is required"):
+    with pytest.raises(ConfigError, match="data: root is required for source=masakhanews_tsv"):
         load_config(write(tmp_path, "data:\n  source: masakhanews_tsv\n"))
     with pytest.raises(ConfigError, match="duplicates"):
         load_config(None, ["data.languages=[eng, eng]"])

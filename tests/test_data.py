@@ -3,8 +3,9 @@ import json
 import pytest
 
 from securefpt.errors import DataError
-from securefpt.learning.data import label_space, load_client_data, read_masakhanews_tsv
-from securefpt.protocol.experiment import DataConfig
+from securefpt.experiment.config import DataConfig
+from securefpt.experiment.trial_data import label_space, load_client_data
+from securefpt.learning.data import read_masakhanews_tsv
 
 TSV = (
     "category\theadline\ttext\turl\n"

@@ -17,10 +17,10 @@ import numpy as np
 import pytest
 import yaml
 
-from securefpt.config import load_config
 from securefpt.engines.loopback import BIN, EXPERIMENT, INSTITUTIONS, Loopback, kill_group
 from securefpt.engines.simulation import run_federated_simulation
 from securefpt.errors import FederationError
+from securefpt.experiment.loading import load_config
 from securefpt.learning.artifacts import load_arrays
 from securefpt.operators.keys import make_node_key
 from securefpt.protocol.attestation import new_key, save_private

@@ -13,12 +13,12 @@ from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFI
 from flwr.compat.common import recorddict_compat as compat
 from opacus.accountants import RDPAccountant
 
-from securefpt.config import load_config
 from securefpt.coordinator.secure_aggregation import resolve_settings
 from securefpt.engines.trial_nodes import write_trial_nodes
 from securefpt.errors import ConfigError
+from securefpt.experiment.loading import load_config
+from securefpt.experiment.trial_data import label_space, load_client_data
 from securefpt.learning.artifacts import load_arrays
-from securefpt.learning.data import label_space, load_client_data
 from securefpt.learning.distributed_dp import ShareSpec, gradient_share
 from securefpt.learning.modeling import build_model, get_trainable
 from securefpt.node import app as node_app

@@ -2,8 +2,8 @@
 
 import pytest
 
-from securefpt.config import load_config
 from securefpt.engines.runner import run_experiment
+from securefpt.experiment.loading import load_config
 from securefpt.predict import predict
 from tests.conftest import expected_predictions
 

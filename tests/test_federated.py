@@ -5,12 +5,12 @@ import json
 import numpy as np
 import pytest
 
-from securefpt.config import load_config
 from securefpt.coordinator.checkpoint import RunState
 from securefpt.coordinator.run_dir import RoundRecord
 from securefpt.engines.runner import run_experiment
+from securefpt.experiment.loading import load_config
+from securefpt.experiment.trial_data import label_space, load_client_data
 from securefpt.learning.artifacts import load_arrays
-from securefpt.learning.data import label_space, load_client_data
 from securefpt.learning.modeling import build_model, get_trainable, set_trainable
 from securefpt.learning.training import evaluate, train_local
 from tests.conftest import make_masakhanews_like, tsv_cfg_overrides
@@ -39,7 +39,7 @@ def reference_algorithm_1(cfg):
         updates = []
         for lang, assembled in models.items():
             set_trainable(assembled.model, h_g)
-            train_local(assembled, data[lang].train, cfg.fl, cfg.seed * 100_003 + server_round)
+            train_local(assembled, data[lang].train, cfg.training_plan(), cfg.seed * 100_003 + server_round)
             updates.append((get_trainable(assembled.model), len(data[lang].train)))
         total = sum(n for _, n in updates)
         h_g = {k: sum(np.float64(n) / total * u[k].astype(np.float64) for u, n in updates).astype(np.float32)
@@ -117,7 +117,7 @@ def test_local_paradigms_train_what_they_say(paradigm, fed_cfg, tmp_path):
         for pid, lang in enumerate(LANGS):
             ref = build_model(cfg.model, cfg.peft, len(labels), cfg.seed)
             for block in (1, 2):
-                train_local(ref, data[lang].train, cfg.fl, cfg.seed * 100_003 + block * 1_009 + pid)
+                train_local(ref, data[lang].train, cfg.training_plan(), cfg.seed * 100_003 + block * 1_009 + pid)
             got = load_arrays(tmp_path / paradigm / "languages" / lang / "prompt_encoder.safetensors")
             for name, value in get_trainable(ref.model).items():
                 np.testing.assert_allclose(got[name], value, atol=1e-5, err_msg=f"{lang} {name}")
@@ -125,7 +125,7 @@ def test_local_paradigms_train_what_they_say(paradigm, fed_cfg, tmp_path):
         ref = build_model(cfg.model, cfg.peft, len(labels), cfg.seed)
         pooled = [ex for lang in LANGS for ex in data[lang].train]
         for block in (1, 2):
-            train_local(ref, pooled, cfg.fl, cfg.seed * 100_003 + block * 1_009)
+            train_local(ref, pooled, cfg.training_plan(), cfg.seed * 100_003 + block * 1_009)
         got = load_arrays(tmp_path / paradigm / "prompt_encoder.safetensors")
         for name, value in get_trainable(ref.model).items():
             np.testing.assert_allclose(got[name], value, atol=1e-5, err_msg=name)

@@ -15,8 +15,8 @@ import pytest
 import yaml
 from flwr.app import MessageType
 
-from securefpt.config import load_config
 from securefpt.engines.simulation import run_federated_simulation
+from securefpt.experiment.loading import load_config
 from securefpt.learning.modeling import build_model, get_trainable
 from securefpt.operators.keys import make_federation
 from securefpt.protocol.refusals import MESSAGES

@@ -7,9 +7,9 @@ import yaml
 from flwr.app import ConfigRecord, Context, Message
 from flwr.clientapp import ClientApp
 
-from securefpt.config import load_config
 from securefpt.engines.simulation import run_federated_simulation
 from securefpt.errors import ConfigError
+from securefpt.experiment.loading import load_config
 from securefpt.node import app as node_app
 from securefpt.node.config import load_node, this_node
 from securefpt.operators.keys import make_federation

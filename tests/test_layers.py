@@ -18,7 +18,18 @@ def _lint(root: Path) -> subprocess.CompletedProcess:
 def test_node_coordinator_wire_learning_and_privacy_keep_their_import_contracts():
     done = _lint(ROOT)
     assert done.returncode == 0, done.stdout + done.stderr
-    assert "5 kept, 0 broken" in done.stdout
+    assert "6 kept, 0 broken" in done.stdout
+
+
+def test_a_node_that_reads_the_operators_experiment_file_breaks_the_contract(tmp_path):
+    """A node reads its request from its own records, never the coordinator's experiment file: a node
+    module importing the operator's ExperimentConfig fails the check."""
+    shutil.copytree(ROOT / "securefpt", tmp_path / "securefpt", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(ROOT / "pyproject.toml", tmp_path / "pyproject.toml")
+    personal = tmp_path / "securefpt" / "node" / "personal.py"
+    personal.write_text(personal.read_text() + "\nfrom securefpt.experiment.loading import load_config  # noqa\n")
+    done = _lint(tmp_path)
+    assert done.returncode != 0 and "nor the operator's experiment file BROKEN" in " ".join(done.stdout.split())
 
 
 def test_a_node_module_that_imports_the_coordinator_breaks_the_contract(tmp_path):
@@ -31,6 +42,14 @@ def test_a_node_module_that_imports_the_coordinator_breaks_the_contract(tmp_path
     assert done.returncode != 0
     assert "a node (node/) never imports coordinator" in done.stdout and "BROKEN" in done.stdout
     assert "securefpt.node.guards -> securefpt.coordinator.aggregation" in done.stdout
+
+
+def test_the_node_the_wire_and_the_experiment_file_type_check():
+    """mypy ([tool.mypy], with pydantic's plugin) finds no error in node/, protocol/ and experiment/."""
+    mypy = Path(sys.executable).with_name("mypy")
+    done = subprocess.run([str(mypy), "securefpt/node", "securefpt/protocol", "securefpt/experiment"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0 and "Success: no issues found" in done.stdout, done.stdout + done.stderr
 
 
 def test_the_code_is_ruff_clean():

@@ -15,10 +15,10 @@ from flwr.common import FitRes, ndarrays_to_parameters, parameters_to_ndarrays
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
 from flwr.compat.common import recorddict_compat as compat
 
-from securefpt.config import load_config
 from securefpt.engines.simulation import run_federated_simulation
+from securefpt.experiment.loading import load_config
+from securefpt.experiment.trial_data import label_space, load_client_data
 from securefpt.learning.artifacts import load_arrays
-from securefpt.learning.data import label_space, load_client_data
 from securefpt.learning.modeling import build_model, get_trainable, set_trainable
 from securefpt.learning.training import train_local
 from securefpt.node import app as node_app
@@ -53,7 +53,7 @@ def true_change(cfg, language, encoder, server_round):
     model = build_model(cfg.model, cfg.peft, len(labels), cfg.seed)
     set_trainable(model.model, encoder)
     data = load_client_data(cfg.data, language, labels, cfg.seed)
-    train_local(model, data.train, cfg.fl, cfg.seed * 100_003 + server_round)
+    train_local(model, data.train, cfg.training_plan(), cfg.seed * 100_003 + server_round)
     return [get_trainable(model.model)[k] - encoder[k] for k in encoder], len(data.train)
 
 

@@ -13,14 +13,14 @@ from collections import OrderedDict
 import numpy as np
 import pytest
 
-from securefpt.config import load_config
 from securefpt.engines.runner import run_experiment
 from securefpt.engines.simulation import run_federated_simulation
 from securefpt.engines.trial_nodes import write_trial_nodes
 from securefpt.errors import ConfigError
+from securefpt.experiment.loading import load_config
+from securefpt.experiment.trial_data import label_space, load_client_data
 from securefpt.learning.artifacts import load_arrays
 from securefpt.learning.classifier import load_classifier
-from securefpt.learning.data import label_space, load_client_data
 from securefpt.learning.modeling import build_model, get_trainable, set_trainable
 from securefpt.learning.training import evaluate, train_local
 from securefpt.node.personal import Personal
@@ -58,7 +58,7 @@ def replay(cfg):
         updates = []
         for lang, assembled in models.items():
             set_trainable(assembled.model, {**h_g, **heads[lang]})
-            train_local(assembled, data[lang].train, cfg.fl, cfg.seed * 100_003 + server_round)
+            train_local(assembled, data[lang].train, cfg.training_plan(), cfg.seed * 100_003 + server_round)
             trained = get_trainable(assembled.model)
             heads[lang] = {k: v for k, v in trained.items() if k.startswith("head.")}
             updates.append((trained, len(data[lang].train)))
@@ -67,7 +67,7 @@ def replay(cfg):
         momentum = change if momentum is None else {k: MOMENTUM * momentum[k] + change[k] for k in h_g}
         h_g = OrderedDict((k, (h_g[k] + momentum[k]).astype(np.float32)) for k in h_g)
     adapted, accuracy = {}, {}
-    plan = cfg.fl.model_copy(update={"local_epochs": ADAPT_EPOCHS, "lr": ADAPT_LR, "proximal_mu": 0.0})
+    plan = cfg.training_plan().model_copy(update={"local_epochs": ADAPT_EPOCHS, "lr": ADAPT_LR, "proximal_mu": 0.0})
     for lang, assembled in models.items():
         set_trainable(assembled.model, {**h_g, **heads[lang]})
         train_local(assembled, data[lang].train, plan, cfg.seed * 100_003 + 99_991)
@@ -92,9 +92,9 @@ def test_personalized_federation_equals_its_replay_and_keeps_each_head_at_home(c
     personal = summary["final"]["personalized_accuracy"]
     assert {k: v for k, v in personal.items() if k != "avg"} == pytest.approx(accuracy)
     assert personal["avg"] == pytest.approx(np.mean(list(accuracy.values())))
-    request_sha = cfg.request(labels).sha256()
+    request = cfg.request(labels)
     for lang in LANGS:
-        kept = Personal(out / "nodes" / lang, request_sha)
+        kept = Personal(out / "nodes" / lang, request)
         for name, value in heads[lang].items():  # each node's own head, as trained in the last round
             np.testing.assert_allclose(kept.head(heads[lang])[name], value, atol=1e-5, err_msg=f"{lang} {name}")
         model = kept.model()
@@ -134,7 +134,7 @@ def test_monolingual_baseline_gets_the_adaptation_epochs_too(cfg, tmp_path):
     lang = "cc"
     ref = build_model(cfg.model, cfg.peft, len(labels), cfg.seed)
     train = load_client_data(cfg.data, lang, labels, cfg.seed).train
-    plain = cfg.fl.model_copy(update={"proximal_mu": 0.0})
+    plain = cfg.training_plan().model_copy(update={"proximal_mu": 0.0})
     for block, plan in enumerate([plain, plain, plain.model_copy(update={"local_epochs": ADAPT_EPOCHS,
                                                                          "lr": ADAPT_LR})], start=1):
         train_local(ref, train, plan, cfg.seed * 100_003 + block * 1_009 + LANGS.index(lang))
@@ -207,12 +207,13 @@ def test_a_node_keeps_the_personalized_models_of_its_newest_experiments_only(tmp
     from securefpt.node.personal import Personal
 
     arrays = {"prompt": np.zeros((4, 8), dtype=np.float32)}
-    for i in range(5):
-        Personal(tmp_path, f"{i:x}" * 64, keep=3).keep_model(arrays)
-        folder = tmp_path / "personal" / (f"{i:x}" * 16)
+    requests = [load_config(None, [f"name=experiment-{i}"]).request(["a", "b"]) for i in range(5)]
+    for i, request in enumerate(requests):
+        Personal(tmp_path, request, keep=3).keep_model(arrays)
+        folder = tmp_path / "personal" / request.sha256()[:16]
         past = time.time() - 100 + i  # written in order, a second apart
         for path in [folder, *folder.iterdir()]:
             os.utime(path, (past, past))
     kept = sorted(p.name for p in (tmp_path / "personal").iterdir())
-    assert kept == [f"{i:x}" * 16 for i in (2, 3, 4)]
-    assert Personal(tmp_path, "4" * 64, keep=3).model() is not None
+    assert kept == sorted(r.sha256()[:16] for r in requests[2:])
+    assert Personal(tmp_path, requests[4], keep=3).model() is not None

@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from securefpt.config import load_config
 from securefpt.coordinator.eligibility import decide_eligibility
 from securefpt.errors import ConfigError, FederationError
+from securefpt.experiment.loading import load_config
 from securefpt.operators.keys import make_federation
 from securefpt.protocol.attestation import check_attestation, issue, load_private, new_key, public_raw, save_public
 from securefpt.protocol.audit import read_entries

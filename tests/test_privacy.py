@@ -7,10 +7,10 @@ from opacus.accountants import PRVAccountant, RDPAccountant
 from torch import nn
 
 import securefpt.learning.dp_training as dp_training
-from securefpt.config import load_config
 from securefpt.engines.simulation import run_federated_simulation
 from securefpt.errors import ConfigError
-from securefpt.learning.data import label_space, load_client_data
+from securefpt.experiment.loading import load_config
+from securefpt.experiment.trial_data import label_space, load_client_data
 from securefpt.learning.dp_training import DPSchedule, dp_train
 from securefpt.learning.modeling import build_model, get_trainable, set_trainable
 from securefpt.learning.training import local_steps, train_local
@@ -135,7 +135,8 @@ def test_clipping_is_real_with_zero_noise(sgd):
     assert max(norms) > clip  # clipping is active for this test to mean anything
     mean_clipped = [t / n for t in total]
 
-    dp_train(a, examples, cfg.fl, DPSchedule(noise_multiplier=0.0, sample_rate=1.0, steps=1, max_grad_norm=clip))
+    schedule = DPSchedule(noise_multiplier=0.0, sample_rate=1.0, steps=1, max_grad_norm=clip)
+    dp_train(a, examples, cfg.training_plan(), schedule)
     after = get_trainable(a.model)
     names = [n_ for n_, p in ref.model.named_parameters() if p.requires_grad]
     for name, g in zip(names, mean_clipped):
@@ -157,7 +158,7 @@ def test_the_noise_has_standard_deviation_sigma_c_over_b_and_is_fresh_every_run(
     for name, noise in (("clean", 0.0), ("noisy", sigma), ("again", sigma)):
         model = build_model(cfg.model, cfg.peft, len(labels), 0)
         start = get_trainable(model.model)
-        dp_train(model, examples, cfg.fl, DPSchedule(noise, 1.0, 1, clip))
+        dp_train(model, examples, cfg.training_plan(), DPSchedule(noise, 1.0, 1, clip))
         runs[name] = np.concatenate([(get_trainable(model.model)[k] - start[k]).ravel() for k in start])
     noise = (runs["clean"] - runs["noisy"]).astype(np.float64) / lr
     expected = sigma * clip / n
@@ -174,8 +175,8 @@ def test_zero_noise_and_huge_clip_equals_non_dp_training():
     labels, examples = _examples(cfg, n)
     a = build_model(cfg.model, cfg.peft, len(labels), 0)
     b = build_model(cfg.model, cfg.peft, len(labels), 0)
-    dp_train(a, examples, cfg.fl, DPSchedule(0.0, 1.0, 1, 1e9))
-    train_local(b, examples, cfg.fl, seed=0)
+    dp_train(a, examples, cfg.training_plan(), DPSchedule(0.0, 1.0, 1, 1e9))
+    train_local(b, examples, cfg.training_plan(), seed=0)
     got, want = get_trainable(a.model), get_trainable(b.model)
     for name in want:
         np.testing.assert_allclose(got[name], want[name], atol=1e-5, err_msg=name)
@@ -189,15 +190,15 @@ def test_dp_training_works_for_each_peft_method(method):
     before = get_trainable(a.model)
     plan = plan_privacy(cfg.request(labels), len(examples))
     assert plan.steps_per_round == 4 and plan.noise_multiplier > 0.3
-    result = dp_train(a, examples, cfg.fl, DPSchedule(plan.noise_multiplier, plan.sample_rate, 4, 1.0))
+    result = dp_train(a, examples, cfg.training_plan(), DPSchedule(plan.noise_multiplier, plan.sample_rate, 4, 1.0))
     after = get_trainable(a.model)
     assert result.steps == 4 and np.isfinite(result.loss)
     assert all(np.abs(after[k] - before[k]).max() > 0 for k in before)  # every trainable tensor moved
     # the hooks are gone: the model trains normally afterwards, and deterministically again
     set_trainable(a.model, before)
-    train_local(a, examples, cfg.fl, seed=0)
+    train_local(a, examples, cfg.training_plan(), seed=0)
     b = build_model(cfg.model, cfg.peft, len(labels), 0)
-    train_local(b, examples, cfg.fl, seed=0)
+    train_local(b, examples, cfg.training_plan(), seed=0)
     for k, v in get_trainable(b.model).items():
         np.testing.assert_allclose(get_trainable(a.model)[k], v, atol=1e-6, err_msg=k)
 
@@ -222,12 +223,12 @@ def test_a_node_logs_how_far_a_long_training_step_is_on_its_own_log(monkeypatch)
         a = build_model(cfg.model, cfg.peft, len(labels), 0)
         plan = plan_privacy(cfg.request(labels), len(examples))
         step = progress.StepProgress("aa-node", "DP-SGD training", plan.steps_per_round)
-        dp = dp_train(a, examples, cfg.fl, DPSchedule(plan.noise_multiplier, plan.sample_rate,
+        dp = dp_train(a, examples, cfg.training_plan(), DPSchedule(plan.noise_multiplier, plan.sample_rate,
                                                      plan.steps_per_round, 1.0), on_step=step)
         step.close()
-        planned = local_steps(len(examples), cfg.fl)
+        planned = local_steps(len(examples), cfg.training_plan())
         step = progress.StepProgress("aa-node", "training", planned)
-        plain = train_local(a, examples, cfg.fl, seed=0, on_step=step)
+        plain = train_local(a, examples, cfg.training_plan(), seed=0, on_step=step)
         step.close()
     finally:
         progress.LOG.removeHandler(handler)
@@ -252,7 +253,8 @@ def test_dp_training_on_the_packaged_minilm(method):
     a = build_model(cfg.model, cfg.peft, len(labels), 0)
     before = get_trainable(a.model)
     plan = plan_privacy(cfg.request(labels), 16)
-    dp_train(a, examples, cfg.fl, DPSchedule(plan.noise_multiplier, plan.sample_rate, plan.steps_per_round, 1.0))
+    schedule = DPSchedule(plan.noise_multiplier, plan.sample_rate, plan.steps_per_round, 1.0)
+    dp_train(a, examples, cfg.training_plan(), schedule)
     after = get_trainable(a.model)
     assert all(np.abs(after[k] - before[k]).max() > 0 for k in before)
 
@@ -317,7 +319,7 @@ def test_fedprox_pulls_towards_the_global_encoder_and_survives_opacus_noise(priv
 
     def steps(k: int, proximal_mu: float):
         model = build_model(cfg.model, cfg.peft, len(labels), 0)
-        plan = cfg.fl.model_copy(update={"local_epochs": k, "proximal_mu": proximal_mu})
+        plan = cfg.training_plan().model_copy(update={"local_epochs": k, "proximal_mu": proximal_mu})
         if private:
             dp_train(model, examples, plan, DPSchedule(0.0, 1.0, k, 1e9))
         else:

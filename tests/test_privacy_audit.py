@@ -14,9 +14,9 @@ import pytest
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
-from securefpt.config import load_config
 from securefpt.engines.privacy_audit import plan_settings, run_privacy_audit
 from securefpt.errors import ConfigError
+from securefpt.experiment.loading import load_config
 from securefpt.node.secagg import secure_aggregation_mod
 from securefpt.privacy.auditing import epsilon_refuted, membership, one_run_lower_bound
 from tests.attacks import node_app_with

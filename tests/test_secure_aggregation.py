@@ -8,11 +8,11 @@ from flwr.common import bytes_to_ndarray
 from flwr.common.secure_aggregation.quantization import quantize
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
 
-from securefpt.config import load_config
 from securefpt.engines.simulation import run_federated_simulation
 from securefpt.errors import ConfigError
+from securefpt.experiment.loading import load_config
+from securefpt.experiment.trial_data import label_space, load_client_data
 from securefpt.learning.artifacts import load_arrays
-from securefpt.learning.data import label_space, load_client_data
 from securefpt.learning.modeling import build_model, get_trainable, set_trainable
 from securefpt.learning.training import train_local
 from tests.conftest import make_masakhanews_like, quantization_bound, tsv_cfg_overrides
@@ -39,7 +39,7 @@ def round_one_by_hand(cfg):
         model = build_model(cfg.model, cfg.peft, len(labels), cfg.seed)
         set_trainable(model.model, h_g)
         data = load_client_data(cfg.data, lang, labels, cfg.seed)
-        train_local(model, data.train, cfg.fl, cfg.seed * 100_003 + 1)
+        train_local(model, data.train, cfg.training_plan(), cfg.seed * 100_003 + 1)
         out[lang] = (get_trainable(model.model), len(data.train))
     return h_g, out
 

@@ -10,7 +10,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, Re
 from flwr.serverapp.strategy import FedAdam, FedAvgM, FedYogi
 
 from securefpt.coordinator.server_optimizer import ServerOptimizer
-from securefpt.protocol.experiment import ServerOptimizerConfig
+from securefpt.experiment.config import ServerOptimizerConfig
 
 
 class _Grid:

@@ -95,8 +95,8 @@ def test_setup_answers_to_dp_plans_are_the_same_for_nodes_of_different_sizes(tmp
     probe alike, with and without a cap; the probes do separate them under the old rule."""
     import json
 
-    from securefpt.config import load_config
     from securefpt.engines.trial_nodes import write_trial_nodes
+    from securefpt.experiment.loading import load_config
     from securefpt.learning.modeling import build_model, get_trainable
     from securefpt.node.budget import MAX_NOISE_TO_SIGNAL, noise_to_signal, plan_privacy
     from tests.conftest import TINY, make_masakhanews_like, tsv_cfg_overrides
@@ -152,8 +152,8 @@ def test_a_node_that_declares_its_labels_answers_label_space_probes_from_its_con
 
     import yaml
 
-    from securefpt.config import load_config
     from securefpt.engines.trial_nodes import write_trial_nodes
+    from securefpt.experiment.loading import load_config
     from tests.conftest import TINY, make_masakhanews_like, tsv_cfg_overrides
 
     root = make_masakhanews_like(tmp_path / "data", ["aa", "bb"])
@@ -186,8 +186,8 @@ def test_evaluation_figures_stop_at_the_node_s_lifetime_cap_across_runs(tmp_path
     import yaml
     from flwr.app import ConfigRecord, RecordDict
 
-    from securefpt.config import load_config
     from securefpt.engines.trial_nodes import write_trial_nodes
+    from securefpt.experiment.loading import load_config
     from securefpt.learning.modeling import build_model, get_trainable
     from securefpt.node.app import evaluate, personalize, setup
     from securefpt.protocol import records as R
@@ -229,8 +229,8 @@ def test_a_near_copy_of_an_encoder_is_refused_and_node_randomness_blurs_a_replay
     two trainings on encoders it accepts differ by SGD's noise, far more than the perturbation's effect."""
     import yaml
 
-    from securefpt.config import load_config
     from securefpt.engines.trial_nodes import write_trial_nodes
+    from securefpt.experiment.loading import load_config
     from securefpt.learning.modeling import build_model, get_trainable
     from securefpt.node.app import setup, train
     from securefpt.protocol.refusals import NodeRefusal
@@ -292,8 +292,8 @@ def test_a_dp_node_releases_no_figure_of_its_personalized_model(tmp_path):
     nothing, whatever its release rules; the same node without DP releases it as its rules say."""
     from flwr.app import ConfigRecord, RecordDict
 
-    from securefpt.config import load_config
     from securefpt.engines.trial_nodes import write_trial_nodes
+    from securefpt.experiment.loading import load_config
     from securefpt.learning.modeling import build_model, get_trainable
     from securefpt.node.app import evaluate, personalize, setup
     from securefpt.protocol import records as R

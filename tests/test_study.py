@@ -92,7 +92,7 @@ def test_a_cell_measured_by_another_securefpt_is_run_again(tmp_path):
     """A cached figure is reused only for the same experiment and the same securefpt (the code that
     measured it); an older record would also lack the fields a newer report reads."""
     from securefpt import __version__
-    from securefpt.config import load_config
+    from securefpt.experiment.loading import load_config
     from securefpt.study.runner import CELL_RECORD, finished
 
     (tmp_path / "base.yaml").write_text(BASE)

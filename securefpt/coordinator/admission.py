@@ -21,10 +21,11 @@ from securefpt.coordinator.metering import exchange
 from securefpt.coordinator.run_dir import ClientRecord
 from securefpt.coordinator.verdicts import describe, error_reason
 from securefpt.errors import FederationError
+from securefpt.experiment.config import ExperimentConfig
 from securefpt.protocol import records as R
-from securefpt.protocol.experiment import ExperimentConfig, ExperimentRequest
 from securefpt.protocol.identity import check_proof, new_challenge
 from securefpt.protocol.policy import Policy
+from securefpt.protocol.request import ExperimentRequest
 
 
 class Admission:

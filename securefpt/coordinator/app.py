@@ -37,9 +37,9 @@ from securefpt.coordinator.run_dir import RoundRecord, RunRecorder, privacy_summ
 from securefpt.coordinator.secure_aggregation import resolve_settings
 from securefpt.coordinator.server_optimizer import ServerOptimizer
 from securefpt.errors import FederationError, RunInterrupted
-from securefpt.learning.data import label_space
+from securefpt.experiment.config import ExperimentConfig
+from securefpt.experiment.trial_data import label_space
 from securefpt.learning.modeling import build_model, count_params, get_trainable
-from securefpt.protocol.experiment import ExperimentConfig
 from securefpt.protocol.policy import load_policy
 
 

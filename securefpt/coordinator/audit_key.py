@@ -15,9 +15,9 @@ from typing import Optional
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from securefpt.errors import ConfigError
+from securefpt.experiment.config import ExperimentConfig
 from securefpt.home import securefpt_home
 from securefpt.protocol.attestation import load_private, load_public, new_key, public_raw, save_private, save_public
-from securefpt.protocol.experiment import ExperimentConfig
 from securefpt.protocol.policy import load_policy
 
 

@@ -33,10 +33,10 @@ from securefpt.coordinator.audit_key import coordinator_key
 from securefpt.coordinator.interrupts import drill
 from securefpt.coordinator.run_dir import RoundRecord
 from securefpt.errors import FederationError
+from securefpt.experiment.config import ExperimentConfig
 from securefpt.learning.artifacts import load_arrays, save_arrays
 from securefpt.protocol.attestation import b64, canonical, load_public, unb64, verify
 from securefpt.protocol.audit import file_sha256
-from securefpt.protocol.experiment import ExperimentConfig
 
 FOLDER = "checkpoint"
 

@@ -13,8 +13,8 @@ from datetime import datetime, timezone
 from typing import Optional
 
 from securefpt.errors import ConfigError, FederationError
+from securefpt.experiment.config import ExperimentConfig
 from securefpt.protocol.attestation import check_attestation
-from securefpt.protocol.experiment import ExperimentConfig
 from securefpt.protocol.policy import ClientManifest, Policy, load_manifests, load_policy
 from securefpt.protocol.rules import rule_violations
 

@@ -24,8 +24,8 @@ from securefpt.coordinator.metering import MeteredGrid, exchange
 from securefpt.coordinator.progress import RunProgress
 from securefpt.coordinator.secure_aggregation import SecAggSettings, secure_fit_round
 from securefpt.coordinator.verdicts import describe, error_reason
+from securefpt.experiment.config import ExperimentConfig
 from securefpt.protocol import records as R
-from securefpt.protocol.experiment import ExperimentConfig
 
 Arrays = "OrderedDict[str, np.ndarray]"
 

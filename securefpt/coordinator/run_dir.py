@@ -12,6 +12,7 @@ Layout (the interface other tools rely on, see DESIGN):
     README.md                     the adapter's model card: task, languages, base model, DP, decisions
     languages/<language>/         the same, per language, for a monolingual run
     config.yaml, labels.json      the experiment and its label space
+    request.json                  what the nodes were asked (the classifier is built from it)
     audit.jsonl                   the run's decisions, hash-chained, signed with the coordinator's key
     checkpoint/                   the state after the last aggregate or completed round (resume)
     nodes/                        the simulation engine's node state (and trial nodes' files)
@@ -32,11 +33,12 @@ from securefpt.coordinator.audit_key import coordinator_key
 from securefpt.coordinator.audit_log import AuditLog
 from securefpt.coordinator.model_card import write_model_card
 from securefpt.errors import ConfigError
+from securefpt.experiment.config import ExperimentConfig
 from securefpt.learning.adapter import save_classifier
 from securefpt.learning.artifacts import ARTIFACT, save_arrays
 from securefpt.learning.builtin_models import model_facts
 from securefpt.protocol.audit import file_sha256
-from securefpt.protocol.experiment import ExperimentConfig
+from securefpt.protocol.request import REQUEST_FILE
 
 
 @dataclass
@@ -120,6 +122,7 @@ class RunRecorder:
             yaml.safe_dump(json.loads(cfg.to_json()), sort_keys=False), encoding="utf-8"
         )
         (self.out_dir / "labels.json").write_text(json.dumps(labels), encoding="utf-8")
+        (self.out_dir / REQUEST_FILE).write_text(cfg.request(labels).to_json(), encoding="utf-8")
 
     def add_round(self, record: RoundRecord) -> None:
         self.rounds.append(record)

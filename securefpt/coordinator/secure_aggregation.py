@@ -30,8 +30,8 @@ from flwr.serverapp import Grid
 
 from securefpt.coordinator.secagg_relay import AuthenticatedSecAggPlus, Relay
 from securefpt.errors import ConfigError
+from securefpt.experiment.config import ExperimentConfig
 from securefpt.privacy.distributed import clipping_range_for
-from securefpt.protocol.experiment import ExperimentConfig
 from securefpt.protocol.mask_prg import use_full_seed_masks
 
 use_full_seed_masks()  # the nodes expand masks from the whole shared secret: unmask the same way

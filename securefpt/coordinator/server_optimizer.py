@@ -16,7 +16,7 @@ from typing import Mapping
 
 import numpy as np
 
-from securefpt.protocol.experiment import ServerOptimizerConfig
+from securefpt.experiment.config import ServerOptimizerConfig
 
 Arrays = Mapping[str, np.ndarray]
 

@@ -19,9 +19,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from securefpt.experiment.config import ExperimentConfig
 from securefpt.learning.data import Example
 from securefpt.learning.modeling import AssembledModel, build_model, get_trainable, set_trainable
-from securefpt.protocol.experiment import ExperimentConfig
 
 
 def _examples(cfg: ExperimentConfig, canaries: list[dict]) -> list[Example]:

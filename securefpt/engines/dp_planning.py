@@ -11,11 +11,11 @@ the smallest rounded sensitivity a node accepts (privacy/distributed.py).
 from __future__ import annotations
 
 from securefpt.errors import ConfigError
-from securefpt.learning.data import label_space, load_client_data
+from securefpt.experiment.config import ExperimentConfig
+from securefpt.experiment.trial_data import label_space, load_client_data
 from securefpt.learning.modeling import build_model, get_trainable
 from securefpt.privacy.distributed import smallest_rounded_sensitivity
 from securefpt.privacy.skellam import noise_multiplier_for
-from securefpt.protocol.experiment import ExperimentConfig
 
 
 def with_planned_noise(cfg: ExperimentConfig) -> ExperimentConfig:

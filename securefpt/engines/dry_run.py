@@ -20,9 +20,9 @@ from securefpt.coordinator.secure_aggregation import resolve_settings
 from securefpt.engines.dp_planning import with_planned_noise
 from securefpt.engines.preflight import task_labels
 from securefpt.engines.time_estimate import describe, estimate, step_times
+from securefpt.experiment.config import ExperimentConfig
 from securefpt.learning.modeling import build_model, get_trainable
 from securefpt.node.budget import epsilon_of, plan_privacy
-from securefpt.protocol.experiment import ExperimentConfig
 from securefpt.protocol.policy import load_policy
 
 

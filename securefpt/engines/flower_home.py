@@ -14,7 +14,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from securefpt.config import load_config
+from securefpt.experiment.loading import load_config
 
 
 def write_flower_home(folder: Path, experiment: Path) -> Path:

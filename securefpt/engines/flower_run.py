@@ -33,13 +33,13 @@ from pathlib import Path
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from securefpt.config import load_config
 from securefpt.coordinator.app import FederatedPromptAveraging
 from securefpt.engines.demo import DEMO, demo_config, demo_overrides
 from securefpt.engines.dp_planning import with_planned_noise
 from securefpt.engines.preflight import preflight
 from securefpt.engines.report import print_summary
 from securefpt.errors import ConfigError, FederationError, SecureFPTError
+from securefpt.experiment.loading import load_config
 from securefpt.node.config import FLWR_SIM_ENV, PARTITIONS
 
 app = ServerApp()

@@ -17,10 +17,10 @@ from pathlib import Path
 from securefpt.coordinator.progress import RunProgress
 from securefpt.coordinator.run_dir import ClientRecord, RoundRecord, RunRecorder
 from securefpt.errors import FederationError
-from securefpt.learning.data import label_space, load_client_data
+from securefpt.experiment.config import ExperimentConfig
+from securefpt.experiment.trial_data import label_space, load_client_data
 from securefpt.learning.modeling import build_model, count_params, get_trainable
 from securefpt.learning.training import evaluate, train_local
-from securefpt.protocol.experiment import ExperimentConfig
 
 
 def run_local_paradigm(cfg: ExperimentConfig, out_dir: Path, show_progress: bool = True) -> dict:
@@ -44,7 +44,7 @@ def _train(cfg: ExperimentConfig, labels: list[str], recorder: RunRecorder, show
         models = {lang: shared for lang in data}
         pooled = [ex for d in data.values() for ex in d.train]
     adapt = cfg.personalization
-    blocks = [cfg.fl.model_copy(update={"proximal_mu": 0.0})] * cfg.fl.rounds
+    blocks = [cfg.training_plan().model_copy(update={"proximal_mu": 0.0})] * cfg.fl.rounds
     if adapt.adapt_epochs:
         blocks.append(blocks[0].model_copy(update={"local_epochs": adapt.adapt_epochs,
                                                    "lr": adapt.adapt_lr or cfg.fl.lr}))

@@ -20,8 +20,9 @@ from collections import Counter
 from pathlib import Path
 
 from securefpt.errors import DataError
-from securefpt.learning.data import Example, label_space, load_client_data
-from securefpt.protocol.experiment import DataConfig, ExperimentConfig
+from securefpt.experiment.config import DataConfig, ExperimentConfig
+from securefpt.experiment.trial_data import label_space, load_client_data
+from securefpt.learning.data import Example
 
 RECORD = "partitions.json"
 

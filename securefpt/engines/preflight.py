@@ -20,9 +20,10 @@ from securefpt.coordinator.secure_aggregation import resolve_settings
 from securefpt.engines.dp_planning import with_planned_noise
 from securefpt.engines.trial_nodes import write_trial_nodes
 from securefpt.errors import ConfigError, DataError, FederationError, ModelUnavailableError
-from securefpt.learning.data import label_space, load_examples, read_rows
+from securefpt.experiment.config import ExperimentConfig
+from securefpt.experiment.trial_data import label_space
+from securefpt.learning.data import load_examples, read_rows
 from securefpt.node.config import Node, load_node
-from securefpt.protocol.experiment import ExperimentConfig
 from securefpt.protocol.policy import load_manifests
 
 

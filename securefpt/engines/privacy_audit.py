@@ -26,8 +26,8 @@ import yaml
 
 from securefpt.engines.preflight import task_labels
 from securefpt.errors import ConfigError
+from securefpt.experiment.config import ExperimentConfig
 from securefpt.privacy.auditing import CONFIDENCE, membership, one_run_lower_bound
-from securefpt.protocol.experiment import ExperimentConfig
 
 CANARY_TOKENS = 12
 SETTINGS = ("no-dp", "local-dp", "distributed-dp")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from securefpt.protocol.experiment import ExperimentConfig
+from securefpt.experiment.config import ExperimentConfig
 
 PARTITIONS = "partitions"  # the clients' data of a partitioned trial, inside the run directory
 

@@ -31,8 +31,8 @@ from typing import Optional
 from securefpt.coordinator.interrupts import STOP
 from securefpt.engines.preflight import preflight
 from securefpt.errors import FederationError, SecureFPTError
+from securefpt.experiment.config import ExperimentConfig
 from securefpt.node.config import SIM_NODES_ENV, STATE_ENV
-from securefpt.protocol.experiment import ExperimentConfig
 
 
 def _hide_known_deprecation(record: logging.LogRecord) -> bool:

@@ -18,10 +18,10 @@ import math
 import time
 from typing import Any, Optional
 
+from securefpt.experiment.config import ExperimentConfig
 from securefpt.learning.data import Example
 from securefpt.learning.modeling import AssembledModel
 from securefpt.learning.training import evaluate, local_steps, train_local
-from securefpt.protocol.experiment import ExperimentConfig
 
 PER_ROWS = 100  # without a row cap: the estimate for this many rows a node
 
@@ -44,7 +44,7 @@ def step_times(cfg: ExperimentConfig, model: AssembledModel, labels: int) -> dic
     from securefpt.learning.modeling import get_trainable, set_trainable
 
     batch, eval_batch = _synthetic(cfg, labels, cfg.fl.batch_size), _synthetic(cfg, labels, cfg.fl.eval_batch_size)
-    one_epoch = cfg.fl.model_copy(update={"local_epochs": 1})
+    one_epoch = cfg.training_plan().model_copy(update={"local_epochs": 1})
     initial = get_trainable(model.model)
     times = {"train_step": _seconds(lambda: train_local(model, batch, one_epoch, seed=0)),
              "eval_batch": _seconds(lambda: evaluate(model, eval_batch, cfg.fl.eval_batch_size))}
@@ -61,15 +61,16 @@ def estimate(cfg: ExperimentConfig, times: dict[str, float], included: list[str]
              dp_steps: Optional[int]) -> dict[str, Any]:
     """A round's and the run's compute seconds, on one machine and with a machine per node."""
     selected = max(int(cfg.fl.fraction_fit * len(included)), 1) if included else 0
+    plan = cfg.training_plan()
     per_node = {}
     for lang in included:
         rows = cfg.data.max_train_of(lang) or PER_ROWS
         evals = cfg.data.max_eval_per_client or PER_ROWS
         if cfg.dp.enabled:
-            steps = 1 if cfg.dp.mode == "distributed" else (dp_steps or local_steps(rows, cfg.fl))
+            steps = 1 if cfg.dp.mode == "distributed" else (dp_steps or local_steps(rows, plan))
             train = steps * times["dp_step"]
         else:
-            train = local_steps(rows, cfg.fl) * times["train_step"]
+            train = local_steps(rows, plan) * times["train_step"]
         per_node[lang] = {"train": train, "evaluate": math.ceil(evals / cfg.fl.eval_batch_size) * times["eval_batch"]}
     trains = sorted((n["train"] for n in per_node.values()), reverse=True)[:selected]
     evals = [n["evaluate"] for n in per_node.values()]
@@ -77,7 +78,7 @@ def estimate(cfg: ExperimentConfig, times: dict[str, float], included: list[str]
     machine_each = (max(trains) if trains else 0.0) + (max(evals) if evals else 0.0)
     adapt = cfg.personalization.adapt_epochs
     personalize = {lang: adapt * local_steps(cfg.data.max_train_of(lang) or PER_ROWS,
-                                             cfg.fl.model_copy(update={"local_epochs": 1})) * times["train_step"]
+                                             plan.model_copy(update={"local_epochs": 1})) * times["train_step"]
                    for lang in included} if adapt else {}
     capped = cfg.data.largest_train() is not None and cfg.data.max_eval_per_client is not None
     return {"step_seconds": times, "at_rows": "the row caps" if capped else f"{PER_ROWS} rows a node where uncapped",

@@ -17,9 +17,9 @@ from pathlib import Path
 
 import yaml
 
+from securefpt.experiment.config import ExperimentConfig
 from securefpt.learning.builtin_models import PACKAGED_MODELS
 from securefpt.protocol.attestation import issue, new_key, public_raw, save_private, save_public
-from securefpt.protocol.experiment import ExperimentConfig
 
 TRIAL_REGION = "local"
 

@@ -23,7 +23,7 @@ import torch
 
 from securefpt.learning.artifacts import save_arrays
 from securefpt.learning.modeling import load_backbone, load_tokenizer, lora_targets
-from securefpt.protocol.experiment import ModelConfig, PeftConfig
+from securefpt.protocol.request import Lora, ModelConfig, PeftConfig, PromptTuning, PTuning, virtual_tokens
 
 HEAD_FILE, CLASSIFIER_FILE = "classifier_head.safetensors", "classifier.json"
 
@@ -32,16 +32,16 @@ def peft_config(model_cfg: ModelConfig, peft_cfg: PeftConfig, backbone):
     """The PEFT config that describes this run's trainable part on `backbone` (None for `full`)."""
     from peft import LoraConfig, PromptEncoderConfig, PromptTuningConfig
 
-    common = dict(task_type="FEATURE_EXTRACTION", num_virtual_tokens=peft_cfg.num_virtual_tokens,
+    common = dict(task_type="FEATURE_EXTRACTION", num_virtual_tokens=virtual_tokens(peft_cfg),
                   token_dim=backbone.config.hidden_size, num_transformer_submodules=1,
                   num_attention_heads=backbone.config.num_attention_heads,
                   num_layers=backbone.config.num_hidden_layers, base_model_name_or_path=_base_name(model_cfg))
-    if peft_cfg.method == "prompt_tuning":
+    if isinstance(peft_cfg, PromptTuning):
         return PromptTuningConfig(**common)
-    if peft_cfg.method == "p_tuning":
+    if isinstance(peft_cfg, PTuning):
         return PromptEncoderConfig(**common, encoder_reparameterization_type="MLP",
                                    encoder_hidden_size=peft_cfg.encoder_hidden_size)
-    if peft_cfg.method == "lora":
+    if isinstance(peft_cfg, Lora):
         return LoraConfig(task_type="FEATURE_EXTRACTION", r=peft_cfg.lora_r, lora_alpha=peft_cfg.lora_alpha,
                           lora_dropout=peft_cfg.lora_dropout, target_modules=lora_targets(backbone, peft_cfg),
                           base_model_name_or_path=_base_name(model_cfg))
@@ -77,8 +77,7 @@ def save_classifier(folder: Path, model_cfg: ModelConfig, peft_cfg: PeftConfig, 
     description = {"head": "shared" if head else "local to each node",
                    "labels": labels, "pooling": model_cfg.pooling, "model": model_cfg.name,
                    "max_length": model_cfg.max_length, "peft_method": peft_cfg.method,
-                   "num_virtual_tokens": peft_cfg.num_virtual_tokens if peft_cfg.method in
-                   ("prompt_tuning", "p_tuning") else 0}
+                   "num_virtual_tokens": virtual_tokens(peft_cfg)}
     (folder / CLASSIFIER_FILE).write_text(json.dumps(description, indent=2), encoding="utf-8")
     if peft_cfg.method == "full":
         return

@@ -27,6 +27,7 @@ from transformers.modeling_outputs import SequenceClassifierOutput
 from securefpt.errors import ConfigError
 from securefpt.learning.adapter import CLASSIFIER_FILE, HEAD_FILE
 from securefpt.learning.artifacts import load_arrays
+from securefpt.protocol.request import REQUEST_FILE, ExperimentRequest
 
 
 class PromptClassifierConfig(PretrainedConfig):
@@ -94,7 +95,7 @@ _register()
 
 def _folder(run_dir: Path, language: Optional[str]) -> Path:
     """Where the classifier of this run (or of one language of a monolingual run) lives."""
-    for name in ("config.yaml", "labels.json"):
+    for name in (REQUEST_FILE, "labels.json"):
         if not (run_dir / name).is_file():
             raise ConfigError(f"{run_dir}: not a run directory ({name} missing)")
     monolingual = (run_dir / "languages").is_dir()
@@ -115,8 +116,6 @@ def _folder(run_dir: Path, language: Optional[str]) -> Path:
 def load_classifier(run_dir: Path, language: Optional[str] = None) -> PromptClassifierModel:
     """A finished run's classifier (see the module docstring); `language` for a monolingual run.
     A node's personalized model: securefpt.load_classifier(run, node=...) (node/personal.py)."""
-    from securefpt.config import load_config
-
     run_dir = Path(run_dir)
     folder = _folder(run_dir, language)
     if not (folder / CLASSIFIER_FILE).is_file():
@@ -124,11 +123,19 @@ def load_classifier(run_dir: Path, language: Optional[str] = None) -> PromptClas
     if not (folder / HEAD_FILE).is_file():
         raise ConfigError(f"{run_dir}: each node of this run keeps its own head (personalization.local_head); "
                           "classify with a node's personalized model: --node <its state folder or client id>")
-    return from_folder(folder, load_config(run_dir / "config.yaml"))
+    return from_folder(folder, read_request(run_dir / REQUEST_FILE))
 
 
-def from_folder(folder: Path, cfg) -> PromptClassifierModel:
-    """The classifier saved in `folder` by learning/adapter.py, on the run's backbone."""
+def read_request(path: Path) -> ExperimentRequest:
+    """The request a run's nodes trained under (the run directory's, or a node's own copy)."""
+    try:
+        return ExperimentRequest.from_json(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        raise ConfigError(f"{path}: not a readable experiment request") from None
+
+
+def from_folder(folder: Path, cfg: ExperimentRequest) -> PromptClassifierModel:
+    """The classifier saved in `folder` by learning/adapter.py, on the backbone the request names."""
     from securefpt.learning.modeling import build_model, load_backbone, load_tokenizer, set_trainable
 
     description = json.loads((folder / CLASSIFIER_FILE).read_text(encoding="utf-8"))

@@ -1,4 +1,4 @@
-"""Private text data: readers, label space, deterministic sampling.
+"""Private text data: readers and deterministic sampling.
 
 Sources: `masakhanews_tsv` (a root of language folders holding the upstream TSVs),
 `hf` (a hub dataset through `datasets.load_dataset`), `csv` / `jsonl` (a root of
@@ -9,7 +9,8 @@ docs/demo_data.md).
 
 A *binding* says where one language's data lives: a node's `DataBinding` (its own
 configuration) or, for local trials and baselines, the experiment's `DataConfig`; both
-carry `source`, `root`, `train_split`, `eval_split` and `hf`.
+are a `DataSource` (learning/data_source.py). The trial data's label space and per-language
+reading are the operator's (experiment/trial_data.py).
 """
 
 from __future__ import annotations
@@ -22,8 +23,8 @@ from pathlib import Path
 from typing import Iterable, NamedTuple, Optional
 
 from securefpt.errors import DataError
+from securefpt.learning.data_source import DataSource
 from securefpt.offline import datasets_offline, downloads_allowed
-from securefpt.protocol.experiment import DataConfig
 
 
 @dataclass(frozen=True)
@@ -123,7 +124,7 @@ def demo_languages() -> list[str]:
 # ---------------------------------------------------------------- splits
 
 
-def read_rows(cfg: DataConfig, language: str, split: str) -> list[Row]:
+def read_rows(cfg: DataSource, language: str, split: str) -> list[Row]:
     if cfg.source == "masakhanews_tsv":
         return read_masakhanews_tsv(Path(cfg.root) / language / f"{split}.tsv")
     if cfg.source in ("csv", "jsonl"):
@@ -135,7 +136,7 @@ def read_rows(cfg: DataConfig, language: str, split: str) -> list[Row]:
     return _hf_rows(cfg, language, split)
 
 
-def _hf_rows(cfg: DataConfig, language: str, split: str) -> list[Row]:
+def _hf_rows(cfg: DataSource, language: str, split: str) -> list[Row]:
     hf = cfg.hf
     assert hf is not None
     real_split = hf.train_split if split == cfg.train_split else hf.eval_split
@@ -178,19 +179,6 @@ def _hf_rows(cfg: DataConfig, language: str, split: str) -> list[Row]:
     return rows
 
 
-def label_space(cfg: DataConfig) -> list[str]:
-    """The union of the participating languages' labels, sorted (one shared head)."""
-    labels: set[str] = set()
-    for language in cfg.languages:
-        listed = Path(cfg.root) / language / "labels.txt" if cfg.root is not None else None
-        if cfg.source == "masakhanews_tsv" and listed is not None and listed.is_file():
-            labels.update(x.strip() for x in listed.read_text(encoding="utf-8").split() if x.strip())
-        else:
-            for split in (cfg.train_split_of(language), cfg.eval_split):
-                labels.update(row.label for row in read_rows(cfg, language, split))
-    return sorted(labels)
-
-
 def _sample(rows: list[Row], cap: int | None, seed: int, tag: str) -> list[Row]:
     rows = list(rows)
     random.Random(f"{seed}:{tag}").shuffle(rows)
@@ -201,7 +189,7 @@ class LabelError(DataError):
     """A row's label is outside the task's label space."""
 
 
-def load_examples(binding, language: str, labels: list[str], max_train: int | None, max_eval: int | None,
+def load_examples(binding: DataSource, language: str, labels: list[str], max_train: int | None, max_eval: int | None,
                   seed: int, label_map: dict[str, str] | None = None) -> ClientData:
     """One language's train/eval examples from a binding, labels mapped onto the task's label
     space (`label_map`: own label -> task label), capped and shuffled deterministically."""
@@ -235,9 +223,3 @@ def load_canaries(path: Path, labels: list[str]) -> list[Example]:
     if outside:
         raise DataError(f"{path}: canary labels {outside} are not in the label space {labels}")  # not a label answer
     return [Example(text=r.text, label=index[r.label], pair=r.pair) for r in rows]
-
-
-def load_client_data(cfg: DataConfig, language: str, labels: list[str], seed: int) -> ClientData:
-    """A language's data as an experiment's local-trial section describes it (baselines, trial nodes)."""
-    binding = cfg.model_copy(update={"train_split": cfg.train_split_of(language)})
-    return load_examples(binding, language, labels, cfg.max_train_of(language), cfg.max_eval_per_client, seed)

@@ -23,6 +23,7 @@ from torch.utils.data import TensorDataset
 from securefpt.learning.data import Example
 from securefpt.learning.modeling import AssembledModel
 from securefpt.learning.training import Proximal, TrainResult, make_optimizer
+from securefpt.protocol.request import TrainingPlan
 
 
 @dataclass(frozen=True)
@@ -45,7 +46,7 @@ def tensor_dataset(assembled: AssembledModel, examples: list[Example]) -> Tensor
     return TensorDataset(enc["input_ids"], enc["attention_mask"], labels)
 
 
-def dp_train(assembled: AssembledModel, examples: list[Example], optim, schedule: DPSchedule,
+def dp_train(assembled: AssembledModel, examples: list[Example], optim: TrainingPlan, schedule: DPSchedule,
              on_step: Optional[Callable[[], None]] = None) -> TrainResult:
     """`schedule.steps` DP-SGD steps (AdamW on privatized gradients; `optim` has lr and weight_decay);
     `on_step` after each step."""

@@ -22,7 +22,7 @@ from torch import nn
 from securefpt.errors import ConfigError, ModelUnavailableError
 from securefpt.learning.builtin_models import BUILTIN_E5, BUILTIN_MINILM, BUILTIN_TINY, resolve
 from securefpt.offline import hf_offline_kwargs
-from securefpt.protocol.experiment import ModelConfig, PeftConfig
+from securefpt.protocol.request import Lora, ModelConfig, PeftConfig, PromptTuning, PTuning, virtual_tokens
 
 
 def load_tokenizer(cfg: ModelConfig):
@@ -158,7 +158,7 @@ class PromptClassifier(nn.Module):
         return self.head(pooled)
 
 
-def _prompt_encoder(peft_cfg: PeftConfig, backbone: nn.Module, tokenizer) -> nn.Module:
+def _prompt_encoder(peft_cfg: PromptTuning | PTuning, backbone: nn.Module, tokenizer) -> nn.Module:
     from peft import PromptEncoder, PromptEncoderConfig, PromptTuningConfig
     from peft.tuners.prompt_tuning.model import PromptEmbedding
 
@@ -171,7 +171,7 @@ def _prompt_encoder(peft_cfg: PeftConfig, backbone: nn.Module, tokenizer) -> nn.
         num_attention_heads=backbone.config.num_attention_heads,
         num_layers=backbone.config.num_hidden_layers,
     )
-    if peft_cfg.method == "prompt_tuning":
+    if isinstance(peft_cfg, PromptTuning):
         prompt = PromptEmbedding(PromptTuningConfig(**common, prompt_tuning_init="RANDOM"),
                                  backbone.get_input_embeddings())
         if peft_cfg.prompt_init == "text" and tokenizer is not None:  # (None: counting parameters only)
@@ -185,7 +185,7 @@ def _prompt_encoder(peft_cfg: PeftConfig, backbone: nn.Module, tokenizer) -> nn.
     return PromptEncoder(cfg)
 
 
-def _init_from_text(prompt: nn.Module, backbone: nn.Module, tokenizer, peft_cfg: PeftConfig) -> None:
+def _init_from_text(prompt: nn.Module, backbone: nn.Module, tokenizer, peft_cfg: PromptTuning) -> None:
     """PEFT's TEXT initialisation (the init text's token embeddings, repeated or cut to the number of
     virtual tokens), with the tokenizer already loaded rather than PEFT loading it again by path."""
     ids = tokenizer(peft_cfg.init_text)["input_ids"]
@@ -258,14 +258,14 @@ def assemble(backbone: nn.Module, peft_cfg: PeftConfig, num_labels: int, pooling
     for p in backbone.parameters():
         p.requires_grad_(peft_cfg.method == "full")
     prompt = None
-    if peft_cfg.method in ("prompt_tuning", "p_tuning"):
+    if isinstance(peft_cfg, (PromptTuning, PTuning)):
         prompt = _prompt_encoder(peft_cfg, backbone, tokenizer)
-    elif peft_cfg.method == "lora":
+    elif isinstance(peft_cfg, Lora):
         backbone = _inject_lora(backbone, peft_cfg)
-    return PromptClassifier(backbone, prompt, peft_cfg.num_virtual_tokens, num_labels, pooling)
+    return PromptClassifier(backbone, prompt, virtual_tokens(peft_cfg), num_labels, pooling)
 
 
-def lora_targets(backbone: nn.Module, peft_cfg: PeftConfig) -> list[str]:
+def lora_targets(backbone: nn.Module, peft_cfg: Lora) -> list[str]:
     """The modules LoRA adapts: as configured, else the attention query and value of BERT-like models."""
     targets = peft_cfg.lora_target_modules
     if targets is None and getattr(backbone.config, "model_type", "") in ("bert", "xlm-roberta", "roberta"):
@@ -275,7 +275,7 @@ def lora_targets(backbone: nn.Module, peft_cfg: PeftConfig) -> list[str]:
     return targets
 
 
-def _inject_lora(backbone: nn.Module, peft_cfg: PeftConfig) -> nn.Module:
+def _inject_lora(backbone: nn.Module, peft_cfg: Lora) -> nn.Module:
     from peft import LoraConfig, inject_adapter_in_model
 
     kwargs = dict(r=peft_cfg.lora_r, lora_alpha=peft_cfg.lora_alpha, lora_dropout=peft_cfg.lora_dropout)

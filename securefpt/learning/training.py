@@ -11,7 +11,7 @@ from torch.utils.data import DataLoader
 
 from securefpt.learning.data import Example
 from securefpt.learning.modeling import AssembledModel
-from securefpt.protocol.experiment import FLConfig
+from securefpt.protocol.request import TrainingPlan
 
 
 def _collate(assembled: AssembledModel) -> Callable[[list[Example]], dict[str, torch.Tensor]]:
@@ -39,9 +39,9 @@ def make_loader(
     )
 
 
-def make_optimizer(model: nn.Module, fl: FLConfig) -> torch.optim.Optimizer:
+def make_optimizer(model: nn.Module, plan: TrainingPlan) -> torch.optim.Optimizer:
     params = [p for p in model.parameters() if p.requires_grad]
-    return torch.optim.AdamW(params, lr=fl.lr, weight_decay=fl.weight_decay)
+    return torch.optim.AdamW(params, lr=plan.lr, weight_decay=plan.weight_decay)
 
 
 class Proximal:
@@ -70,32 +70,32 @@ class TrainResult:
     seconds: float
 
 
-def local_steps(examples: int, fl: FLConfig) -> int:
+def local_steps(examples: int, plan: TrainingPlan) -> int:
     """The optimizer steps `train_local` takes: every batch of every epoch, the last one short."""
-    return fl.local_epochs * -(-examples // fl.batch_size)
+    return plan.local_epochs * -(-examples // plan.batch_size)
 
 
 def train_local(
     assembled: AssembledModel,
     examples: list[Example],
-    fl: FLConfig,
+    plan: TrainingPlan,
     seed: int,
     on_step: Optional[Callable[[], None]] = None,
 ) -> TrainResult:
-    """`fl.local_epochs` epochs of AdamW on the trainable parameters (Algorithm 1, client side),
+    """`plan.local_epochs` epochs of AdamW on the trainable parameters (Algorithm 1, client side),
     with FedProx's proximal term where the plan sets `proximal_mu`; `on_step` after each step."""
     import time
 
     model = assembled.model
     model.train()
     torch.manual_seed(seed)
-    loader = make_loader(assembled, examples, fl.batch_size, shuffle=True, seed=seed)
-    optimizer = make_optimizer(model, fl)
-    proximal = Proximal(model, fl.proximal_mu)
+    loader = make_loader(assembled, examples, plan.batch_size, shuffle=True, seed=seed)
+    optimizer = make_optimizer(model, plan)
+    proximal = Proximal(model, plan.proximal_mu)
     loss_fn = nn.CrossEntropyLoss()
     start = time.perf_counter()
     steps, total_loss = 0, 0.0
-    for _ in range(fl.local_epochs):
+    for _ in range(plan.local_epochs):
         for batch in loader:
             optimizer.zero_grad(set_to_none=True)
             logits = model(batch["input_ids"], batch["attention_mask"])

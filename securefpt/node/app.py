@@ -27,7 +27,7 @@ from flwr.compat.common import recorddict_compat as compat
 from pydantic import ValidationError
 
 from securefpt.node import guards
-from securefpt.node.budget import Ledger
+from securefpt.node.budget import Accounting, Ledger
 from securefpt.node.config import Node, this_node
 from securefpt.node.progress import show_progress
 from securefpt.node.secagg import masking, masking_ring, secure_aggregation_mod
@@ -35,9 +35,9 @@ from securefpt.node.sketches import Sketches
 from securefpt.node.state import NodeState, RunRecord
 from securefpt.node.witness import witness
 from securefpt.protocol import records as R
-from securefpt.protocol.experiment import ExperimentRequest
 from securefpt.protocol.identity import prove
 from securefpt.protocol.refusals import NodeRefusal
+from securefpt.protocol.request import ExperimentRequest
 
 app = ClientApp(mods=[guards.hygiene_mod, guards.fault_injection_mod, secure_aggregation_mod])
 show_progress()  # the node's own log (its SuperNode's stderr): how far a long step is; never sent
@@ -58,9 +58,11 @@ def _runtime(node: Node, request: ExperimentRequest):
     return get_runtime(node, request)
 
 
-def _ledger(node: Node, runtime) -> Optional[Ledger]:
-    return Ledger(node.state_dir, runtime.dataset, node.budget, node.federation) \
-        if runtime.privacy_plan is not None else None
+def _accounting(node: Node, runtime) -> Optional[Accounting]:
+    """The experiment's DP plan with this node's ledger for its dataset (None: no DP)."""
+    plan = runtime.privacy_plan
+    return None if plan is None else Accounting(plan, Ledger(node.state_dir, runtime.dataset, node.budget,
+                                                                  node.federation))
 
 
 def _coarse(value: float, decimals: Optional[int]) -> float:
@@ -90,8 +92,9 @@ def setup(msg: Message, context: Context) -> Message:
     if not codes:
         try:
             runtime = _runtime(node, request)  # the task, model, data and labels
-            if runtime.privacy_plan is not None:
-                _ledger(node, runtime).check_plan(request.sha256(), runtime.privacy_plan)
+            dp = _accounting(node, runtime)
+            if dp is not None:
+                dp.ledger.check_plan(request.sha256(), dp.plan)
         except NodeRefusal as exc:
             codes, detail = [exc.code], exc.detail
         else:
@@ -114,11 +117,11 @@ def train(msg: Message, context: Context) -> Message:
     names = runtime.shared_names()  # a local head never travels
     global_arrays = OrderedDict(zip(names, parameters_to_ndarrays(fitins.parameters), strict=True))
     encoder = R.encoder_hash(global_arrays)
-    plan, ledger = runtime.privacy_plan, _ledger(node, runtime)
-    guards.check_training(node, run, request, server_round, encoder, global_arrays, secure, ledger, plan)
-    distributed, ring = plan is not None and plan.distributed, masking_ring()
-    if distributed:
-        runtime.check_ring(ring)  # the round's public grid can carry this node's noise share
+    dp = _accounting(node, runtime)
+    guards.check_training(node, run, request, server_round, encoder, global_arrays, secure, dp)
+    ring = masking_ring()
+    if dp is not None and dp.plan.distributed:
+        ring = runtime.check_ring(ring)  # the round's public grid can carry this node's noise share
     run.note_trained(server_round, encoder)  # before anything leaves: a replay of this round is refused
     if node.rules.differencing.min_encoder_distance > 0:  # near copies of it are refused from now on
         Sketches(node.state_dir, node.federation).keep(global_arrays, encoder)
@@ -128,14 +131,14 @@ def train(msg: Message, context: Context) -> Message:
         state.hold_encoder(encoder, server_round)
     else:
         state.record_encoder(encoder)
-    if distributed:  # the reply is this node's noisy gradient share, weight 1
+    if dp is not None and dp.plan.distributed and ring is not None:  # the reply: this node's noisy gradient share
         values, result, share = runtime.gradient_share(global_arrays, ring)
-        ledger.spend(request.sha256(), plan, result.steps, share)
+        dp.ledger.spend(request.sha256(), dp.plan, result.steps, share)
         fitres = FitRes(Status(Code.OK, "ok"), ndarrays_to_parameters(values), _unit_weight(ring.max_weight), {})
         return Message(compat.fitres_to_recorddict(fitres, keep_input=False), reply_to=msg)
     updated, result = runtime.fit(global_arrays, seed=_training_seed(node, request, server_round))
-    if plan is not None:
-        ledger.spend(request.sha256(), plan, result.steps)
+    if dp is not None:
+        dp.ledger.spend(request.sha256(), dp.plan, result.steps)
     if secure:
         values = [updated[n] - global_arrays[n] for n in names]
         metrics = {}  # nothing per node in the clear
@@ -168,10 +171,10 @@ def _unit_weight(weight: float):
 
 def privacy_report(node: Node, request: ExperimentRequest, runtime) -> ConfigRecord:
     """What this node has spent in this experiment, in the form its rules release (empty without DP)."""
-    plan, release = runtime.privacy_plan, node.rules.release
-    if plan is None:
+    dp, release = _accounting(node, runtime), node.rules.release
+    if dp is None:
         return ConfigRecord({})
-    ledger = _ledger(node, runtime)
+    plan, ledger = dp.plan, dp.ledger
     out: dict = {}
     if release.epsilon:
         out["epsilon"] = _coarse(ledger.epsilon(request.sha256(), plan), release.epsilon_decimals)
@@ -191,7 +194,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     run, request = _accepted(node, context)
     try:
         rnd = msg.content.config_records[R.ROUND]
-        server_round, next_round = int(rnd["server-round"]), int(rnd["next-round"])
+        server_round, next_round = R.as_int(rnd["server-round"]), R.as_int(rnd["next-round"])
         arrays = R.record_to_arrays(msg.content.array_records[R.GLOBAL])
     except (KeyError, TypeError, ValueError) as exc:
         raise NodeRefusal("malformed-request", repr(exc)) from None
@@ -209,7 +212,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     answer = _answer(False, "round-out-of-plan")
     if next_round:
         code = "round-out-of-plan" if next_round != server_round + 1 else guards.check_offer(
-            node, request, next_round, encoder, arrays, _ledger(node, runtime), runtime.privacy_plan)
+            node, request, next_round, encoder, arrays, _accounting(node, runtime))
         if code == "ok":
             run.offer(next_round, encoder)
         answer = _answer(code == "ok", code)

@@ -24,14 +24,14 @@ import re
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 from securefpt.node.config import Budget
 from securefpt.node.state import read_json, write_json
 from securefpt.privacy import skellam
 from securefpt.privacy.distributed import smallest_rounded_sensitivity
-from securefpt.protocol.experiment import ExperimentRequest
 from securefpt.protocol.refusals import NodeRefusal
+from securefpt.protocol.request import ExperimentRequest
 
 TOLERANCE = 1.01  # the noise multiplier is derived to hit the target within 1%
 # Refuse a plan whose noise would swamp the signal (docs/benchmarks.md, "Privacy-utility"):
@@ -70,6 +70,8 @@ def plan_privacy(request: ExperimentRequest, num_examples: int, dimension: int =
     if dp.distributed:  # one noisy gradient a round; sigma is the sum's, public
         if plan.max_train is not None:  # every row of the federation sampled at one public rate (central DP-SGD's
             sample_rate = min(1.0, plan.batch_size / plan.max_train)  # batch): no epsilon depends on |D_k|
+        if dp.noise_multiplier is None:  # ExperimentRequest refuses distributed DP without one
+            raise NodeRefusal("malformed-request", "distributed DP without the sum's noise multiplier")
         return PrivacyPlan(noise_multiplier=float(dp.noise_multiplier), sample_rate=sample_rate, steps_per_round=1,
                            planned_rounds=plan.rounds, delta=dp.delta, target_epsilon=dp.target_epsilon,
                            max_grad_norm=dp.max_grad_norm, accountant="rdp", mode="distributed",
@@ -143,7 +145,7 @@ class Ledger:
         """The spends as accountant entries; `alone`: a Skellam step counts only this node's own share
         (the guarantee left if every other contributor colluded with the coordinator); `federation`: only
         that federation's spends (an entry from before federations were recorded counts for every one)."""
-        out = []
+        out: list[tuple] = []
         for e in self.entries:
             if experiment is not None and e["experiment"] != experiment:
                 continue
@@ -159,7 +161,7 @@ class Ledger:
     def steps(self, experiment: str) -> int:
         return sum(e[2] for e in self.history(experiment))
 
-    def epsilon(self, experiment: str, plan: PrivacyPlan, extra: list = ()) -> float:
+    def epsilon(self, experiment: str, plan: PrivacyPlan, extra: Sequence[tuple] = ()) -> float:
         """This experiment's epsilon (at its delta and accountant), with `extra` spends added."""
         return epsilon_of(self.history(experiment) + list(extra), plan.delta, plan.accountant)
 
@@ -167,16 +169,16 @@ class Ledger:
         """Distributed mode: this experiment's epsilon from this node's own noise shares alone."""
         return epsilon_of(self.history(experiment, alone=True), plan.delta, plan.accountant)
 
-    def lifetime_epsilon(self, extra: list = ()) -> float:
+    def lifetime_epsilon(self, extra: Sequence[tuple] = ()) -> float:
         """The dataset's epsilon over every experiment (at the node's own delta and accountant)."""
         return epsilon_of(self.history() + list(extra), self.budget.delta, self.budget.accountant)
 
-    def federation_epsilon(self, extra: list = (), federation: Optional[str] = None) -> float:
+    def federation_epsilon(self, extra: Sequence[tuple] = (), federation: Optional[str] = None) -> float:
         """What one federation (this ledger's, by default) has spent of the dataset, over all its experiments."""
         return epsilon_of(self.history(federation=federation or self.federation) + list(extra), self.budget.delta,
                           self.budget.accountant)
 
-    def _over_budget(self, extra: list) -> Optional[str]:
+    def _over_budget(self, extra: Sequence[tuple]) -> Optional[str]:
         if self.budget.epsilon is not None and self.lifetime_epsilon(extra) > self.budget.epsilon * TOLERANCE:
             return f"the node's lifetime budget {self.budget.epsilon:g}"
         share = self.budget.per_federation
@@ -229,3 +231,11 @@ class Ledger:
                  "federation": self.federation}
         self.entries.append({**entry, **(share or {})})
         write_json(self.path, {"entries": self.entries})
+
+
+@dataclass(frozen=True)
+class Accounting:
+    """A DP experiment's plan and the ledger it is spent from: there exactly when the request asks for DP."""
+
+    plan: PrivacyPlan
+    ledger: Ledger

@@ -31,9 +31,9 @@ from typing import Literal, Optional
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from pydantic import Field, ValidationError, model_validator
 
-from securefpt.config import first_error, read_yaml_mapping
 from securefpt.errors import ConfigError
 from securefpt.learning.builtin_models import PACKAGED_MODELS
+from securefpt.learning.data_source import DataSource, SourceKind
 from securefpt.protocol.attestation import (
     Attestation,
     attested_key,
@@ -42,22 +42,19 @@ from securefpt.protocol.attestation import (
     load_public,
     public_raw,
 )
-from securefpt.protocol.experiment import HFDataConfig, Strict
 from securefpt.protocol.policy import ClientManifest, NodeRules, load_manifest, load_policy
+from securefpt.protocol.request import Strict
+from securefpt.protocol.yaml_files import first_error, read_yaml_mapping
 
 STATE_ENV = "SECUREFPT_NODE_STATE"  # engine-given base folder of nodes without a `state_dir`
 SIM_NODES_ENV = "SECUREFPT_SIM_NODES"  # simulation engine: a JSON list of node.yaml paths, by partition id
 
 
-class DataBinding(Strict):
-    """Where this node's data for one task lives and how to read it."""
+class DataBinding(DataSource):
+    """Where this node's data for one task lives (a DataSource: source, root, splits, hf) and how to read it."""
 
-    source: Literal["demo", "masakhanews_tsv", "hf", "csv", "jsonl"]
-    root: Optional[Path] = None  # a folder of language folders holding <split>.<ext>
+    source: SourceKind  # required: a node names its own source
     language: Optional[str] = None  # the language folder / filter value (default: the node's language)
-    train_split: str = "train"
-    eval_split: str = "dev"
-    hf: Optional[HFDataConfig] = None
     label_map: dict[str, str] = Field(default_factory=dict)  # the node's label -> the task's label
     max_train: Optional[int] = Field(None, ge=1)
     max_eval: Optional[int] = Field(None, ge=1)
@@ -69,14 +66,6 @@ class DataBinding(Strict):
     # on besides its split, past any row cap; never evaluated. Which canaries are in was decided by coins
     # the auditing institution keeps: nothing of them is in this file's records or leaves the node.
     canaries: Optional[Path] = None
-
-    @model_validator(mode="after")
-    def _source_needs(self) -> "DataBinding":
-        if self.source in ("masakhanews_tsv", "csv", "jsonl") and self.root is None:
-            raise ValueError(f"root is required for source={self.source}")
-        if self.source == "hf" and self.hf is None:
-            raise ValueError("hf is required for source=hf")
-        return self
 
 
 class Budget(Strict):
@@ -155,12 +144,16 @@ class Node:
         return self.models.get(name)
 
 
-def _resolve(base: Path, path: Optional[Path]) -> Optional[Path]:
-    return None if path is None else (path if path.is_absolute() else (base / path).resolve())
+def _resolve(base: Path, path: Path) -> Path:
+    return path if path.is_absolute() else (base / path).resolve()
+
+
+def _resolve_optional(base: Path, path: Optional[Path]) -> Optional[Path]:
+    return None if path is None else _resolve(base, path)
 
 
 def _binding(base: Path, binding: DataBinding) -> DataBinding:
-    return binding.model_copy(update={"root": _resolve(base, binding.root)})
+    return binding.model_copy(update={"root": _resolve_optional(base, binding.root)})
 
 
 def load_node(path: Path, now: Optional[datetime] = None, state_base: Optional[Path] = None) -> Node:
@@ -183,23 +176,25 @@ def load_node(path: Path, now: Optional[datetime] = None, state_base: Optional[P
         authorities, coordinator_region = policy.authorities(), policy.server.region
         audit_key: Optional[Ed25519PublicKey] = load_public(policy.server.audit_key)
     else:
+        assert cfg.rules is not None  # NodeConfig requires exactly one of policy and rules
         rules = cfg.rules
         authorities = {region: load_public(_resolve(base, p)) for region, p in cfg.trust.items()}
         coordinator_region, audit_key = None, None
-    why = check_attestation(manifest.attestation, manifest.client_id, manifest.region,
+    attestation = manifest.attestation
+    why = check_attestation(attestation, manifest.client_id, manifest.region,
                             authorities.get(manifest.region), now or datetime.now(timezone.utc), manifest.language)
-    if why is None and public_raw(attested_key(manifest.attestation)) != public_raw(key):
+    if why is None and attestation is not None and public_raw(attested_key(attestation)) != public_raw(key):
         why = "the key is not the one the attestation names"
-    if why is not None:
+    if why is not None or attestation is None:
         raise ConfigError(f"{path}: the node's own identity does not verify: {why}")
-    state = _resolve(base, cfg.state_dir)
+    state = _resolve_optional(base, cfg.state_dir)
     if state is None:
         engine_base = state_base or os.environ.get(STATE_ENV)
         if engine_base is None:
             raise ConfigError(f"{path}: state_dir is required (no engine gives this node a state folder)")
         state = Path(engine_base) / manifest.client_id
     return Node(path=path, client_id=manifest.client_id, region=manifest.region, language=manifest.language,
-                attestation=manifest.attestation, key=key, rules=rules, authorities=authorities,
+                attestation=attestation, key=key, rules=rules, authorities=authorities,
                 coordinator_region=coordinator_region,
                 audit_key=audit_key, data={task: _binding(base, b) for task, b in cfg.data.items()},
                 models=dict(cfg.models), budget=cfg.budget, state_dir=state, keep_personalized=cfg.keep_personalized)

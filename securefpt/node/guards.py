@@ -26,12 +26,12 @@ from flwr.clientapp.typing import ClientAppCallable
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
 
 from securefpt.errors import SecureFPTError
-from securefpt.node.budget import Ledger, PrivacyPlan
+from securefpt.node.budget import Accounting
 from securefpt.node.config import Node, this_node
 from securefpt.node.sketches import Sketches
 from securefpt.node.state import NodeState, RunRecord
-from securefpt.protocol.experiment import ExperimentRequest
 from securefpt.protocol.refusals import REFUSAL_ERROR_CODE, NodeRefusal, reason
+from securefpt.protocol.request import ExperimentRequest
 from securefpt.protocol.rules import rule_violations
 
 
@@ -50,7 +50,7 @@ def near_copy(node: Node, encoder: str, arrays) -> bool:
 
 
 def check_training(node: Node, run: RunRecord, request: ExperimentRequest, server_round: int, encoder: str,
-                   arrays, secure: bool, ledger: Optional[Ledger], plan: Optional[PrivacyPlan]) -> None:
+                   arrays, secure: bool, dp: Optional[Accounting]) -> None:
     """Raise the refusal for a training request this node must not answer."""
     if not secure and (request.secure_aggregation or node.rules.require_secure_aggregation):
         raise NodeRefusal("secagg-required", "plaintext training request")
@@ -65,18 +65,18 @@ def check_training(node: Node, run: RunRecord, request: ExperimentRequest, serve
         raise NodeRefusal("encoder-reused", encoder)
     if near_copy(node, encoder, arrays):
         raise NodeRefusal("encoder-reused", f"{encoder}: a near copy of an encoder this node trained on")
-    if plan is not None:
-        ledger.authorize(request.sha256(), plan)
+    if dp is not None:
+        dp.ledger.authorize(request.sha256(), dp.plan)
 
 
 def check_offer(node: Node, request: ExperimentRequest, next_round: int, encoder: str, arrays,
-                ledger: Optional[Ledger], plan: Optional[PrivacyPlan]) -> str:
+                dp: Optional[Accounting]) -> str:
     """Whether this node will train round `next_round` on `encoder`: "ok" or a refusal code."""
     if not 1 <= next_round <= request.training.rounds:
         return "round-out-of-plan"
     if not NodeState(node.state_dir).may_train(encoder, next_round) or near_copy(node, encoder, arrays):
         return "encoder-reused"
-    if plan is not None and not ledger.allows_round(request.sha256(), plan):
+    if dp is not None and not dp.ledger.allows_round(request.sha256(), dp.plan):
         return "budget-exhausted"
     return "ok"
 

@@ -23,16 +23,19 @@ from typing import Mapping, Optional
 import numpy as np
 
 from securefpt.learning.artifacts import load_arrays, save_arrays
+from securefpt.protocol.request import REQUEST_FILE, ExperimentRequest
 
 HEAD = "head."
 MODEL_FILE = "personalized.safetensors"
 
 
 class Personal:
-    """A node's own parameters for one experiment, in its state folder."""
+    """A node's own parameters for one experiment, in its state folder, beside its own copy of the
+    request it trained them under (what `load_personalized` builds the model from)."""
 
-    def __init__(self, state_dir: Path, request_sha256: str, keep: int = 10) -> None:
-        self.folder = Path(state_dir) / "personal" / request_sha256[:16]
+    def __init__(self, state_dir: Path, request: ExperimentRequest, keep: int = 10) -> None:
+        self.folder = Path(state_dir) / "personal" / request.sha256()[:16]
+        self.request = request
         self.keep = keep
 
     def head(self, initial: Mapping[str, np.ndarray]) -> "OrderedDict[str, np.ndarray]":
@@ -65,6 +68,8 @@ class Personal:
 
     def _save(self, name: str, arrays: Mapping[str, np.ndarray]) -> Path:
         self.folder.mkdir(parents=True, exist_ok=True)
+        if not (self.folder / REQUEST_FILE).is_file():
+            (self.folder / REQUEST_FILE).write_text(self.request.to_json(), encoding="utf-8")
         tmp = self.folder / f"{name}.tmp"
         save_arrays(tmp, arrays)
         tmp.replace(self.folder / name)  # a crash leaves the previous version
@@ -75,30 +80,28 @@ class Personal:
 def load_personalized(run_dir: Path, node: str):
     """A node's personalized model of a run's experiment as the run's own classifier type
     (learning/classifier.py). NODE is the node's state folder, or a client id under the run's
-    `nodes/` (the simulation engine keeps its nodes' state there)."""
-    import json
+    `nodes/` (the simulation engine keeps its nodes' state there). The run directory only says
+    which experiment; the model is built from the node's own copy of the request it trained under."""
     import tempfile
 
-    from securefpt.config import load_config
     from securefpt.errors import ConfigError
     from securefpt.learning.adapter import save_classifier
-    from securefpt.learning.classifier import from_folder
+    from securefpt.learning.classifier import from_folder, read_request
 
     run_dir = Path(run_dir)
     state_dir = Path(node) if Path(node).is_dir() else run_dir / "nodes" / node
     if not state_dir.is_dir():
         raise ConfigError(f"--node {node}: neither a node's state folder nor a node of {run_dir}")
-    try:
-        cfg = load_config(run_dir / "config.yaml")
-        labels = json.loads((run_dir / "labels.json").read_text(encoding="utf-8"))
-    except OSError:
-        raise ConfigError(f"{run_dir}: not a run directory (config.yaml or labels.json missing)") from None
-    arrays = Personal(state_dir, cfg.request(labels).sha256()).model()
-    if arrays is None:
+    if not (run_dir / REQUEST_FILE).is_file():
+        raise ConfigError(f"{run_dir}: not a run directory ({REQUEST_FILE} missing)")
+    personal = Personal(state_dir, read_request(run_dir / REQUEST_FILE))
+    arrays = personal.model()
+    if arrays is None or not (personal.folder / REQUEST_FILE).is_file():
         raise ConfigError(f"{state_dir}: no personalized model of this run's experiment "
                           "(personalization.adapt_epochs or local_head was off, or the run did not finish)")
+    request = read_request(personal.folder / REQUEST_FILE)  # the node's own record, not the coordinator's
     with tempfile.TemporaryDirectory(prefix="securefpt-personal-") as folder:  # the run's own format, read back
-        save_classifier(Path(folder), cfg.model, cfg.peft, arrays, labels, cfg.seed)
-        if cfg.peft.method == "full":
+        save_classifier(Path(folder), request.model, request.peft, arrays, request.labels, request.seed)
+        if request.peft.method == "full":
             save_arrays(Path(folder) / "prompt_encoder.safetensors", arrays)
-        return from_folder(Path(folder), cfg)
+        return from_folder(Path(folder), request)

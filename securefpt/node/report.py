@@ -45,11 +45,12 @@ def node_report(config: Path, state_dir: Optional[Path] = None, runs: Path = Pat
             "federations": {f: ledger.federation_epsilon(federation=f) for f in federations},
             "delta": node.budget.delta, "accountant": node.budget.accountant, "experiments": experiments,
         }
-    runs = [read_json(p, {}) for p in sorted((folder / "runs").glob("*.json"))]
+    records = [read_json(p, {}) for p in sorted((folder / "runs").glob("*.json"))]
     witnessed = [json.loads(x) for x in (folder / WITNESS_FILE).read_text().splitlines()] \
         if (folder / WITNESS_FILE).is_file() else []
     return {"client_id": node.client_id, "region": node.region, "language": node.language, "state_dir": str(folder),
-            "datasets": datasets, "runs": len(runs), "rounds_trained": sum(len(r.get("trained", [])) for r in runs),
+            "datasets": datasets, "runs": len(records),
+            "rounds_trained": sum(len(r.get("trained", [])) for r in records),
             "audit_heads_witnessed": len(witnessed),
             "last_witnessed": max(witnessed, key=lambda r: r["seq"])["head"] if witnessed else None}
 

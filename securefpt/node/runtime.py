@@ -22,8 +22,8 @@ from securefpt.node.personal import Personal
 from securefpt.node.progress import StepProgress
 from securefpt.node.state import NodeState
 from securefpt.privacy.distributed import Ring, integer_scale, ring_problem, rounded_sensitivity, share_variance
-from securefpt.protocol.experiment import ExperimentRequest
 from securefpt.protocol.refusals import NodeRefusal
+from securefpt.protocol.request import ExperimentRequest
 
 
 def _min(a: Optional[int], b: Optional[int]) -> Optional[int]:
@@ -64,7 +64,7 @@ class NodeRuntime:
         except (ModelUnavailableError, ConfigError) as exc:  # a model or device this node cannot load
             raise NodeRefusal("model-not-allowed", str(exc)) from None
         self._plan: Optional[PrivacyPlan] = None
-        self.personal = Personal(node.state_dir, request.sha256(), keep=node.keep_personalized)
+        self.personal = Personal(node.state_dir, request, keep=node.keep_personalized)
         self.local_head = request.personalization.local_head
         self._initial = get_trainable(self.assembled.model)  # the model's initial head, before any round
 
@@ -127,26 +127,33 @@ class NodeRuntime:
             self.personal.keep_head(updated)
         return updated, result
 
-    def check_ring(self, ring: Optional[Ring]) -> None:
+    def _distributed_plan(self) -> PrivacyPlan:
+        plan = self.privacy_plan
+        if plan is None or not plan.distributed:
+            raise RuntimeError("a distributed-DP step of an experiment without distributed DP")
+        return plan
+
+    def check_ring(self, ring: Optional[Ring]) -> Ring:
         """Distributed DP: refuse a round whose public parameters cannot carry this node's share (no
         grid, too few noise shares in any sum the coordinator could unmask, a ring too small or too
         coarse: privacy/distributed.py). Decided on public values only, before anything is trained."""
         if ring is None:
             raise NodeRefusal("secagg-required", "distributed DP outside this node's SecAgg+ collect stage")
-        plan, minimum = self.privacy_plan, self.node.rules.dp.min_noise_contributors
+        plan, minimum = self._distributed_plan(), self.node.rules.dp.min_noise_contributors
         problem = ring_problem(ring, self.request.training.batch_size, plan.max_grad_norm, plan.noise_multiplier,
                                self.dimension)
         if ring.threshold < minimum:
             problem = f"threshold {ring.threshold} below this node's {minimum} noise contributors"
         if problem is not None:
             raise NodeRefusal("protocol-parameters", problem)
+        return ring
 
     def gradient_share(self, global_arrays, ring: Ring) -> tuple[list, TrainResult, dict]:
         """Distributed DP: this round's noisy clipped gradient share on the ring's integer grid (to be
         masked), the result, and what the ledger records of it. The caller has checked `ring`."""
         from securefpt.learning.distributed_dp import ShareSpec, gradient_share
 
-        plan, batch = self.privacy_plan, self.request.training.batch_size
+        plan, batch = self._distributed_plan(), self.request.training.batch_size
         contributors = ring.threshold  # any sum the coordinator can unmask holds at least this many shares
         scale = integer_scale(ring, batch)
         l2, l1 = rounded_sensitivity(scale * plan.max_grad_norm, self.dimension)

@@ -45,9 +45,9 @@ from securefpt.privacy.distributed import Ring
 from securefpt.protocol import key_advertisement as ka
 from securefpt.protocol import records as R
 from securefpt.protocol.attestation import b64, unb64
-from securefpt.protocol.experiment import ExperimentRequest
 from securefpt.protocol.mask_prg import use_full_seed_masks
 from securefpt.protocol.refusals import NodeRefusal
+from securefpt.protocol.request import ExperimentRequest
 
 _LOG = logging.getLogger("securefpt.node")
 _MASKING: contextvars.ContextVar[tuple[bool, Optional[Ring]]] = contextvars.ContextVar(
@@ -81,9 +81,9 @@ def _ring(context: Context) -> Optional[Ring]:
     state = context.state.config_records.get(RECORD_KEY_STATE)
     if state is None:  # no setup stage: Flower's client refuses the collect stage itself
         return None
-    return Ring(clipping_range=float(state["clipping_range"]), quantization_range=int(state["target_range"]),
-                modulus_range=int(state["mod_range"]), threshold=int(state["threshold"]),
-                shares=int(state["share_num"]), max_weight=float(state["max_weight"]))
+    return Ring(clipping_range=R.as_float(state["clipping_range"]), quantization_range=R.as_int(state["target_range"]),
+                modulus_range=R.as_int(state["mod_range"]), threshold=R.as_int(state["threshold"]),
+                shares=R.as_int(state["share_num"]), max_weight=R.as_float(state["max_weight"]))
 use_full_seed_masks()  # masks from the whole shared secret, not Flower's 32-bit fold of it
 
 ROUND_STATE = "securefpt-secagg"  # this round's verified peers, in the node's Context state
@@ -145,8 +145,9 @@ def _setup(node: Node, msg: Message, context: Context, call_next: ClientAppCalla
     server_round = _round(msg)
     request = _accepted_round(node, context, server_round)
     configs = msg.content.config_records[RECORD_KEY_CONFIGS]
-    threshold = int(configs[Key.THRESHOLD])
-    check_parameters(int(configs[Key.SHARE_NUMBER]), threshold, int(configs[Key.SAMPLE_NUMBER]), node.rules.min_cohort)
+    threshold = R.as_int(configs[Key.THRESHOLD])
+    check_parameters(R.as_int(configs[Key.SHARE_NUMBER]), threshold, R.as_int(configs[Key.SAMPLE_NUMBER]),
+                     node.rules.min_cohort)
     if request.dp.distributed and threshold < node.rules.dp.min_noise_contributors:
         raise NodeRefusal("protocol-parameters", f"distributed DP: threshold {threshold} is below this node's "
                                                  f"{node.rules.dp.min_noise_contributors} noise contributors")
@@ -178,7 +179,7 @@ def _share_keys(node: Node, msg: Message, context: Context, call_next: ClientApp
     if len({p.client_id for p in peers.values()}) != len(peers):
         raise NodeRefusal("peer-unauthenticated", "one client advertised for two nodes")
     state = context.state.config_records.get(RECORD_KEY_STATE)
-    threshold = int(state["threshold"]) if state is not None else 0
+    threshold = R.as_int(state["threshold"]) if state is not None else 0
     if len(peers) < max(threshold, node.rules.min_cohort):
         raise NodeRefusal("cohort-below-minimum", f"{len(peers)} verified peers")
     from cryptography.hazmat.primitives import serialization
@@ -205,7 +206,7 @@ def _checked_handler(context: Context, call_next: ClientAppCallable) -> ClientAp
         if reply.has_error():
             return reply
         state = context.state.config_records[RECORD_KEY_STATE]
-        clip, max_weight = float(state["clipping_range"]), float(state["max_weight"])
+        clip, max_weight = R.as_float(state["clipping_range"]), R.as_float(state["max_weight"])
         fitres = compat.recorddict_to_fitres(reply.content, keep_input=True)
         arrays = parameters_to_ndarrays(fitres.parameters)
         if not all(np.isfinite(a).all() for a in arrays):
@@ -220,7 +221,7 @@ def _checked_handler(context: Context, call_next: ClientAppCallable) -> ClientAp
             return reply
         _LOG.info("secagg: weight capped at max_weight (%s) or update scaled by %.4g to fit clipping_range %g",
                   weight != fitres.num_examples, min(room, 1.0), clip)
-        fitres.num_examples = int(weight) if float(weight).is_integer() else weight
+        fitres.num_examples = int(weight) if float(weight).is_integer() else weight  # type: ignore[assignment]
         if room < 1.0:
             fitres.parameters = ndarrays_to_parameters([a * room for a in arrays])
         reply.content = compat.fitres_to_recorddict(fitres, keep_input=True)

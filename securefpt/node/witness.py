@@ -20,6 +20,7 @@ from flwr.app import ConfigRecord
 from securefpt.node.config import Node
 from securefpt.protocol.attestation import b64
 from securefpt.protocol.audit import GENESIS, WITNESS_FILE, link, witness_payload
+from securefpt.protocol.records import as_int, as_list
 from securefpt.protocol.refusals import NodeRefusal
 
 
@@ -35,8 +36,8 @@ def last_witnessed(node: Node, log_id: str) -> Optional[dict]:
 def witness(node: Node, run_id: int, shown: ConfigRecord) -> ConfigRecord:
     """Check the head `shown` (log-id, seq, head, from-seq, digests) and keep a signed record of it."""
     try:
-        log_id, seq, head = str(shown["log-id"]), int(shown["seq"]), str(shown["head"])
-        start, digests = int(shown["from-seq"]), [str(d) for d in shown["digests"]]
+        log_id, seq, head = str(shown["log-id"]), as_int(shown["seq"]), str(shown["head"])
+        start, digests = as_int(shown["from-seq"]), [str(d) for d in as_list(shown["digests"])]
     except (KeyError, TypeError, ValueError):
         raise NodeRefusal("malformed-request", "audit head") from None
     last = last_witnessed(node, log_id)

@@ -40,4 +40,4 @@ def use_full_seed_masks() -> None:
 
     for module in ("flwr.client.mod.secure_aggregation.secaggplus_mod",  # (the package re-exports a
                    "flwr.server.workflow.secure_aggregation.secaggplus_workflow"):  # function of that name)
-        import_module(module).pseudo_rand_gen = expand_mask
+        vars(import_module(module))["pseudo_rand_gen"] = expand_mask

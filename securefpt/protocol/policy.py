@@ -14,10 +14,10 @@ from typing import Literal, Optional
 
 from pydantic import Field, ValidationError, model_validator
 
-from securefpt.config import first_error, read_yaml_mapping
 from securefpt.errors import ConfigError
 from securefpt.protocol.attestation import Attestation, load_public
-from securefpt.protocol.experiment import Strict
+from securefpt.protocol.request import DP_MODES, DPMode, Strict
+from securefpt.protocol.yaml_files import first_error, read_yaml_mapping
 
 
 class DPRequirement(Strict):
@@ -25,8 +25,7 @@ class DPRequirement(Strict):
     max_epsilon: Optional[float] = Field(None, gt=0)
     max_delta: Optional[float] = Field(None, gt=0, lt=1)
     # local: the node adds all its own noise; distributed: only its share of the sum's noise
-    modes: list[Literal["local", "distributed"]] = Field(default_factory=lambda: ["local", "distributed"],
-                                                         min_length=1)
+    modes: list[DPMode] = Field(default_factory=lambda: list(DP_MODES), min_length=1)
     # distributed mode: the fewest honest noise shares the node counts on (it sizes its share for them,
     # and refuses a round whose SecAgg+ threshold is lower)
     min_noise_contributors: int = Field(3, ge=2)

@@ -39,6 +39,27 @@ WITNESS_QUERY = "query.witness"
 PERSONALIZE_QUERY = "query.personalize"
 
 
+def as_int(value: object) -> int:
+    """A record's value read as an int (a value of another kind: TypeError, a malformed message)."""
+    if isinstance(value, (int, float, str)):
+        return int(value)
+    raise TypeError(f"expected a number, got {type(value).__name__}")
+
+
+def as_float(value: object) -> float:
+    """A record's value read as a float (a value of another kind: TypeError, a malformed message)."""
+    if isinstance(value, (int, float, str)):
+        return float(value)
+    raise TypeError(f"expected a number, got {type(value).__name__}")
+
+
+def as_list(value: object) -> list:
+    """A record's list value (a scalar: TypeError, a malformed message)."""
+    if isinstance(value, list):
+        return value
+    raise TypeError(f"expected a list, got {type(value).__name__}")
+
+
 def arrays_to_record(arrays: "Mapping[str, np.ndarray]") -> ArrayRecord:
     return ArrayRecord(array_dict=OrderedDict((k, Array(np.ascontiguousarray(v))) for k, v in arrays.items()))
 

@@ -10,8 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
-from securefpt.protocol.experiment import DPConfig
 from securefpt.protocol.policy import NodeRules
+from securefpt.protocol.request import DPConfig
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@ count x 4 bytes x 2 directions x K x R (float32, the global encoder down and the
 
 from __future__ import annotations
 
-from securefpt.protocol.experiment import PeftConfig
+from securefpt.protocol.request import PeftConfig, with_method
 
 XLMR_BASE = dict(vocab_size=250002, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
                  intermediate_size=3072, max_position_embeddings=514, type_vocab_size=1, pad_token_id=1)
@@ -25,7 +25,7 @@ def xlmr_base_counts(peft: PeftConfig, num_labels: int, methods: list[str]) -> d
 
     counts = {}
     for method in methods:
-        cfg = peft.model_copy(update={"method": method, "prompt_init": "random"})
+        cfg = with_method(peft, method, prompt_init="random")
         with torch.device("meta"):
             backbone = XLMRobertaModel(XLMRobertaConfig(**XLMR_BASE), add_pooling_layer=False)
             counts[method] = count_params(assemble(backbone, cfg, num_labels, "mean"))

@@ -22,9 +22,9 @@ from typing import Literal, Optional
 
 from pydantic import Field, ValidationError, model_validator
 
-from securefpt.config import first_error, read_yaml_mapping
 from securefpt.errors import ConfigError
-from securefpt.protocol.experiment import Strict
+from securefpt.protocol.request import Strict
+from securefpt.protocol.yaml_files import first_error, read_yaml_mapping
 
 NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from securefpt.protocol.experiment import ExperimentConfig
+from securefpt.experiment.config import ExperimentConfig
+from securefpt.protocol.request import virtual_tokens, with_method
 from securefpt.study import paper
 from securefpt.study.communication import float32_traffic, xlmr_base_counts
 from securefpt.study.config import StudyConfig
@@ -165,12 +166,13 @@ def write_report(study: StudyConfig, base: ExperimentConfig, records: dict[str, 
         lines += [""] + _table(["Cell", "Method", "Trainable", "Total", "Clients x rounds", "Measured MB"], rows)
         methods = list(paper.COMMUNICATION)
         counts = xlmr_base_counts(base.peft, paper.COMMUNICATION_LABELS, methods)
+        lora = with_method(base.peft, "lora")
         k, r = paper.COMMUNICATION_CLIENTS, paper.COMMUNICATION_ROUNDS
         rows = [[m, f"{counts[m][0]:,}", f"{float32_traffic(counts[m][0], k, r) / 1e6:,.0f}",
                  f"{paper.COMMUNICATION[m]['trainable']:,}", f"{paper.COMMUNICATION[m]['megabytes']:,}"]
                 for m in methods]
         lines += ["", f"XLM-R base, {k} clients x {r} rounds, float32 both ways (computed from securefpt's own "
-                      f"assembly, {base.peft.num_virtual_tokens} virtual tokens, LoRA r={base.peft.lora_r} on query "
+                      f"assembly, {virtual_tokens(base.peft)} virtual tokens, LoRA r={lora.lora_r} on query "
                       "and value, a linear head), beside the paper's Table 4:", ""]
         lines += _table(["Method", "Trainable (ours)", "MB (ours)", "Trainable (paper)", "MB (paper)"], rows)
     path = out / "report.md"

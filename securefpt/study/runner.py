@@ -18,8 +18,8 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from securefpt import __version__
-from securefpt.config import load_config
-from securefpt.protocol.experiment import ExperimentConfig
+from securefpt.experiment.config import ExperimentConfig
+from securefpt.experiment.loading import load_config
 from securefpt.study.config import Cell, StudyConfig
 
 CELL_RECORD = "cell.json"
@@ -33,8 +33,8 @@ def cell_config(study: StudyConfig, cell: Cell) -> ExperimentConfig:
 def language_accuracy(run_dir: Path, cfg: ExperimentConfig) -> dict[str, float]:
     """Accuracy of a run's final global model on each language's own evaluation rows (the same rows a
     language's client evaluates), for runs whose clients are partitions rather than languages."""
+    from securefpt.experiment.trial_data import load_client_data
     from securefpt.learning.artifacts import ARTIFACT, load_arrays
-    from securefpt.learning.data import load_client_data
     from securefpt.learning.modeling import build_model, set_trainable
     from securefpt.learning.training import evaluate
 
