@@ -7,7 +7,10 @@ deployment policy twice: on a loopback federation of separate processes (a Super
 and three SuperNodes, TLS, node authentication, identity proofs; securefpt/loopback.py)
 and on the simulation engine. Prints wall times and their ratio, per-round times, and
 the serialized Flower message bytes per round per node (as the ServerApp's Grid sees
-them: protobuf, before HTTP/TLS framing) against the trainable parameters' float32 size.
+them: protobuf, before HTTP/TLS framing) against the trainable parameters' float32 size,
+and where a round's seconds go: its exchanges with the nodes, each timed from push to last
+reply, on both engines (the difference is what an exchange costs a deployed node beyond the
+work itself: the SuperNode's idle pull interval, a fresh ClientApp process per message).
 """
 
 from __future__ import annotations
@@ -53,6 +56,12 @@ def main() -> None:
     sim_round = statistics.median(r["seconds"] for r in simulated["rounds"])
     print(f"median round: deployment {dep_round:.1f} s, simulation {sim_round:.1f} s, "
           f"ratio {dep_round / sim_round:.2f}x")
+    for name, summary in (("deployment", deployed), ("simulation", simulated)):
+        exchanges = [r["exchanges"] for r in summary["rounds"]]
+        each = [t for r in summary["rounds"] for t in r["exchange_seconds"]]
+        print(f"{name}: exchanges per round {exchanges}; an exchange takes median {statistics.median(each):.2f} s "
+              f"(min {min(each):.2f}, max {max(each):.2f}); exchanges are "
+              f"{sum(each) / sum(r['seconds'] for r in summary['rounds']):.0%} of the rounds' time")
     print(f"trainable parameters: {deployed['trainable_params']:,} ({param_bytes:,} bytes as float32)")
     print("| round | engine | bytes up / node | bytes down / node | up / param bytes | down / param bytes |")
     print("|---|---|---|---|---|---|")

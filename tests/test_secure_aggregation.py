@@ -67,6 +67,13 @@ def test_secure_round_equals_plaintext_within_the_quantization_bound(tmp_path, t
     assert bound < 1e-4
     assert diff <= bound + 1e-7  # + float32 rounding of h_g + change
     assert diff > 0  # the secure path really went through the quantizer
+    # a secure round is six exchanges with the nodes (SecAgg+'s setup, share-keys, collect and unmask
+    # stages, the survivor-set consistency check, and the evaluation that offers the next round);
+    # a plaintext round two (train, evaluate). Each is timed from push to last reply.
+    assert [r["exchanges"] for r in secure["rounds"]] == [6] * cfg.fl.rounds
+    assert [r["exchanges"] for r in plain["rounds"]] == [2] * cfg.fl.rounds
+    assert all(len(r["exchange_seconds"]) == r["exchanges"] and min(r["exchange_seconds"]) >= 0
+               for r in secure["rounds"] + plain["rounds"])
 
 
 def test_the_coordinator_sees_neither_an_update_nor_a_dataset_size(tmp_path, tiny_overrides):

@@ -30,7 +30,7 @@ from securefpt.coordinator.aggregation import select_clients
 from securefpt.coordinator.checkpoint import RunState, load_checkpoint, save_checkpoint
 from securefpt.coordinator.eligibility import participants
 from securefpt.coordinator.interrupts import drill
-from securefpt.coordinator.metering import MeteredGrid
+from securefpt.coordinator.metering import MeteredGrid, Traffic
 from securefpt.coordinator.phases import EvalOutcome, RoundPhases, TrainOutcome
 from securefpt.coordinator.progress import RunProgress
 from securefpt.coordinator.run_dir import RoundRecord, RunRecorder, privacy_summary
@@ -191,7 +191,7 @@ class FederatedPromptAveraging:
         return stopped
 
     def _aggregate(self, server_round: int, state: RunState, trained: TrainOutcome, offer: EvalOutcome,
-                   start: float, snapshot: tuple[int, int]) -> RoundRecord:
+                   start: float, snapshot: Traffic) -> RoundRecord:
         """The new global encoder (the server optimizer's step), checkpointed before it is evaluated:
         an interruption from here on never asks a node to train this round again."""
         if not trained.aborted:
@@ -200,13 +200,14 @@ class FederatedPromptAveraging:
         participants_, dropouts = self._in_order(trained.contributors), self._in_order(n for n, _ in trained.failures)
         state.secure_rounds.append({"round": server_round, "participants": participants_, "dropouts": dropouts,
                                     "aborted": trained.aborted})
-        up, down = self.grid.snapshot()
+        traffic = self.grid.snapshot().since(snapshot)
         seconds = time.perf_counter() - start
         state.pending = RoundRecord(
             round=server_round, accuracy={}, seconds=seconds, train_seconds=seconds, participants=participants_,
             failures=sorted(f"{self.languages.get(n, n)}: {why}" for n, why in trained.failures),
             train_loss=float(np.mean(trained.losses)) if trained.losses else None,
-            bytes_up=up - snapshot[0], bytes_down=down - snapshot[1], aborted=trained.aborted,
+            bytes_up=traffic.up, bytes_down=traffic.down, exchanges=traffic.exchanges,
+            exchange_seconds=[round(t, 3) for t in traffic.exchange_seconds], aborted=trained.aborted,
             declined=offer.declined)
         state.rng_state = self.rng.bit_generator.state
         save_checkpoint(self.recorder.out_dir, self.cfg, state, self.recorder.key)
@@ -214,7 +215,7 @@ class FederatedPromptAveraging:
         return state.pending
 
     def _complete_round(self, state: RunState, record: RoundRecord, evaluated: EvalOutcome, start: float,
-                        snapshot: tuple[int, int]) -> Optional[str]:
+                        snapshot: Traffic) -> Optional[str]:
         """Record an evaluated round and checkpoint it; "early stopping" when patience ran out."""
         if evaluated.privacy:
             state.latest_privacy.update(evaluated.privacy)
@@ -222,12 +223,14 @@ class FederatedPromptAveraging:
             self.recorder.audit.append("privacy", round=record.round,
                                        epsilon={lang: p.get("epsilon") for lang, p in evaluated.privacy.items()},
                                        **({"epsilon_alone": alone} if alone else {}))
-        up, down = self.grid.snapshot()
+        traffic = self.grid.snapshot().since(snapshot)
         record.accuracy = evaluated.accuracy
         record.epsilon = {lang: p["epsilon"] for lang, p in evaluated.privacy.items() if "epsilon" in p} or None
         record.seconds += time.perf_counter() - start
-        record.bytes_up += up - snapshot[0]
-        record.bytes_down += down - snapshot[1]
+        record.bytes_up += traffic.up
+        record.bytes_down += traffic.down
+        record.exchanges += traffic.exchanges
+        record.exchange_seconds += [round(t, 3) for t in traffic.exchange_seconds]
         self.recorder.add_round(record)
         self.progress.round_done(record)
         state.stopped = state.observe(record, state.global_arrays, self.cfg.fl.patience)

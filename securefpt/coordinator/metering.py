@@ -6,7 +6,9 @@ not an estimate from parameter counts.
 
 from __future__ import annotations
 
+import time
 from collections import defaultdict
+from dataclasses import dataclass
 from typing import Callable, Iterable, Optional
 
 from flwr.app import Message
@@ -49,8 +51,23 @@ class GridProxy(Grid):
         return self._inner.send_and_receive(messages, timeout=timeout)
 
 
+@dataclass(frozen=True)
+class Traffic:
+    """What went through the Grid so far: bytes up (pulled) and down (pushed), and exchanges (pushes of
+    one or more messages: each costs a deployed node one SuperNode pull, whatever it carries)."""
+
+    up: int = 0
+    down: int = 0
+    exchanges: int = 0
+    exchange_seconds: tuple[float, ...] = ()  # each exchange's push to last reply
+
+    def since(self, start: "Traffic") -> "Traffic":
+        return Traffic(self.up - start.up, self.down - start.down, self.exchanges - start.exchanges,
+                       self.exchange_seconds[len(start.exchange_seconds):])
+
+
 class MeteredGrid(GridProxy):
-    """Counts bytes down (pushed) and up (pulled) through the engine's Grid."""
+    """Counts bytes down (pushed) and up (pulled) through the engine's Grid, and the exchanges."""
 
     def __init__(self, inner: Grid, on_receive: Optional[Callable[[Message], None]] = None) -> None:
         super().__init__(inner)
@@ -59,6 +76,10 @@ class MeteredGrid(GridProxy):
         self.bytes_up = 0
         self.per_node_up: dict[int, int] = defaultdict(int)
         self.per_node_down: dict[int, int] = defaultdict(int)
+        self.exchanges = 0
+        self._pushed_at: list[float] = []  # per exchange: when it was pushed, and its last reply so far
+        self._replied_at: list[float] = []
+        self._exchange_of: dict[str, int] = {}
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
         messages = list(messages)
@@ -66,11 +87,21 @@ class MeteredGrid(GridProxy):
             size = message_bytes(msg)
             self.bytes_down += size
             self.per_node_down[msg.metadata.dst_node_id] += size
-        return self._inner.push_messages(messages)
+        ids = list(self._inner.push_messages(messages))
+        if messages:
+            now = time.monotonic()
+            self._exchange_of.update((mid, self.exchanges) for mid in ids if mid)
+            self._pushed_at.append(now)
+            self._replied_at.append(now)
+            self.exchanges += 1
+        return ids
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
         replies = list(self._inner.pull_messages(message_ids))
         for msg in replies:
+            index = self._exchange_of.pop(msg.metadata.reply_to_message_id, None)
+            if index is not None:
+                self._replied_at[index] = time.monotonic()
             size = message_bytes(msg)
             self.bytes_up += size
             self.per_node_up[msg.metadata.src_node_id] += size
@@ -81,8 +112,9 @@ class MeteredGrid(GridProxy):
     def send_and_receive(self, messages: Iterable[Message], *, timeout: Optional[float] = None) -> Iterable[Message]:
         return collect(self, list(messages), timeout=timeout)
 
-    def snapshot(self) -> tuple[int, int]:
-        return self.bytes_up, self.bytes_down
+    def snapshot(self) -> Traffic:
+        return Traffic(self.bytes_up, self.bytes_down, self.exchanges,
+                       tuple(r - p for p, r in zip(self._pushed_at, self._replied_at)))
 
 
 def exchange(
@@ -100,7 +132,6 @@ def exchange(
     `stoppable`: the operator's Ctrl-C stops it (the run's last exchange, once its results
     are written, is not: a second Ctrl-C still quits at once).
     """
-    import time
 
     stop = check_stop if stoppable else (lambda: None)
     stop()

@@ -52,6 +52,8 @@ class RoundRecord:
     train_loss: Optional[float] = None
     bytes_up: int = 0
     bytes_down: int = 0
+    exchanges: int = 0  # message exchanges with the nodes (pushes), training and evaluation together
+    exchange_seconds: list[float] = field(default_factory=list)  # each exchange's push to last reply
     aborted: bool = False
     declined: dict[str, str] = field(default_factory=dict)  # client -> why it sat this round out
     epsilon: Optional[dict[str, float]] = None  # cumulative, per client, after this round
