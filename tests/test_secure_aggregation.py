@@ -156,7 +156,8 @@ def test_too_many_dropouts_abort_the_round_and_leave_the_model_unchanged(tmp_pat
 
 
 @pytest.mark.parametrize("override,field", [
-    ("secagg.num_shares=4", "secagg.num_shares"),
+    ("secagg.num_shares=4", "secagg.num_shares"),  # a field's own bound: refused as the file is read
+    ("secagg.num_shares=7", "secagg.num_shares"),  # more share holders than the 5 nodes: refused per cohort
     ("secagg.reconstruction_threshold=3", "secagg.reconstruction_threshold"),  # 3 of 5 is not above 2/3
     ("secagg.clipping_range=0", "secagg.clipping_range"),
     ("secagg.max_weight=4", "secagg.max_weight"),
@@ -166,10 +167,10 @@ def test_too_many_dropouts_abort_the_round_and_leave_the_model_unchanged(tmp_pat
 ])
 def test_invalid_settings_fail_before_any_training(tmp_path, override, field):
     root = make_masakhanews_like(tmp_path / "data", ["aa", "bb", "cc", "dd", "ee"])
-    cfg = load_config(None, [f"data.root={root}", "data.source=masakhanews_tsv", "data.train_split=test",
-                             "data.eval_split=dev", "data.languages=[aa, bb, cc, dd, ee]",
-                             "data.max_train_per_client=8", "model.name=builtin:tiny", override])
     with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
+        cfg = load_config(None, [f"data.root={root}", "data.source=masakhanews_tsv", "data.train_split=test",
+                                 "data.eval_split=dev", "data.languages=[aa, bb, cc, dd, ee]",
+                                 "data.max_train_per_client=8", "model.name=builtin:tiny", override])
         run_federated_simulation(cfg, tmp_path / "never", show_progress=False)
     assert not (tmp_path / "never").exists()
 

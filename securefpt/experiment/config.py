@@ -13,7 +13,7 @@ import hashlib
 from pathlib import Path
 from typing import Literal, Optional
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from securefpt.learning.data_source import DataSource
 from securefpt.protocol.request import (
@@ -154,26 +154,41 @@ class FLConfig(Strict):
 
 
 class SecAggConfig(Strict):
-    """Secure aggregation with Flower's SecAgg+ (validated per cohort in coordinator/secure_aggregation.py)."""
+    """Secure aggregation with Flower's SecAgg+. The rules that hold whatever the cohort are these fields'
+    bounds; those that depend on the cohort are checked per run (coordinator/secure_aggregation.py)."""
 
     enabled: bool = True
     """Mask updates with SecAgg+ (a node whose rules require it refuses plaintext rounds)."""
-    num_shares: Optional[int] = None
-    """None: every selected node holds a share (full graph)"""
-    reconstruction_threshold: Optional[int] = None
+    num_shares: Optional[int] = Field(None, ge=3)
+    """An odd number of share holders per node; None: every selected node holds a share (full graph)."""
+    reconstruction_threshold: Optional[int] = Field(None, ge=2)
     """None: the smallest count above 2/3 of the shares."""
-    clipping_range: float = 1.0
+    clipping_range: float = Field(1.0, gt=0.0)
     """|weight ratio x update change| must stay inside it."""
-    quantization_range: int = 2**22
+    quantization_range: int = Field(2**22, ge=2)
     """Integer range updates are quantized into before masking (precision of the sum)."""
-    modulus_range: int = 2**32
-    """The ring the masked sum lives in; must exceed the cohort times the quantization range."""
-    max_weight: Optional[float] = None
+    modulus_range: int = Field(2**32, le=2**32)
+    """The ring the masked sum lives in: a power of 2 above quantization_range, at most 2**32 (Flower's masks are
+    32-bit); it must exceed the cohort times the quantization range."""
+    max_weight: Optional[float] = Field(None, gt=0.0)
     """Public bound on |D_k|; None: data.max_train_per_client, else 1000."""
-    timeout: Optional[float] = None
+    timeout: Optional[float] = Field(None, gt=0.0)
     """Per protocol stage; None: fl.round_timeout."""
-    min_cohort: int = 2
+    min_cohort: int = Field(2, ge=2)
     """Fewest surviving contributors the coordinator aggregates."""
+
+    @field_validator("num_shares")
+    @classmethod
+    def _odd(cls, shares: Optional[int]) -> Optional[int]:
+        if shares is not None and shares % 2 == 0:
+            raise ValueError(f"must be an odd number >= 3, got {shares}")
+        return shares
+
+    @model_validator(mode="after")
+    def _ring(self) -> "SecAggConfig":
+        if self.modulus_range <= self.quantization_range or self.modulus_range & (self.modulus_range - 1):
+            raise ValueError(f"modulus_range must be a power of 2 above quantization_range, got {self.modulus_range}")
+        return self
 
 
 class ExperimentConfig(Strict):

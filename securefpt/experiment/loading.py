@@ -76,7 +76,7 @@ def load_config(path: Path | str | None, overrides: list[str] | None = None) -> 
     except ValidationError as exc:
         loc, _ = error_location(exc)
         given = [o.split("=", 1)[0].strip() for o in overrides or []]
-        if any(loc == key or loc.startswith(key + ".") for key in given):  # the mistake is in a --set
+        if any(loc == key or loc.startswith(key + ".") or key.startswith(loc + ".") for key in given):  # a --set
             where = "--set"
         raise ConfigError(f"{where}: {first_error(exc)}") from None
     return _resolve_paths(cfg, base)
