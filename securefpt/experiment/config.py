@@ -9,7 +9,6 @@ request it builds.
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 from typing import Literal, Optional
 
@@ -248,10 +247,6 @@ class ExperimentConfig(Strict):
 
     def to_json(self) -> str:
         return self.model_dump_json()
-
-    def sha256(self) -> str:
-        """Identifies the experiment (audit log, checkpoints)."""
-        return hashlib.sha256(self.to_json().encode()).hexdigest()
 
     @classmethod
     def from_json(cls, text: str) -> ExperimentConfig:

@@ -11,16 +11,22 @@ as JSON, and every node validates it here and checks every field against its own
 from __future__ import annotations
 
 import hashlib
-import json
 from typing import Annotated, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, TypeAdapter, field_validator, model_validator
+
+from securefpt.protocol.attestation import canonical
 
 
 class Strict(BaseModel):
     """A schema that refuses unknown keys and cannot be changed once validated."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
+
+    def sha256(self) -> str:
+        """Identifies the validated object: SHA-256 of its canonical JSON (sorted keys, no whitespace),
+        the one recipe for experiments, requests and the audit log's entries."""
+        return hashlib.sha256(canonical(self.model_dump(mode="json"))).hexdigest()
 
 
 class ModelConfig(Strict):
@@ -250,9 +256,6 @@ class ExperimentRequest(Strict):
 
     def to_json(self) -> str:
         return self.model_dump_json()
-
-    def sha256(self) -> str:
-        return hashlib.sha256(json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()
 
     @classmethod
     def from_json(cls, text: str) -> "ExperimentRequest":
