@@ -1,0 +1,3 @@
+from securefpt.cli import main
+
+main()
