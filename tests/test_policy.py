@@ -211,7 +211,7 @@ def test_an_expiring_attestation_drops_its_node_mid_run_and_withheld_metrics_sta
     """fra's attestation expires mid-2030, and from round 2 on the coordinator's clock reads July
     2030: fra is decided out again before round 2. Kenya's rules release no evaluation metric:
     swa takes part in every round, and its accuracy never appears."""
-    import securefpt.coordinator.app as coordinator
+    import securefpt.coordinator.run_plan as run_plan
     from securefpt.coordinator.eligibility import participants as real_participants
 
     authority = load_private(federation / "clients" / "keys" / "eu-west-authority.key")
@@ -225,13 +225,14 @@ def test_an_expiring_attestation_drops_its_node_mid_run_and_withheld_metrics_sta
     policy_path.write_text(yaml.safe_dump(policy))
     calls = []
 
-    def participants_later(cfg, now=None):  # the ServerApp's first call is its start; then each round
+    def participants_later(cfg, policy=None, now=None):  # the run's resolution is the first call; then each round
         calls.append(1)
-        return real_participants(cfg, now or (datetime(2030, 7, 1, tzinfo=timezone.utc) if len(calls) > 1 else None))
+        return real_participants(cfg, policy, now or (datetime(2030, 7, 1, tzinfo=timezone.utc) if len(calls) > 1
+                                                      else None))
 
     import securefpt.coordinator.admission as admission
 
-    monkeypatch.setattr(coordinator, "participants", participants_later)  # the start
+    monkeypatch.setattr(run_plan, "participants", participants_later)  # the start (resolved once)
     monkeypatch.setattr(admission, "participants", participants_later)  # before each round
     from securefpt.engines.simulation import run_federated_simulation
 

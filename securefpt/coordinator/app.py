@@ -18,7 +18,6 @@ from __future__ import annotations
 import time
 from collections import OrderedDict
 from dataclasses import asdict
-from pathlib import Path
 from typing import Callable, Optional
 
 import numpy as np
@@ -27,35 +26,33 @@ from flwr.serverapp import Grid, ServerApp
 
 from securefpt.coordinator.admission import Admission
 from securefpt.coordinator.aggregation import select_clients
-from securefpt.coordinator.checkpoint import RunState, load_checkpoint, save_checkpoint
-from securefpt.coordinator.eligibility import participants
+from securefpt.coordinator.checkpoint import RunState, save_checkpoint
 from securefpt.coordinator.interrupts import drill
 from securefpt.coordinator.metering import MeteredGrid, Traffic
 from securefpt.coordinator.phases import EvalOutcome, RoundPhases, TrainOutcome
 from securefpt.coordinator.progress import RunProgress
 from securefpt.coordinator.run_dir import RoundRecord, RunRecorder, privacy_summary
+from securefpt.coordinator.run_plan import RunPlan
 from securefpt.coordinator.secure_aggregation import resolve_settings
 from securefpt.coordinator.server_optimizer import ServerOptimizer
 from securefpt.errors import FederationError, RunInterrupted
-from securefpt.experiment.config import ExperimentConfig
-from securefpt.experiment.trial_data import label_space
 from securefpt.learning.modeling import build_model, count_params, get_trainable
-from securefpt.protocol.policy import load_policy
 
 
 class FederatedPromptAveraging:
-    """Runs one federated experiment on a Grid and writes its run directory."""
+    """Runs one federated experiment (resolved into a RunPlan) on a Grid and writes its run directory."""
 
-    def __init__(self, cfg: ExperimentConfig, out_dir: Path, grid: Grid, context: Context,
-                 show_progress: bool = True, on_receive: Optional[Callable[[Message], None]] = None) -> None:
-        self.cfg = cfg
+    def __init__(self, plan: RunPlan, grid: Grid, context: Context, show_progress: bool = True,
+                 on_receive: Optional[Callable[[Message], None]] = None) -> None:
+        cfg = self.cfg = plan.cfg
         self.grid = MeteredGrid(grid, on_receive=on_receive)
-        self.participants = participants(cfg)  # the residency policy's decisions, before any training
-        self.policy = load_policy(cfg.policy) if cfg.policy is not None else None  # as at the start of the run
-        self.labels = list(cfg.data.labels) if cfg.data.labels else label_space(cfg.data)
-        self.request = cfg.request(self.labels)
-        self.resumed = load_checkpoint(out_dir, cfg)  # a restarted coordinator goes on from here
-        self.recorder = RunRecorder(out_dir, cfg, self.labels, resumed=self.resumed.rounds if self.resumed else None)
+        self.participants = plan.participants  # the residency policy's decisions, before any training
+        self.policy = plan.policy  # as at the start of the run
+        self.labels = plan.labels
+        self.request = plan.request
+        self.resumed = plan.resumed  # a restarted coordinator goes on from here
+        self.recorder = RunRecorder(plan.out_dir, cfg, self.labels, policy=plan.policy,
+                                    resumed=self.resumed.rounds if self.resumed else None)
         self.progress = RunProgress(enabled=show_progress)
         self.rng = np.random.default_rng(cfg.seed)
         self.admission = Admission(cfg, self.grid, context.run_id, self.policy, self.participants, self.request,
@@ -267,7 +264,7 @@ class FederatedPromptAveraging:
         return summary
 
 
-def build_server_app(cfg: ExperimentConfig, out_dir: Path, show_progress: bool = True,
+def build_server_app(plan: RunPlan, show_progress: bool = True,
                      on_error: Optional[Callable[[BaseException], None]] = None,
                      on_receive: Optional[Callable[[Message], None]] = None) -> ServerApp:
     """A ServerApp bound to an experiment (securefpt's simulation engine; `flwr run .` loads
@@ -282,7 +279,7 @@ def build_server_app(cfg: ExperimentConfig, out_dir: Path, show_progress: bool =
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         try:
-            FederatedPromptAveraging(cfg, out_dir, grid, context, show_progress, on_receive).run()
+            FederatedPromptAveraging(plan, grid, context, show_progress, on_receive).run()
         except BaseException as exc:
             if on_error is None:
                 raise

@@ -18,16 +18,20 @@ from securefpt.errors import ConfigError
 from securefpt.experiment.config import ExperimentConfig
 from securefpt.home import securefpt_home
 from securefpt.protocol.attestation import load_private, load_public, new_key, public_raw, save_private, save_public
-from securefpt.protocol.policy import load_policy
+from securefpt.protocol.policy import Policy, load_policy
 
 
 def _inside(path: Path, folder: Path) -> bool:
     return Path(os.path.realpath(path)).is_relative_to(os.path.realpath(folder))
 
 
-def coordinator_key(cfg: ExperimentConfig, out_dir: Path) -> tuple[Ed25519PrivateKey, Path]:
-    """(the audit signing key, the public key file to verify with) for a run into `out_dir`."""
-    pinned: Optional[Path] = load_policy(cfg.policy).server.audit_key if cfg.policy is not None else None
+def coordinator_key(cfg: ExperimentConfig, out_dir: Path,
+                    policy: Optional[Policy] = None) -> tuple[Ed25519PrivateKey, Path]:
+    """(the audit signing key, the public key file to verify with) for a run into `out_dir`, under
+    `policy` (or cfg.policy read now)."""
+    if cfg.policy is not None and policy is None:
+        policy = load_policy(cfg.policy)
+    pinned: Optional[Path] = policy.server.audit_key if policy is not None else None
     if cfg.server_key is None:
         if pinned is not None:
             raise ConfigError(f"server_key: the policy {cfg.policy} pins the coordinator's audit key "

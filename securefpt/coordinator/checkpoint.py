@@ -37,6 +37,7 @@ from securefpt.experiment.config import ExperimentConfig
 from securefpt.learning.artifacts import load_arrays, save_arrays
 from securefpt.protocol.attestation import b64, canonical, load_public, unb64, verify
 from securefpt.protocol.audit import file_sha256
+from securefpt.protocol.policy import Policy
 
 FOLDER = "checkpoint"
 
@@ -145,7 +146,8 @@ def _check_log_of(out_dir: Path, cfg: ExperimentConfig) -> None:
                               "round; choose another run directory")
 
 
-def load_checkpoint(out_dir: Path, cfg: ExperimentConfig, check_experiment: bool = True) -> Optional[RunState]:
+def load_checkpoint(out_dir: Path, cfg: ExperimentConfig, check_experiment: bool = True,
+                    policy: Optional[Policy] = None) -> Optional[RunState]:
     """The state to resume from, None for a fresh run; refuses a run directory that is complete,
     and (with `check_experiment`) a checkpoint of another experiment or one that does not verify."""
     out_dir = Path(out_dir)
@@ -159,7 +161,7 @@ def load_checkpoint(out_dir: Path, cfg: ExperimentConfig, check_experiment: bool
         return None
     try:
         meta = json.loads(path.read_text(encoding="utf-8"))
-        _, public_path = coordinator_key(cfg, out_dir)
+        _, public_path = coordinator_key(cfg, out_dir, policy)
         why = _verified(out_dir / FOLDER, meta, load_public(public_path))
     except (OSError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as exc:
         why = f"it cannot be read ({type(exc).__name__})"

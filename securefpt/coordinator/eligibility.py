@@ -74,12 +74,14 @@ class Participant:
     manifest: Optional[ClientManifest] = None  # its registered manifest (what its node must prove)
 
 
-def participants(cfg: ExperimentConfig, now: Optional[datetime] = None) -> dict[str, Participant]:
-    """The coordinator's decision per language; raises when no valid cohort can be formed."""
+def participants(cfg: ExperimentConfig, policy: Optional[Policy] = None,
+                 now: Optional[datetime] = None) -> dict[str, Participant]:
+    """The coordinator's decision per language (under `policy`, or cfg.policy read now); raises when no
+    valid cohort can be formed."""
     if cfg.policy is None:
         return {lang: Participant(lang, None, Decision(True, "eligible (no residency policy)"))
                 for lang in cfg.data.languages}
-    policy = load_policy(cfg.policy)
+    policy = policy or load_policy(cfg.policy)
     if policy.server.region not in policy.server.artifact_regions:  # the run's result could not be kept
         raise FederationError(f"{cfg.policy}: the policy forbids storing the artifact in the coordinator's region "
                               f"'{policy.server.region}' (server.artifact_regions)")

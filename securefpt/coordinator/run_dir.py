@@ -38,6 +38,7 @@ from securefpt.learning.adapter import save_classifier
 from securefpt.learning.artifacts import ARTIFACT, save_arrays
 from securefpt.learning.builtin_models import model_facts
 from securefpt.protocol.audit import file_sha256
+from securefpt.protocol.policy import Policy
 from securefpt.protocol.request import REQUEST_FILE
 
 
@@ -99,15 +100,16 @@ class RunRecorder:
     """Collects a run's rounds and writes the run directory."""
 
     def __init__(self, out_dir: Path, cfg: ExperimentConfig, labels: list[str],
-                 resumed: Optional[list[RoundRecord]] = None) -> None:
-        """`resumed`: the rounds a restarted run already completed (checkpoint.py)."""
+                 resumed: Optional[list[RoundRecord]] = None, policy: Optional[Policy] = None) -> None:
+        """`resumed`: the rounds a restarted run already completed (checkpoint.py); `policy`: the run's
+        (None: cfg.policy, read here)."""
         self.out_dir = Path(out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.cfg = cfg
         self.labels = labels
         self.rounds: list[RoundRecord] = list(resumed or [])
         self.tracker = Tracker(self.out_dir / "tensorboard") if cfg.tensorboard else None
-        self.key, self.audit_public_key = coordinator_key(cfg, self.out_dir)
+        self.key, self.audit_public_key = coordinator_key(cfg, self.out_dir, policy)
         self.audit = AuditLog(self.out_dir / "audit.jsonl", self.key)
         digest = cfg.sha256()
         if resumed is not None:

@@ -34,6 +34,7 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from securefpt.coordinator.app import FederatedPromptAveraging
+from securefpt.coordinator.run_plan import resolve_run
 from securefpt.engines.demo import DEMO, demo_config, demo_overrides
 from securefpt.engines.dp_planning import with_planned_noise
 from securefpt.engines.preflight import preflight
@@ -78,11 +79,11 @@ def _prepare(grid: Grid, context: Context, out: Path):
     try:
         cfg = _experiment(context)
         if not _simulated(grid):  # the SuperNodes hold the data: the label space is declared
-            return with_planned_noise(cfg)
+            return resolve_run(with_planned_noise(cfg), out)
         if os.environ.get(FLWR_SIM_ENV) != "1":
             raise ConfigError(f"the virtual nodes would not find their files ({FLWR_SIM_ENV} is not set): "
                               ". .venv/bin/activate (scripts/setup.sh prepares it), then flwr run .")
-        cfg, nodes = preflight(cfg, out, None)
+        plan, nodes = preflight(cfg, out, None)
         _one_node_per_institution(grid, len(nodes))
     except SecureFPTError:
         if fresh:
@@ -90,7 +91,7 @@ def _prepare(grid: Grid, context: Context, out: Path):
         raise
     (out / "nodes").mkdir(parents=True, exist_ok=True)
     (out / "nodes" / PARTITIONS).write_text(json.dumps([str(p.resolve()) for p in nodes]), encoding="utf-8")
-    return cfg
+    return plan
 
 
 @app.main()
@@ -104,8 +105,8 @@ def main(grid: Grid, context: Context) -> None:
         warnings.simplefilter("ignore")
     out = Path(str(context.run_config.get("out-dir", "runs/flwr")))
     try:
-        cfg = _prepare(grid, context, out)
-        summary = FederatedPromptAveraging(cfg, out, grid, context, show_progress=True).run()
+        plan = _prepare(grid, context, out)
+        summary = FederatedPromptAveraging(plan, grid, context, show_progress=True).run()
     except SecureFPTError as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
         return

@@ -15,7 +15,7 @@ from typing import Optional
 
 from securefpt.coordinator.audit_key import coordinator_key
 from securefpt.coordinator.checkpoint import load_checkpoint
-from securefpt.coordinator.eligibility import participants
+from securefpt.coordinator.run_plan import RunPlan, resolve_run
 from securefpt.coordinator.secure_aggregation import resolve_settings
 from securefpt.engines.dp_planning import with_planned_noise
 from securefpt.engines.trial_nodes import write_trial_nodes
@@ -113,20 +113,19 @@ def prepare_nodes(cfg: ExperimentConfig, out_dir: Path) -> list[Path]:
     return write_trial_nodes(cfg, folder)
 
 
-def preflight(cfg: ExperimentConfig, out_dir: Path, nodes: Optional[list[Path]]) -> tuple:
+def preflight(cfg: ExperimentConfig, out_dir: Path, nodes: Optional[list[Path]]) -> tuple[RunPlan, list[Path]]:
     """A finished run directory or one of another experiment, a node whose files, data, labels or
     model are wrong, a policy that admits nobody, bad secagg.* settings, a wrong audit key: in
-    that order. The experiment (with its label space filled in) and the nodes' files."""
-    load_checkpoint(out_dir, cfg, check_experiment=False)
+    that order. The run, resolved once (coordinator/run_plan.py), and the nodes' files."""
+    load_checkpoint(out_dir, cfg, check_experiment=False)  # a finished run directory, before reading any data
     cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"labels": task_labels(cfg)})})
     cfg = with_planned_noise(cfg)  # distributed DP: the sum's noise multiplier, from target_epsilon
-    load_checkpoint(out_dir, cfg)
-    nodes = nodes or prepare_nodes(cfg, out_dir)
+    plan = resolve_run(cfg, out_dir)
+    nodes = nodes or prepare_nodes(plan.cfg, out_dir)
     if not nodes:
         raise FederationError("no institution of the federation serves the experiment's languages")
-    check_nodes(nodes, cfg)
-    admitted = sum(p.decision.included for p in participants(cfg).values())
+    check_nodes(nodes, plan.cfg)
     if cfg.secagg.enabled:
-        resolve_settings(cfg, admitted)
-    coordinator_key(cfg, out_dir)
-    return cfg, nodes
+        resolve_settings(plan.cfg, sum(p.decision.included for p in plan.participants.values()))
+    coordinator_key(plan.cfg, out_dir, plan.policy)
+    return plan, nodes

@@ -99,14 +99,14 @@ def run_federated_simulation(cfg: ExperimentConfig, out_dir: Path, show_progress
     failure: list[BaseException] = []
     fresh = not out_dir.exists()
     try:  # every mistake fails here, in seconds, before the engine starts; a new run directory is removed
-        cfg, nodes = preflight(cfg, out_dir, nodes)
+        plan, nodes = preflight(cfg, out_dir, nodes)
     except SecureFPTError:
         if fresh:
             shutil.rmtree(out_dir, ignore_errors=True)
         raise
     custom_server = server_app is not None
     if server_app is None:
-        server_app = build_server_app(cfg, out_dir, show_progress, on_error=failure.append, on_receive=on_receive)
+        server_app = build_server_app(plan, show_progress, on_error=failure.append, on_receive=on_receive)
 
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
