@@ -7,6 +7,7 @@ import pytest
 
 from securefpt.coordinator.checkpoint import RunState
 from securefpt.coordinator.run_dir import RoundRecord
+from securefpt.coordinator.summary import RunSummary
 from securefpt.engines.runner import run_experiment
 from securefpt.experiment.loading import load_config
 from securefpt.experiment.trial_data import label_space, load_client_data
@@ -68,6 +69,10 @@ def test_two_round_federated_run_equals_algorithm_1(fed_cfg, tmp_path):
     assert summary["clients"]["bb"] == {"region": None, "language": "bb", "included": True, "reason": "eligible"}
     assert summary["privacy"]["epsilon"] == {"aa": None, "bb": None, "cc": None}
     assert summary["secure_aggregation"]["enabled"] is False
+    # summary.json is a RunSummary (coordinator/summary.py), the typed schema other tools read
+    assert RunSummary.read(out / "summary.json").to_dict() == summary
+    assert "personalized_accuracy" not in summary["final"]  # only personalized runs carry it
+    assert summary["stopped_before_the_last_round"] is None and summary["stopped_by_refusals"] is False
 
     # only trainable parameters travel and are saved
     saved = load_arrays(out / "prompt_encoder.safetensors")

@@ -257,9 +257,8 @@ class FederatedPromptAveraging:
         refused = stopped is not None and stopped != "early stopping"
         summary = self.recorder.write_summary(final_record, *params, clients, secure_aggregation=secure,
                                               privacy=privacy_summary(self.cfg, state.latest_privacy),
-                                              extra={"stopped_before_the_last_round": stopped,
-                                                     "stopped_by_refusals": refused},
-                                              personalized=personalized)
+                                              personalized=personalized, stopped=stopped,
+                                              stopped_by_refusals=refused)
         self.phases.witness_end(eligible)
         return summary
 

@@ -32,6 +32,7 @@ import yaml
 from securefpt.coordinator.audit_key import coordinator_key
 from securefpt.coordinator.audit_log import AuditLog
 from securefpt.coordinator.model_card import write_model_card
+from securefpt.coordinator.summary import Communication, FinalFigures, RunSummary
 from securefpt.errors import ConfigError
 from securefpt.experiment.config import ExperimentConfig
 from securefpt.learning.adapter import save_classifier
@@ -178,55 +179,42 @@ class RunRecorder:
         clients: dict[str, ClientRecord],
         privacy: Optional[dict[str, Any]] = None,
         secure_aggregation: Optional[dict[str, Any]] = None,
-        extra: Optional[dict[str, Any]] = None,
-        personalized: Optional[dict[str, float]] = None,
+        personalized: Optional[dict[str, Optional[float]]] = None,
+        stopped: Optional[str] = None,
+        stopped_by_refusals: bool = False,
     ) -> dict[str, Any]:
-        """`summary.json`; `personalized`: the nodes' released accuracies of their personalized models."""
+        """`summary.json` (coordinator/summary.py: RunSummary); `personalized`: the nodes' released accuracies
+        of their personalized models; `stopped`: why the run ended before its last round."""
         languages = self.cfg.data.languages
-        summary: dict[str, Any] = {
-            "name": self.cfg.name,
-            "paradigm": self.cfg.paradigm,
-            "peft_method": self.cfg.peft.method,
-            "model": self.cfg.model.name,
-            "backbone": backbone_facts(self.cfg.model.name, languages),
-            "labels": self.labels,
-            "final": {"round": final.round, "accuracy": {**final.accuracy, "avg": final.avg()}},
-            "rounds": [r.to_dict() for r in self.rounds],
-            "trainable_params": trainable_params,
-            "total_params": total_params,
-            "communication": {
-                "bytes_up": int(sum(r.bytes_up for r in self.rounds)),
-                "bytes_down": int(sum(r.bytes_down for r in self.rounds)),
-                "measured_from": "serialized Flower messages (protobuf)",
-            },
-            "privacy": privacy
-            or {
-                "epsilon": {lang: None for lang in languages},
-                "delta": None,
-                "noise_multiplier": None,
-                "sample_rate": None,
-                "steps": {lang: None for lang in languages},
-                "accountant": None,
-            },
-            "secure_aggregation": secure_aggregation or {"enabled": False},
-            "clients": {k: asdict(v) for k, v in clients.items()},
-            "audit_log": str(self.audit.path),
-            "audit_public_key": str(self.audit_public_key),
-            "artifact": str(self.out_dir / ARTIFACT) if (self.out_dir / ARTIFACT).exists() else None,
-        }
         if personalized is not None:
-            values = list(personalized.values())
-            summary["final"]["personalized_accuracy"] = {**personalized,
-                                                         "avg": sum(values) / len(values) if values else None}
-        if extra:
-            summary.update(extra)
+            values = [v for v in personalized.values() if v is not None]
+            personalized = {**personalized, "avg": sum(values) / len(values) if values else None}
+        summary = RunSummary(
+            name=self.cfg.name, paradigm=self.cfg.paradigm, peft_method=self.cfg.peft.method,
+            model=self.cfg.model.name, backbone=backbone_facts(self.cfg.model.name, languages), labels=self.labels,
+            final=FinalFigures(round=final.round, accuracy={**final.accuracy, "avg": final.avg()},
+                               personalized_accuracy=personalized),
+            rounds=[r.to_dict() for r in self.rounds], trainable_params=trainable_params, total_params=total_params,
+            communication=Communication(bytes_up=int(sum(r.bytes_up for r in self.rounds)),
+                                        bytes_down=int(sum(r.bytes_down for r in self.rounds))),
+            privacy=privacy or {"epsilon": {lang: None for lang in languages}, "delta": None,
+                                "noise_multiplier": None, "sample_rate": None,
+                                "steps": {lang: None for lang in languages}, "accountant": None},
+            secure_aggregation=secure_aggregation or {"enabled": False},
+            clients={k: asdict(v) for k, v in clients.items()}, audit_log=str(self.audit.path),
+            audit_public_key=str(self.audit_public_key),
+            artifact=str(self.out_dir / ARTIFACT) if (self.out_dir / ARTIFACT).exists() else None,
+            stopped_before_the_last_round=stopped, stopped_by_refusals=stopped_by_refusals,
+        )
         self.plot()
-        summary["audit_head"] = self.audit.append("run_end", final_avg=final.avg(), rounds=len(self.rounds))
-        (self.out_dir / "summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
+        summary = summary.model_copy(update={"audit_head": self.audit.append("run_end", final_avg=final.avg(),
+                                                                             rounds=len(self.rounds))})
+        summary.write(self.out_dir / "summary.json")
+        written = summary.to_dict()
         for folder in [self.out_dir, *sorted((self.out_dir / "languages").glob("*/"))]:
             if (folder / "classifier.json").is_file():  # the adapter's card (PEFT's own is an empty template)
-                write_model_card(folder, summary)
-        return summary
+                write_model_card(folder, written)
+        return written
 
     def save_artifact(self, arrays: "dict[str, np.ndarray]", language: Optional[str] = None,
                       region: Optional[str] = None) -> Path:
