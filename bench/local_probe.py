@@ -20,7 +20,7 @@ from securefpt.experiment.config import DataConfig
 from securefpt.experiment.trial_data import load_client_data
 from securefpt.learning.modeling import build_model
 from securefpt.learning.training import evaluate, train_local
-from securefpt.protocol.request import ModelConfig, TrainingPlan, peft_config
+from securefpt.protocol.request import ModelConfig, TrainingPlan, parse_peft
 
 LABELS = ["business", "entertainment", "health", "politics", "religion", "sports", "technology"]
 
@@ -55,7 +55,7 @@ def main() -> None:
                                   eval_split="dev", max_train_per_client=args.rows, max_eval_per_client=args.eval)
             data = load_client_data(data_cfg, lang, LABELS, 0)
             model_cfg = ModelConfig(name=args.model, max_length=128, input_prefix=s["prefix"], pooling=s["pooling"])
-            assembled = build_model(model_cfg, peft_config(), len(LABELS), 0)
+            assembled = build_model(model_cfg, parse_peft(), len(LABELS), 0)
             start = time.perf_counter()
             plan = TrainingPlan(rounds=1, local_epochs=args.epochs, batch_size=16, lr=s["lr"], weight_decay=0.0,
                                 eval_batch_size=64)

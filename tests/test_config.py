@@ -56,6 +56,13 @@ def test_each_peft_method_is_its_own_type_with_only_its_own_settings(tmp_path):
     base = write(tmp_path, "peft:\n  method: prompt_tuning\n  num_virtual_tokens: 4\n  prompt_init: random\n")
     assert load_config(base, ["peft.method=p_tuning"]).peft == PTuning(method="p_tuning", num_virtual_tokens=4)
     assert load_config(base, ["peft.method=lora", "peft.lora_r=2"]).peft == Lora(method="lora", lora_r=2)
+    with pytest.raises(ConfigError, match=r"peft\.lora_rank: not a setting of peft\.method=lora"):
+        load_config(base, ["peft.method=lora", "peft.lora_rank=4"])  # a misspelt key survives the switch
+    with pytest.raises(ConfigError, match=r"--set: peft: Input should be a valid dictionary"):
+        load_config(None, ["peft=5"])
+    # a request no node would accept is one line for the operator, not a validation traceback
+    with pytest.raises(ConfigError, match="the request to the nodes: labels: at least 2 distinct labels"):
+        load_config(None).request(["only-one"])
     # a request on the wire is the same tagged union: a stray setting is refused by the node's parser
     wire = load_config(None, ["peft.method=lora"]).request(["a", "b"]).model_dump(mode="json")
     wire["peft"]["num_virtual_tokens"] = 64

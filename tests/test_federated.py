@@ -9,6 +9,7 @@ from securefpt.coordinator.checkpoint import RunState
 from securefpt.coordinator.run_dir import RoundRecord
 from securefpt.coordinator.summary import RunSummary
 from securefpt.engines.runner import run_experiment
+from securefpt.experiment.config import ExperimentConfig
 from securefpt.experiment.loading import load_config
 from securefpt.experiment.trial_data import label_space, load_client_data
 from securefpt.learning.artifacts import load_arrays
@@ -138,6 +139,18 @@ def test_local_paradigms_train_what_they_say(paradigm, fed_cfg, tmp_path):
 
 def _record(r, avg):
     return RoundRecord(round=r, accuracy={"aa": avg}, seconds=0.0)
+
+
+def test_a_local_baseline_of_a_distributed_dp_experiment_runs_and_says_it_ran_without_dp(fed_cfg, tmp_path):
+    """A study's monolingual cell of a distributed-DP experiment (its noise planned only for federated
+    runs): the baseline trains without DP and its run directory's request says so."""
+    cfg = ExperimentConfig.model_validate({**fed_cfg.model_dump(), "paradigm": "monolingual",
+                                           "dp": {"enabled": True, "mode": "distributed", "target_epsilon": 8},
+                                           "secagg": {"enabled": True}, "fl": {**fed_cfg.fl.model_dump(), "rounds": 1}})
+    summary = run_experiment(cfg, tmp_path / "run", show_progress=False)
+    assert summary["paradigm"] == "monolingual" and summary["final"]["accuracy"]["avg"] >= 0
+    request = json.loads((tmp_path / "run" / "request.json").read_text())
+    assert request["dp"]["enabled"] is False
 
 
 def test_early_stopping_tracks_the_best_round_and_resets_patience():

@@ -4,7 +4,7 @@ import torch
 
 from securefpt.errors import ModelUnavailableError
 from securefpt.learning.modeling import build_model, count_params, get_trainable, set_trainable
-from securefpt.protocol.request import ModelConfig, PromptTuning, peft_config, with_method
+from securefpt.protocol.request import ModelConfig, PromptTuning, parse_peft, with_method
 
 TINY = ModelConfig(name="builtin:tiny", max_length=32)
 
@@ -41,7 +41,7 @@ def test_only_the_method_s_parameters_are_trainable(method, expected):
 
 
 def test_trainable_round_trip_reproduces_outputs():
-    peft = peft_config(method="p_tuning", num_virtual_tokens=4, encoder_hidden_size=16)
+    peft = parse_peft(method="p_tuning", num_virtual_tokens=4, encoder_hidden_size=16)
     a = build_model(TINY, peft, 3, seed=0)
     with torch.no_grad():
         for p in a.model.parameters():
@@ -58,7 +58,7 @@ def test_trainable_round_trip_reproduces_outputs():
 
 
 def test_set_trainable_rejects_mismatches():
-    a = build_model(TINY, peft_config(num_virtual_tokens=4), 3, seed=0)
+    a = build_model(TINY, parse_peft(num_virtual_tokens=4), 3, seed=0)
     arrays = get_trainable(a.model)
     arrays.pop("head.bias")
     with pytest.raises(ValueError, match="missing"):
@@ -70,7 +70,7 @@ def test_set_trainable_rejects_mismatches():
 
 
 def test_text_init_copies_the_init_text_s_word_embeddings():
-    peft = peft_config(num_virtual_tokens=4, init_text="predict the news topic")
+    peft = parse_peft(num_virtual_tokens=4, init_text="predict the news topic")
     a = build_model(TINY, peft, 3, seed=0)
     ids = a.tokenizer(peft.init_text)["input_ids"][:4]
     words = a.model.backbone.get_input_embeddings().weight[ids]
@@ -78,7 +78,7 @@ def test_text_init_copies_the_init_text_s_word_embeddings():
 
 
 def test_virtual_tokens_change_the_output_and_leave_room_for_text():
-    a = build_model(TINY, peft_config(num_virtual_tokens=4), 3, seed=0)
+    a = build_model(TINY, parse_peft(num_virtual_tokens=4), 3, seed=0)
     assert a.max_text_tokens == 32 - 4
     a.model.eval()
     ids, mask = _batch(a)
@@ -92,11 +92,11 @@ def test_virtual_tokens_change_the_output_and_leave_room_for_text():
 
 def test_unavailable_model_gives_an_actionable_error(tmp_path):
     with pytest.raises(ModelUnavailableError, match="cannot load it offline"):
-        build_model(ModelConfig(name=str(tmp_path / "no-model")), peft_config(), 3, seed=0)
+        build_model(ModelConfig(name=str(tmp_path / "no-model")), parse_peft(), 3, seed=0)
 
 
 def test_packaged_minilm_loads_offline():
-    a = build_model(ModelConfig(name="builtin:minilm"), peft_config(num_virtual_tokens=8), 7, seed=0)
+    a = build_model(ModelConfig(name="builtin:minilm"), parse_peft(num_virtual_tokens=8), 7, seed=0)
     trainable, total = count_params(a.model)
     assert total > 22_000_000
     assert trainable == 8 * 384 + 384 * 7 + 7
@@ -111,7 +111,7 @@ def test_text_initialisation_is_peft_s_own(virtual_tokens):
 
     from securefpt.learning.builtin_models import minilm_path
 
-    peft_cfg = peft_config(num_virtual_tokens=virtual_tokens, prompt_init="text")
+    peft_cfg = parse_peft(num_virtual_tokens=virtual_tokens, prompt_init="text")
     assembled = build_model(TINY, peft_cfg, num_labels=3, seed=0)
     backbone = assembled.model.backbone
     reference = PromptEmbedding(PromptTuningConfig(
@@ -128,6 +128,6 @@ def test_cuda_without_a_gpu_is_a_config_error():
     if torch.cuda.is_available():
         pytest.skip("this machine has a CUDA GPU")
     with pytest.raises(ConfigError, match="model.device=cuda: this machine has no CUDA GPU"):
-        build_model(TINY.model_copy(update={"device": "cuda"}), peft_config(), num_labels=3, seed=0)
-    assembled = build_model(TINY.model_copy(update={"device": "auto"}), peft_config(), num_labels=3, seed=0)
+        build_model(TINY.model_copy(update={"device": "cuda"}), parse_peft(), num_labels=3, seed=0)
+    assembled = build_model(TINY.model_copy(update={"device": "auto"}), parse_peft(), num_labels=3, seed=0)
     assert assembled.model.head.weight.device.type == "cpu" and assembled.model.autocast_dtype is None

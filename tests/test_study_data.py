@@ -20,7 +20,7 @@ from securefpt.experiment.trial_data import label_space, load_client_data
 from securefpt.learning.data import Example
 from securefpt.learning.modeling import build_model
 from securefpt.learning.training import make_loader
-from securefpt.protocol.request import ModelConfig, peft_config
+from securefpt.protocol.request import ModelConfig, parse_peft
 from securefpt.study.distance import distance, pretraining_vector, uriel_vector
 
 NLI = ["entailment", "neutral", "contradiction"]  # XNLI's ClassLabel order
@@ -55,7 +55,7 @@ def test_a_sentence_pair_is_tokenized_as_a_pair_in_training_and_prediction(tmp_p
     first = data.train[0]
     assert first.pair is not None and first.pair.startswith("sw hypothesis")
 
-    assembled = build_model(ModelConfig(name="builtin:tiny", max_length=32), peft_config(num_virtual_tokens=4),
+    assembled = build_model(ModelConfig(name="builtin:tiny", max_length=32), parse_peft(num_virtual_tokens=4),
                             len(labels), 0)
     batch = next(iter(make_loader(assembled, data.train[:3], 3, False, 0)))
     tok = assembled.tokenizer

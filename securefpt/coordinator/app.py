@@ -51,7 +51,7 @@ class FederatedPromptAveraging:
         self.labels = plan.labels
         self.request = plan.request
         self.resumed = plan.resumed  # a restarted coordinator goes on from here
-        self.recorder = RunRecorder(plan.out_dir, cfg, self.labels, policy=plan.policy,
+        self.recorder = RunRecorder(plan.out_dir, cfg, plan.request, policy=plan.policy,
                                     resumed=self.resumed.rounds if self.resumed else None)
         self.progress = RunProgress(enabled=show_progress)
         self.rng = np.random.default_rng(cfg.seed)

@@ -59,7 +59,7 @@ class Traffic:
     up: int = 0
     down: int = 0
     exchanges: int = 0
-    exchange_seconds: tuple[float, ...] = ()  # each exchange's push to last reply
+    exchange_seconds: tuple[float, ...] = ()  # each exchange's push to its last reply (or last poll)
 
     def since(self, start: "Traffic") -> "Traffic":
         return Traffic(self.up - start.up, self.down - start.down, self.exchanges - start.exchanges,
@@ -97,11 +97,15 @@ class MeteredGrid(GridProxy):
         return ids
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        message_ids = list(message_ids)
         replies = list(self._inner.pull_messages(message_ids))
-        for msg in replies:
-            index = self._exchange_of.pop(msg.metadata.reply_to_message_id, None)
+        now = time.monotonic()
+        for mid in message_ids:  # an exchange lasts until its last reply, or its last poll for a silent node
+            index = self._exchange_of.get(mid)
             if index is not None:
-                self._replied_at[index] = time.monotonic()
+                self._replied_at[index] = now
+        for msg in replies:
+            self._exchange_of.pop(msg.metadata.reply_to_message_id, None)
             size = message_bytes(msg)
             self.bytes_up += size
             self.per_node_up[msg.metadata.src_node_id] += size

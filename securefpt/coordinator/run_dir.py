@@ -40,7 +40,7 @@ from securefpt.learning.artifacts import ARTIFACT, save_arrays
 from securefpt.learning.builtin_models import model_facts
 from securefpt.protocol.audit import file_sha256
 from securefpt.protocol.policy import Policy
-from securefpt.protocol.request import REQUEST_FILE
+from securefpt.protocol.request import REQUEST_FILE, ExperimentRequest
 
 
 @dataclass
@@ -100,10 +100,11 @@ class ClientRecord:
 class RunRecorder:
     """Collects a run's rounds and writes the run directory."""
 
-    def __init__(self, out_dir: Path, cfg: ExperimentConfig, labels: list[str],
+    def __init__(self, out_dir: Path, cfg: ExperimentConfig, request: ExperimentRequest,
                  resumed: Optional[list[RoundRecord]] = None, policy: Optional[Policy] = None) -> None:
-        """`resumed`: the rounds a restarted run already completed (checkpoint.py); `policy`: the run's
-        (None: cfg.policy, read here)."""
+        """`request`: what the nodes are asked (its labels are the run's); `resumed`: the rounds a restarted
+        run already completed (checkpoint.py); `policy`: the run's (None: cfg.policy, read here)."""
+        labels = request.labels
         self.out_dir = Path(out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.cfg = cfg
@@ -127,7 +128,7 @@ class RunRecorder:
             yaml.safe_dump(json.loads(cfg.to_json()), sort_keys=False), encoding="utf-8"
         )
         (self.out_dir / "labels.json").write_text(json.dumps(labels), encoding="utf-8")
-        (self.out_dir / REQUEST_FILE).write_text(cfg.request(labels).to_json(), encoding="utf-8")
+        (self.out_dir / REQUEST_FILE).write_text(request.to_json(), encoding="utf-8")
 
     def add_round(self, record: RoundRecord) -> None:
         self.rounds.append(record)

@@ -28,7 +28,8 @@ def run_local_paradigm(cfg: ExperimentConfig, out_dir: Path, show_progress: bool
         raise FederationError(f"the residency policy {cfg.policy.name} forbids the centralized paradigm: "
                               "it pools every client's raw data in one place")
     labels = label_space(cfg.data)
-    recorder = RunRecorder(out_dir, cfg, labels)
+    no_dp = cfg.model_copy(update={"dp": cfg.dp.model_copy(update={"enabled": False})})  # local baselines run no DP
+    recorder = RunRecorder(out_dir, cfg, no_dp.request(labels))
     try:
         return _train(cfg, labels, recorder, show_progress)
     finally:

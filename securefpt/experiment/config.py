@@ -12,8 +12,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal, Optional
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
+from securefpt.errors import ConfigError
 from securefpt.learning.data_source import DataSource
 from securefpt.protocol.request import (
     DPConfig,
@@ -26,6 +27,7 @@ from securefpt.protocol.request import (
     TrainingPlan,
     check_distributed,
 )
+from securefpt.protocol.yaml_files import first_error
 
 
 class LanguageData(Strict):
@@ -260,8 +262,12 @@ class ExperimentConfig(Strict):
                             proximal_mu=self.fl.proximal_mu)
 
     def request(self, labels: list[str]) -> ExperimentRequest:
-        """What the nodes are asked: no path, no coordinator-side setting."""
-        plan = self.training_plan()
-        return ExperimentRequest(name=self.name, task=self.data.task, labels=list(labels), model=self.model,
-                                 peft=self.peft, training=plan, dp=self.dp, secure_aggregation=self.secagg.enabled,
-                                 personalization=self.personalization, seed=self.seed)
+        """What the nodes are asked: no path, no coordinator-side setting (ConfigError: a request no node
+        would accept, e.g. a label space of one label)."""
+        try:
+            return ExperimentRequest(name=self.name, task=self.data.task, labels=list(labels), model=self.model,
+                                     peft=self.peft, training=self.training_plan(), dp=self.dp,
+                                     secure_aggregation=self.secagg.enabled, personalization=self.personalization,
+                                     seed=self.seed)
+        except ValidationError as exc:
+            raise ConfigError(f"the request to the nodes: {first_error(exc)}") from None

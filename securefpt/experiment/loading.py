@@ -44,16 +44,20 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
     return data
 
 
-def switch_peft_method(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """`--set peft.method=M` switches a file's PEFT section to M: the settings M has are kept,
-    the previous method's own (a prompt length for LoRA) are dropped. A file itself must name
-    only its method's settings, as PEFT's configs do."""
+def switch_peft_method(raw: dict[str, Any], overrides: list[str], before: Any = None) -> dict[str, Any]:
+    """`--set peft.method=M` switches a file's PEFT section to M: the file's method's own settings that M
+    has not (a prompt length for LoRA) are dropped; any other key stays, so a misspelt one is still refused.
+    A file itself must name only its method's settings, as PEFT's configs do. `before`: the method the
+    file named (prompt tuning where it named none)."""
     switched = [o for o in overrides if o.split("=", 1)[0].strip() == "peft.method"]
     peft = raw.get("peft")
-    if not switched or not isinstance(peft, dict) or peft.get("method") not in PEFT_CLASSES:
+    if not switched or not isinstance(peft, dict):
         return raw
-    kept = {k: v for k, v in peft.items() if k in PEFT_CLASSES[peft["method"]].model_fields}
-    return {**raw, "peft": kept}
+    method, old = peft.get("method"), before or "prompt_tuning"
+    if method not in PEFT_CLASSES or old not in PEFT_CLASSES or old == method:
+        return raw
+    stale = set(PEFT_CLASSES[old].model_fields) - set(PEFT_CLASSES[method].model_fields)
+    return {**raw, "peft": {k: v for k, v in peft.items() if k not in stale}}
 
 
 def load_config(path: Path | str | None, overrides: list[str] | None = None) -> ExperimentConfig:
@@ -70,7 +74,8 @@ def load_config(path: Path | str | None, overrides: list[str] | None = None) -> 
         where = str(path)
         raw = read_yaml_mapping(path)
         base = path.resolve().parent
-    raw = switch_peft_method(apply_overrides(raw, overrides or []), overrides or [])
+    before = raw.get("peft", {}).get("method") if isinstance(raw.get("peft"), dict) else None
+    raw = switch_peft_method(apply_overrides(raw, overrides or []), overrides or [], before)
     try:
         cfg = ExperimentConfig.model_validate(raw)
     except ValidationError as exc:

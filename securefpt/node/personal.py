@@ -68,8 +68,10 @@ class Personal:
 
     def _save(self, name: str, arrays: Mapping[str, np.ndarray]) -> Path:
         self.folder.mkdir(parents=True, exist_ok=True)
-        if not (self.folder / REQUEST_FILE).is_file():
-            (self.folder / REQUEST_FILE).write_text(self.request.to_json(), encoding="utf-8")
+        if not (self.folder / REQUEST_FILE).is_file():  # written whole or not at all, like the arrays
+            partial = self.folder / f"{REQUEST_FILE}.tmp"
+            partial.write_text(self.request.to_json(), encoding="utf-8")
+            partial.replace(self.folder / REQUEST_FILE)
         tmp = self.folder / f"{name}.tmp"
         save_arrays(tmp, arrays)
         tmp.replace(self.folder / name)  # a crash leaves the previous version

@@ -110,7 +110,7 @@ PEFT_METHODS = tuple(PEFT_CLASSES)
 _PEFT: TypeAdapter[PeftConfig] = TypeAdapter(PeftConfig)  # type: ignore[arg-type]
 
 
-def peft_config(**settings) -> PeftConfig:
+def parse_peft(**settings) -> PeftConfig:
     """The PEFT config `settings` describe (`method` picks the type; prompt tuning without one)."""
     return _PEFT.validate_python(settings)
 
@@ -120,7 +120,7 @@ def with_method(peft: PeftConfig, method: str, **settings) -> PeftConfig:
     tuning to p-tuning), the others dropped; `settings` it has are applied on top."""
     fields = PEFT_CLASSES[method].model_fields
     kept = {k: v for k, v in {**peft.model_dump(), **settings}.items() if k in fields}
-    return peft_config(**{**kept, "method": method})
+    return parse_peft(**{**kept, "method": method})
 
 
 def virtual_tokens(peft: PeftConfig) -> int:

@@ -28,7 +28,7 @@ def error_location(exc: ValidationError) -> tuple[str, str]:
     if err["type"] == "union_tag_invalid":  # a PEFT method that does not exist
         loc.append("method")
         msg = f"{err['ctx']['tag']!r} is not one of {err['ctx']['expected_tags']}"
-    for i in range(len(loc) - 2):
+    for i in range(len(loc) - 1):
         if loc[i] == "peft" and loc[i + 1] in PEFT_METHODS:
             method = loc.pop(i + 1)
             if err["type"] == "extra_forbidden":
