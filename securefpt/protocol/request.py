@@ -11,7 +11,7 @@ as JSON, and every node validates it here and checks every field against its own
 from __future__ import annotations
 
 import hashlib
-from typing import Annotated, Literal, Optional, Union
+from typing import Annotated, Any, Literal, Optional, Union, cast
 
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, TypeAdapter, field_validator, model_validator
 
@@ -107,7 +107,7 @@ PeftConfig = Annotated[
 PEFT_CLASSES: dict[str, type[Strict]] = {"prompt_tuning": PromptTuning, "p_tuning": PTuning, "lora": Lora,
                                           "full": FullFineTuning}
 PEFT_METHODS = tuple(PEFT_CLASSES)
-_PEFT: TypeAdapter[PeftConfig] = TypeAdapter(PeftConfig)  # type: ignore[arg-type]
+_PEFT: TypeAdapter[PeftConfig] = TypeAdapter(cast(Any, PeftConfig))  # (a tagged union, not a class)
 
 
 def parse_peft(**settings) -> PeftConfig:
