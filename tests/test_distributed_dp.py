@@ -325,7 +325,7 @@ def test_distributed_dp_needs_secure_aggregation_a_public_noise_multiplier_and_a
 
     unplanned = distributed(tmp_path / "plan", "dp.noise_multiplier=null", "dp.target_epsilon=4",
                             "data.max_train_per_client=16", "fl.batch_size=4")
-    with pytest.raises(ValueError, match="no dp.noise_multiplier"):  # a request must carry it
+    with pytest.raises(ConfigError, match="no dp.noise_multiplier"):  # a request must carry it
         unplanned.request(label_space(unplanned.data))
     planned = with_planned_noise(unplanned)
     sigma = planned.dp.noise_multiplier
