@@ -7,7 +7,6 @@ from collections import OrderedDict
 
 import numpy as np
 import pytest
-from flwr.app import ConfigRecord
 
 from securefpt.coordinator.audit_log import AuditLog
 from securefpt.coordinator.checkpoint import RunState, load_checkpoint, save_checkpoint
@@ -18,6 +17,7 @@ from securefpt.node.config import load_node
 from securefpt.node.witness import witness
 from securefpt.protocol.attestation import new_key, save_private, save_public
 from securefpt.protocol.audit import check_witnesses, load_witnesses, read_entries, verify_log
+from securefpt.protocol.messages import AuditHead
 from securefpt.protocol.refusals import NodeRefusal
 
 
@@ -85,9 +85,8 @@ def test_a_log_resigned_with_the_pinned_key_is_caught_by_what_the_nodes_witnesse
     node = load_node(write_trial_nodes(load_config(None, ["data.languages=[aa]"]), tmp_path / "nodes")[0])
     entries = read_entries(path)
     digests = [e["digest"] for e in entries]
-    shown = ConfigRecord({"log-id": entries[0]["hash"], "seq": 4, "head": entries[4]["hash"], "from-seq": 0,
-                          "digests": digests})
-    assert witness(node, 1, shown)["seq"] == 4
+    shown = AuditHead(entries[0]["hash"], 4, entries[4]["hash"], 0, digests)
+    assert witness(node, 1, shown).seq == 4
     honest_records, problems = load_witnesses([tmp_path / "nodes"], entries[0]["hash"])
     assert problems == [] and check_witnesses(entries, honest_records) is None
 
@@ -106,8 +105,7 @@ def test_a_node_refuses_a_head_that_does_not_extend_the_one_it_witnessed(log, tm
     node = load_node(write_trial_nodes(load_config(None, ["data.languages=[aa]"]), tmp_path / "nodes")[0])
     entries = read_entries(path)
     digests, log_id = [e["digest"] for e in entries], entries[0]["hash"]
-    show = lambda seq, head, start, ds: ConfigRecord({"log-id": log_id, "seq": seq, "head": head,  # noqa: E731
-                                                     "from-seq": start, "digests": ds})
+    show = lambda seq, head, start, ds: AuditHead(log_id, seq, head, start, ds)  # noqa: E731
     witness(node, 1, show(2, entries[2]["hash"], 0, digests[:3]))
     witness(node, 1, show(4, entries[4]["hash"], 3, digests[3:]))  # an honest extension
     forked = digests[:2] + ["0" * 64] + digests[3:]
@@ -125,8 +123,7 @@ def test_a_witness_record_edited_on_disk_is_reported(log, tmp_path):
     path, _, _ = log
     node = load_node(write_trial_nodes(load_config(None, ["data.languages=[aa]"]), tmp_path / "nodes")[0])
     entries = read_entries(path)
-    witness(node, 1, ConfigRecord({"log-id": entries[0]["hash"], "seq": 4, "head": entries[4]["hash"],
-                                   "from-seq": 0, "digests": [e["digest"] for e in entries]}))
+    witness(node, 1, AuditHead(entries[0]["hash"], 4, entries[4]["hash"], 0, [e["digest"] for e in entries]))
     record_file = node.state_dir / "witness.jsonl"
     record_file.write_text(record_file.read_text().replace('"seq": 4', '"seq": 3'))
     records, problems = load_witnesses([tmp_path / "nodes"], entries[0]["hash"])
@@ -259,9 +256,8 @@ def test_a_log_forked_per_node_at_genesis_fails_with_every_witness(log, tmp_path
     nodes = write_trial_nodes(load_config(None, ["data.languages=[aa, bb]"]), tmp_path / "nodes")
     for node_file, log_path in zip(nodes, (path, other)):
         entries = read_entries(log_path)
-        witness(load_node(node_file), 7, ConfigRecord({
-            "log-id": entries[0]["hash"], "seq": 4, "head": entries[4]["hash"], "from-seq": 0,
-            "digests": [e["digest"] for e in entries]}))
+        witness(load_node(node_file), 7, AuditHead(entries[0]["hash"], 4, entries[4]["hash"], 0,
+                                                   [e["digest"] for e in entries]))
     for log_path in (path, other):
         entries = read_entries(log_path)
         records, problems = load_witnesses([tmp_path / "nodes"], entries[0]["hash"])

@@ -12,7 +12,7 @@ from __future__ import annotations
 import time
 from typing import Optional
 
-from flwr.app import ConfigRecord, Message, MessageType, RecordDict
+from flwr.app import Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
 from securefpt.coordinator.audit_log import AuditLog
@@ -22,8 +22,8 @@ from securefpt.coordinator.run_dir import ClientRecord
 from securefpt.coordinator.verdicts import describe, error_reason
 from securefpt.errors import FederationError
 from securefpt.experiment.config import ExperimentConfig
-from securefpt.protocol import records as R
 from securefpt.protocol.identity import check_proof, new_challenge
+from securefpt.protocol.messages import Answer, Identity, Malformed, SetupOffer
 from securefpt.protocol.policy import Policy
 from securefpt.protocol.request import ExperimentRequest
 
@@ -59,26 +59,26 @@ class Admission:
         left out, with the reason in the audit log.
         """
         challenge = new_challenge()
-        content = RecordDict({R.SETUP: ConfigRecord({"request": self.request.to_json(), "challenge": challenge})})
+        content = RecordDict({SetupOffer.KEY: SetupOffer(self.request.to_json(), challenge).to_record()})
         msgs = [Message(content, dst_node_id=n, message_type=MessageType.QUERY) for n in nodes]
         replies = exchange(self.grid, msgs, timeout=self.cfg.fl.round_timeout)
         for node, reply in sorted(replies, key=lambda pair: pair[0]):
             if reply.has_error():
                 self.setup_errors.append(error_reason(reply))
                 continue
-            identity = reply.content.config_records.get(R.IDENTITY)
-            answer = reply.content.config_records.get(R.ANSWER)
-            if identity is None or answer is None or "accept" not in answer:
+            try:
+                identity, answer = Identity.read(reply.content), Answer.read(reply.content)
+            except Malformed:
                 self.setup_errors.append("malformed setup reply")
                 continue
             language, why = self._identify(node, identity, challenge)
             if why is None and language in self.languages.values():
                 why = f"language '{language}' is already served by another node"
-            if why is None and not bool(answer["accept"]):
-                why = "refused the experiment: " + describe(str(answer.get("code")), "no reason code")
+            if why is None and not answer.accept:
+                why = "refused the experiment: " + describe(answer.code, "no reason code")
             if self.policy is not None:
                 self.audit.append("identity", node=node, language=language,
-                                           client=str(identity.get("client-id", "")) or None,
+                                           client=identity.client_id or None,
                                            accepted=why is None, reason=why or "identity holds")
             if why is not None:
                 if language is not None:
@@ -92,20 +92,20 @@ class Admission:
                                   + "; ".join(sorted(set(self.setup_errors) | set(self.refused.values()))[:3]))
         return self.languages
 
-    def _identify(self, node: int, identity: ConfigRecord, challenge: str) -> tuple[Optional[str], Optional[str]]:
+    def _identify(self, node: int, identity: Identity, challenge: str) -> tuple[Optional[str], Optional[str]]:
         """(language, None) when this node may act for the institution it names; else (language?, why not).
 
         With a policy the language is the one the registered, attested manifest serves,
         never the node's own claim; without one (local trials) the node's word is taken.
         """
-        claimed = str(identity.get("client-id", ""))
+        claimed = identity.client_id
         if self.policy is None:
-            return str(identity.get("language", "")) or None, None
+            return identity.language, None
         who = next((p for p in self.participants.values() if p.client_id == claimed and p.manifest), None)
         if who is None:
             return None, f"client '{claimed}' is not registered for this experiment"
         language = who.manifest.language
-        why = check_proof(who.manifest, claimed, str(identity.get("proof", "")), self.run_id, node, challenge,
+        why = check_proof(who.manifest, claimed, identity.proof, self.run_id, node, challenge,
                           self.policy.server.require_key_proof)
         return language, why
 

@@ -26,6 +26,7 @@ from securefpt.coordinator.secure_aggregation import SecAggSettings, secure_fit_
 from securefpt.coordinator.verdicts import describe, error_reason
 from securefpt.experiment.config import ExperimentConfig
 from securefpt.protocol import records as R
+from securefpt.protocol.messages import FIT_ROUND, Answer, AuditHead, Malformed, RoundOffer, WitnessAck
 
 Arrays = "OrderedDict[str, np.ndarray]"
 
@@ -86,7 +87,7 @@ class RoundPhases:
     def _train_plaintext(self, server_round: int, selected: list[int], global_arrays: Arrays) -> TrainOutcome:
         """Each selected node returns h_k and |D_k| (Algorithm 1); the outcome is the average change
         sum_k w_k h_k / sum_k w_k - h_g, as a secure round's is."""
-        fitins = FitIns(ndarrays_to_parameters(list(global_arrays.values())), {"server-round": server_round})
+        fitins = FitIns(ndarrays_to_parameters(list(global_arrays.values())), {FIT_ROUND: server_round})
         msgs = [Message(compat.fitins_to_recorddict(fitins, True), dst_node_id=n, message_type=MessageType.TRAIN)
                 for n in selected]
         outcome = TrainOutcome(None)
@@ -113,7 +114,7 @@ class RoundPhases:
         """The coordinator learns only sum_k w_k (h_k - h_g) (see secure_aggregation.py)."""
         task = self.progress.clients(f"round {server_round}: secure aggregation", 1)
         result = secure_fit_round(self.grid, self.context, self.secagg, server_round, selected, global_arrays,
-                                  {"server-round": server_round})
+                                  {FIT_ROUND: server_round})
         task.advance()
         task.done()
         if result.aborted:  # each node's own refusal where it sent one
@@ -129,21 +130,21 @@ class RoundPhases:
     def _audit_head(self, node: int) -> ConfigRecord:
         """The log's head for `node` to witness, with the digests since the last head it acknowledged."""
         start = self.witnessed.get(node, -1) + 1
-        return ConfigRecord({"log-id": self.audit.log_id, "seq": self.audit.seq - 1, "head": self.audit.head,
-                             "from-seq": start, "digests": self.audit.digests[start:]})
+        return AuditHead(self.audit.log_id, self.audit.seq - 1, self.audit.head, start,
+                         self.audit.digests[start:]).to_record()
 
     def _acknowledged(self, node: int, reply: Message) -> None:
-        ack = reply.content.config_records.get(R.WITNESS)
-        if ack is not None and isinstance(ack.get("seq"), int):
-            self.witnessed[node] = int(ack["seq"])
+        ack = WitnessAck.read(reply.content)
+        if ack is not None:
+            self.witnessed[node] = ack.seq
 
     def evaluate(self, server_round: int, nodes: list[int], global_arrays: Arrays, next_round: int) -> EvalOutcome:
         """Send the round's aggregate to every node: released accuracies, privacy reports, and each
         node's answer to the offer of `next_round` (0: none). Each message carries the audit head
         for the node to witness."""
         content: Callable[[int], RecordDict] = lambda node: RecordDict({  # noqa: E731
-            R.GLOBAL: R.arrays_to_record(global_arrays), R.AUDIT_HEAD: self._audit_head(node),
-            R.ROUND: ConfigRecord({"server-round": server_round, "next-round": next_round})})
+            R.GLOBAL: R.arrays_to_record(global_arrays), AuditHead.KEY: self._audit_head(node),
+            RoundOffer.KEY: RoundOffer(server_round, next_round).to_record()})
         msgs = [Message(content(n), dst_node_id=n, message_type=MessageType.EVALUATE) for n in nodes]
         drill(f"round-{server_round}:evaluate")
         out, answered = EvalOutcome(), set()
@@ -154,9 +155,12 @@ class RoundPhases:
                 out.declined[language] = f"no answer: {error_reason(reply)}"
                 continue
             metrics = reply.content.metric_records.get(R.EVAL)
-            answer = reply.content.config_records.get(R.ANSWER)
             report = reply.content.config_records.get(R.PRIVACY)
-            if metrics is None or answer is None or "accept" not in answer:
+            try:
+                answer = Answer.read(reply.content)
+            except Malformed:
+                answer = None
+            if metrics is None or answer is None:
                 out.declined[language] = "malformed evaluation reply"
                 continue
             self._acknowledged(node, reply)
@@ -164,10 +168,10 @@ class RoundPhases:
                 out.accuracy[language] = float(metrics["accuracy"])
             if report is not None and len(report):
                 out.privacy[language] = dict(report)
-            if bool(answer["accept"]):
+            if answer.accept:
                 out.willing.append(node)
             elif next_round:
-                out.declined[language] = describe(str(answer.get("code")), "declined without a reason code")
+                out.declined[language] = describe(answer.code, "declined without a reason code")
         for node in nodes:
             if node not in answered:
                 out.declined[self.languages[node]] = "no answer before fl.round_timeout"
@@ -198,7 +202,7 @@ class RoundPhases:
     def witness_end(self, nodes: list[int]) -> None:
         """The final audit head, for every node to witness (the entries after the last evaluation).
         The summary is written by now: Ctrl-C lets this last exchange finish, so the run ends whole."""
-        msgs = [Message(RecordDict({R.AUDIT_HEAD: self._audit_head(n)}), dst_node_id=n,
+        msgs = [Message(RecordDict({AuditHead.KEY: self._audit_head(n)}), dst_node_id=n,
                         message_type=R.WITNESS_QUERY) for n in nodes]
         drill("witness")
         for node, reply in exchange(self.grid, msgs, timeout=self.cfg.fl.round_timeout, stoppable=False):

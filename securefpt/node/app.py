@@ -36,6 +36,16 @@ from securefpt.node.state import NodeState, RunRecord
 from securefpt.node.witness import witness
 from securefpt.protocol import records as R
 from securefpt.protocol.identity import prove
+from securefpt.protocol.messages import (
+    FIT_ROUND,
+    Answer,
+    AuditHead,
+    Identity,
+    Malformed,
+    RoundOffer,
+    SetupOffer,
+    WitnessAck,
+)
 from securefpt.protocol.refusals import NodeRefusal
 from securefpt.protocol.request import ExperimentRequest
 
@@ -69,23 +79,16 @@ def _coarse(value: float, decimals: Optional[int]) -> float:
     return float(value) if decimals is None else round(float(value), decimals)
 
 
-def _answer(accept: bool, code: str) -> ConfigRecord:
-    return ConfigRecord({"accept": accept, "code": code})
-
-
 @app.query()
 def setup(msg: Message, context: Context) -> Message:
     node = this_node(context)
-    incoming = msg.content.config_records.get(R.SETUP)
-    if incoming is None or "request" not in incoming or "challenge" not in incoming:
-        raise NodeRefusal("malformed-request", "setup without request or challenge")
-    identity = ConfigRecord({"client-id": node.client_id, "language": node.language,
-                             "proof": prove(node.key, context.run_id, context.node_id, str(incoming["challenge"]),
-                                            node.client_id)})
     try:
-        request = ExperimentRequest.from_json(str(incoming["request"]))
-    except ValidationError as exc:
-        raise NodeRefusal("malformed-request", str(exc)) from None
+        offer = SetupOffer.read(msg.content)
+        request = ExperimentRequest.from_json(offer.request)
+    except (Malformed, ValidationError) as exc:
+        raise NodeRefusal("malformed-request", f"setup: {exc}") from None
+    identity = Identity(node.client_id, node.language,
+                        prove(node.key, context.run_id, context.node_id, offer.challenge, node.client_id))
     state = NodeState(node.state_dir)
     run = state.run(context.run_id)
     codes = guards.check_request(node, request, run)
@@ -101,8 +104,8 @@ def setup(msg: Message, context: Context) -> Message:
             run.accept(request.to_json())
     if codes:
         state.log("setup-refused", run=context.run_id, codes=codes, detail=locals().get("detail", ""))
-    answer = _answer(not codes, codes[0] if codes else "ok")
-    return Message(RecordDict({R.IDENTITY: identity, R.ANSWER: answer}), reply_to=msg)
+    answer = Answer(not codes, codes[0] if codes else "ok")
+    return Message(RecordDict({Identity.KEY: identity.to_record(), Answer.KEY: answer.to_record()}), reply_to=msg)
 
 
 @app.train()
@@ -112,7 +115,7 @@ def train(msg: Message, context: Context) -> Message:
     node = this_node(context)
     run, request = _accepted(node, context)
     fitins = compat.recorddict_to_fitins(msg.content, keep_input=True)
-    server_round, secure = int(fitins.config["server-round"]), masking()  # the node's own view, not a flag
+    server_round, secure = int(fitins.config[FIT_ROUND]), masking()  # the node's own view, not a flag
     runtime = _runtime(node, request)
     names = runtime.shared_names()  # a local head never travels
     global_arrays = OrderedDict(zip(names, parameters_to_ndarrays(fitins.parameters), strict=True))
@@ -193,11 +196,11 @@ def evaluate(msg: Message, context: Context) -> Message:
     node = this_node(context)
     run, request = _accepted(node, context)
     try:
-        rnd = msg.content.config_records[R.ROUND]
-        server_round, next_round = R.as_int(rnd["server-round"]), R.as_int(rnd["next-round"])
+        offer = RoundOffer.read(msg.content)
         arrays = R.record_to_arrays(msg.content.array_records[R.GLOBAL])
-    except (KeyError, TypeError, ValueError) as exc:
+    except (KeyError, TypeError, ValueError) as exc:  # Malformed is a ValueError
         raise NodeRefusal("malformed-request", repr(exc)) from None
+    server_round, next_round = offer.server_round, offer.next_round
     if not 0 <= server_round <= request.training.rounds:
         raise NodeRefusal("round-out-of-plan", f"evaluate round {server_round}")
     if run.done("evaluated", server_round):
@@ -209,14 +212,14 @@ def evaluate(msg: Message, context: Context) -> Message:
     run.mark("evaluated", server_round)
     encoder = R.encoder_hash(arrays)
     run.note_evaluated(encoder)
-    answer = _answer(False, "round-out-of-plan")
+    answer = Answer(False, "round-out-of-plan")
     if next_round:
         code = "round-out-of-plan" if next_round != server_round + 1 else guards.check_offer(
             node, request, next_round, encoder, arrays, _accounting(node, runtime))
         if code == "ok":
             run.offer(next_round, encoder)
-        answer = _answer(code == "ok", code)
-    content = RecordDict({R.EVAL: MetricRecord(metrics), R.ANSWER: answer,
+        answer = Answer(code == "ok", code)
+    content = RecordDict({R.EVAL: MetricRecord(metrics), Answer.KEY: answer.to_record(),
                           R.PRIVACY: privacy_report(node, request, runtime), **witnessed})
     return Message(content, reply_to=msg)
 
@@ -263,8 +266,11 @@ def _released(node: Node, runtime, accuracy) -> dict:
 
 def _witness(node: Node, msg: Message, context: Context) -> dict:
     """Witness the audit head a message carries (a head that does not extend the last one is refused)."""
-    shown = msg.content.config_records.get(R.AUDIT_HEAD)
-    return {} if shown is None else {R.WITNESS: witness(node, context.run_id, shown)}
+    try:
+        shown = AuditHead.read(msg.content)
+    except Malformed:
+        raise NodeRefusal("malformed-request", "audit head") from None
+    return {} if shown is None else {WitnessAck.KEY: witness(node, context.run_id, shown).to_record()}
 
 
 @app.query("witness")

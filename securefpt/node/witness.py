@@ -15,12 +15,10 @@ import json
 import time
 from typing import Optional
 
-from flwr.app import ConfigRecord
-
 from securefpt.node.config import Node
 from securefpt.protocol.attestation import b64
 from securefpt.protocol.audit import GENESIS, WITNESS_FILE, link, witness_payload
-from securefpt.protocol.records import as_int, as_list
+from securefpt.protocol.messages import AuditHead, WitnessAck
 from securefpt.protocol.refusals import NodeRefusal
 
 
@@ -33,13 +31,9 @@ def last_witnessed(node: Node, log_id: str) -> Optional[dict]:
     return max(mine, key=lambda r: r["seq"]) if mine else None
 
 
-def witness(node: Node, run_id: int, shown: ConfigRecord) -> ConfigRecord:
-    """Check the head `shown` (log-id, seq, head, from-seq, digests) and keep a signed record of it."""
-    try:
-        log_id, seq, head = str(shown["log-id"]), as_int(shown["seq"]), str(shown["head"])
-        start, digests = as_int(shown["from-seq"]), [str(d) for d in as_list(shown["digests"])]
-    except (KeyError, TypeError, ValueError):
-        raise NodeRefusal("malformed-request", "audit head") from None
+def witness(node: Node, run_id: int, shown: AuditHead) -> WitnessAck:
+    """Check the head `shown` (and the digests that lead to it) and keep a signed record of it."""
+    log_id, seq, head, start, digests = shown.log_id, shown.seq, shown.head, shown.from_seq, shown.digests
     last = last_witnessed(node, log_id)
     if start == 0:
         current = GENESIS
@@ -65,4 +59,4 @@ def witness(node: Node, run_id: int, shown: ConfigRecord) -> ConfigRecord:
         node.state_dir.mkdir(parents=True, exist_ok=True)
         with (node.state_dir / WITNESS_FILE).open("a", encoding="utf-8") as fh:
             fh.write(json.dumps(record, sort_keys=True) + "\n")
-    return ConfigRecord({"seq": seq})
+    return WitnessAck(seq)
