@@ -27,14 +27,14 @@ CANARIES = 150  # a node
 LANGS = ["aa", "bb", "cc"]
 
 
-def distributed_config(tmp_path):
+def distributed_config(tmp_path, extra=()):
     """DP-FedSGD under SecAgg+ on MiniLM, one round, every record in the round's sample (batch above the
     rows): each included canary's clipped gradient is in the sum exactly once. Three rows a node; 20
     virtual tokens, so that the canaries' gradients are far fewer than the parameters."""
     root = make_masakhanews_like(tmp_path / "data", LANGS, sizes=[3, 3, 3])
     return load_config(None, tsv_cfg_overrides(root, LANGS) + [
         "model.name=builtin:minilm", "model.max_length=32", "peft.num_virtual_tokens=20", "fl.rounds=1",
-        "fl.batch_size=256", "secagg.enabled=true", "data.max_eval_per_client=6"])
+        "fl.batch_size=256", "secagg.enabled=true", "data.max_eval_per_client=6", *extra])
 
 
 def silent_shares_app() -> ClientApp:
@@ -54,6 +54,28 @@ def silent_shares_app() -> ClientApp:
     return node_app_with(silent)
 
 
+def noiseless_dp_sgd_app() -> ClientApp:
+    """The node's own app with a planted bug in local DP-SGD: Opacus's optimizer clips but adds no noise
+    (the ledger still accounts the noise multiplier the plan chose)."""
+
+    def noiseless(msg: Message, context: Context, call_next) -> Message:
+        import opacus.optimizers
+
+        real = opacus.optimizers.DPOptimizer
+
+        class Noiseless(real):
+            def __init__(self, *args, **kwargs):
+                super().__init__(*args, **{**kwargs, "noise_multiplier": 0.0})
+
+        opacus.optimizers.DPOptimizer = Noiseless
+        try:
+            return secure_aggregation_mod(msg, context, call_next)
+        finally:
+            opacus.optimizers.DPOptimizer = real
+
+    return node_app_with(noiseless)
+
+
 def quiet(_line: str) -> None:
     pass
 
@@ -65,7 +87,7 @@ def test_the_audit_refutes_a_distributed_dp_claim_whose_noise_is_missing(tmp_pat
                                 show_progress=False, client_app=silent_shares_app(), log=quiet)["settings"][0]
     assert planted["epsilon_claimed"] == pytest.approx(EPSILON, abs=0.01)  # the ledgers claim the target
     assert planted["epsilon_lower_bound"] > EPSILON, planted  # the audit refutes it
-    assert planted["attacks"]["update"]["epsilon_lower_bound"] > EPSILON  # from the coordinator's view
+    assert planted["attacks"]["aggregates"]["epsilon_lower_bound"] > EPSILON  # from the coordinator's view
 
     honest = run_privacy_audit(cfg, tmp_path / "honest", EPSILON, CANARIES, ["distributed-dp"],
                                show_progress=False, log=quiet)["settings"][0]
@@ -74,16 +96,42 @@ def test_the_audit_refutes_a_distributed_dp_claim_whose_noise_is_missing(tmp_pat
 
 
 @pytest.mark.slow
+def test_the_audit_refutes_a_local_dp_claim_whose_noise_is_missing(tmp_path):
+    """The same federation under local DP-SGD (20 steps a node on every record, the nodes' updates summed
+    under SecAgg+): with the noise planted away the released model memorizes the canaries. (One step is
+    not enough: AdamW's first step is the gradient's sign, which hides the canaries' gradients.)"""
+    cfg = distributed_config(tmp_path, ["fl.local_epochs=20", "fl.lr=0.05"])
+    planted = run_privacy_audit(cfg, tmp_path / "planted", EPSILON, CANARIES, ["local-dp"], show_progress=False,
+                                client_app=noiseless_dp_sgd_app(), log=quiet)["settings"][0]
+    assert planted["dp_mode"] == "local" and planted["epsilon_claimed"] == pytest.approx(EPSILON, abs=0.01)
+    assert planted["epsilon_lower_bound"] > EPSILON, planted
+
+    honest = run_privacy_audit(cfg, tmp_path / "honest", EPSILON, CANARIES, ["local-dp"], show_progress=False,
+                               log=quiet)["settings"][0]
+    assert honest["epsilon_lower_bound"] < honest["epsilon_claimed"] == pytest.approx(EPSILON, abs=0.01)
+    assert honest["mia_auc"] < planted["mia_auc"]
+
+
+@pytest.mark.slow
 def test_without_dp_the_membership_attack_finds_the_canaries(tmp_path):
     """Scarce and overfit on purpose (full fine-tuning of the tiny model, many epochs): a real leak, so
-    DP's chance-level figures mean something. Also the report, the figures for tools, and the coins."""
+    DP's chance-level figures mean something. The reference attacks (one shadow run) and the attack on
+    each node's personalized model find it too. Also the report, the figures for tools, and the coins."""
     root = make_masakhanews_like(tmp_path / "data", ["aa", "bb"])
     cfg = load_config(None, tsv_cfg_overrides(root, ["aa", "bb"]) + [
         "model.name=builtin:tiny", "model.max_length=32", "peft.method=full", "fl.rounds=1", "fl.local_epochs=10",
-        "fl.batch_size=8", "fl.lr=0.001", "secagg.enabled=false", "data.max_eval_per_client=6"])
-    figures = run_privacy_audit(cfg, tmp_path / "audit", EPSILON, 250, ["no-dp"], show_progress=False, log=quiet)
+        "fl.batch_size=8", "fl.lr=0.001", "secagg.enabled=false", "data.max_eval_per_client=6",
+        "personalization.adapt_epochs=2"])
+    figures = run_privacy_audit(cfg, tmp_path / "audit", EPSILON, 250, ["no-dp"], show_progress=False, log=quiet,
+                                references=1)
     none = figures["settings"][0]
     assert none["epsilon_claimed"] is None and none["tpr_at_fpr_0.01"] >= 0.03 and none["mia_auc"] > 0.6, none
+    for attack in ("lira", "rmia"):  # calibrated against a shadow run trained without canaries
+        assert none["attacks"][attack]["mia_auc"] > 0.6, (attack, none["attacks"][attack]["mia_auc"])
+    personal = none["personalized"]["personalized"]  # each node's own model, adapted on its canaries too
+    assert personal["view"] == "personalized model" and personal["mia_auc"] > 0.6 and set(
+        personal["per_node_auc"]) == {"aa", "bb"}
+    assert "personalized" not in none["attacks"]  # never sent: not held against the claim
 
     written = json.loads((tmp_path / "audit" / "privacy-audit.json").read_text())
     assert {"dp_mode", "epsilon_claimed", "epsilon_lower_bound", "mia_auc", "tpr_at_fpr_0.01"} <= set(
@@ -94,8 +142,12 @@ def test_without_dp_the_membership_attack_finds_the_canaries(tmp_path):
     coins = json.loads((tmp_path / "audit" / "no-dp" / "canaries.json").read_text())["canaries"]
     held = (tmp_path / "audit" / "no-dp" / "run" / "nodes" / "aa" / "canaries.jsonl").read_text().splitlines()
     assert len(held) == sum(c["in"] for c in coins["aa"]) and all("in" not in json.loads(r) for r in held)
-    # a finished setting is read back, not trained again
-    again = run_privacy_audit(cfg, tmp_path / "audit", EPSILON, 250, ["no-dp"], show_progress=False, log=quiet)
+    # a finished setting and its reference run are read back, not trained again
+    reference = tmp_path / "audit" / "no-dp" / "reference-1" / "run" / "summary.json"
+    written_at = reference.stat().st_mtime_ns
+    again = run_privacy_audit(cfg, tmp_path / "audit", EPSILON, 250, ["no-dp"], show_progress=False, log=quiet,
+                              references=1)
+    assert reference.stat().st_mtime_ns == written_at
     assert again["settings"][0]["cached"] and again["settings"][0]["mia_auc"] == none["mia_auc"]
 
 

@@ -121,6 +121,9 @@ def audit_privacy(
     canaries: int = typer.Option(200, "--canaries", min=10, help="canaries a node (each in by a fair coin)"),
     settings: List[str] = typer.Option([], "--setting", help="no-dp, local-dp, distributed-dp (repeatable; "
                                                              "default: all that the config allows)"),
+    shadows: int = typer.Option(0, "--shadows", min=0, help="reference (shadow) runs a setting, trained the same "
+                                                          "way without canaries, for the LiRA and RMIA attacks; "
+                                                          "each costs one more run"),
     set_: List[str] = typer.Option([], "--set", help="override a key: dotted.key=value (repeatable)"),
     quiet: bool = typer.Option(False, "--quiet", help="no progress bars"),
 ) -> None:
@@ -134,7 +137,7 @@ def audit_privacy(
         cfg = load_config(config, set_)
         folder = folder_arg(out or Path("runs") / f"{cfg.name}-privacy-audit")
         figures = run_privacy_audit(cfg, folder, epsilon, canaries, settings or SETTINGS, show_progress=not quiet,
-                                    log=lambda line: console.print(line, highlight=False))
+                                    log=lambda line: console.print(line, highlight=False), references=shadows)
     except SecureFPTError as exc:
         fail(exc)
     for s in figures["settings"]:
@@ -142,6 +145,9 @@ def audit_privacy(
         console.print(f"{s['setting']}: epsilon claimed {claimed}, lower bound {s['epsilon_lower_bound']:.2f} "
                       f"({verdict(s).strip('*')}); MIA AUC {s['mia_auc']:.3f}, TPR at 1% FPR "
                       f"{s['tpr_at_fpr_0.01']:.3f}", highlight=False)
+        for name, a in s["personalized"].items():
+            console.print(f"  {name} models (never sent): MIA AUC {a['mia_auc']:.3f}, lower bound "
+                          f"{a['epsilon_lower_bound']:.2f}", highlight=False)
     for name, why in figures["skipped"].items():
         console.print(f"{name}: not audited ({why})", highlight=False)
     console.print(f"report: {folder / 'privacy-audit.md'}", highlight=False)

@@ -43,9 +43,11 @@ class FederatedPromptAveraging:
     """Runs one federated experiment (resolved into a RunPlan) on a Grid and writes its run directory."""
 
     def __init__(self, plan: RunPlan, grid: Grid, context: Context, show_progress: bool = True,
-                 on_receive: Optional[Callable[[Message], None]] = None) -> None:
+                 on_receive: Optional[Callable[[Message], None]] = None,
+                 on_aggregate: Optional[Callable[[int, dict], None]] = None) -> None:
         cfg = self.cfg = plan.cfg
         self.grid = MeteredGrid(grid, on_receive=on_receive)
+        self.on_aggregate = on_aggregate
         self.participants = plan.participants  # the residency policy's decisions, before any training
         self.policy = plan.policy  # as at the start of the run
         self.labels = plan.labels
@@ -192,6 +194,8 @@ class FederatedPromptAveraging:
         """The new global encoder (the server optimizer's step), checkpointed before it is evaluated:
         an interruption from here on never asks a node to train this round again."""
         if not trained.aborted:
+            if self.on_aggregate is not None:
+                self.on_aggregate(server_round, dict(trained.change))
             state.global_arrays = self.optimizer.step(server_round, state.global_arrays, trained.change)
             state.optimizer_state = self.optimizer.flat_state()
         participants_, dropouts = self._in_order(trained.contributors), self._in_order(n for n, _ in trained.failures)
@@ -265,20 +269,23 @@ class FederatedPromptAveraging:
 
 def build_server_app(plan: RunPlan, show_progress: bool = True,
                      on_error: Optional[Callable[[BaseException], None]] = None,
-                     on_receive: Optional[Callable[[Message], None]] = None) -> ServerApp:
+                     on_receive: Optional[Callable[[Message], None]] = None,
+                     on_aggregate: Optional[Callable[[int, dict], None]] = None) -> ServerApp:
     """A ServerApp bound to an experiment (securefpt's simulation engine; `flwr run .` loads
     securefpt/engines/flower_run.py instead).
 
     `on_error` receives an exception raised by the run, so an in-process caller can
     re-raise it after the engine has shut down; `on_receive` sees every message the
-    coordinator receives (for audits and tests).
+    coordinator receives (for audits and tests); `on_aggregate` each round's unmasked aggregate
+    (round, arrays) before the server optimizer's step: all the coordinator learns of a round under
+    SecAgg+ (the privacy audit's view of the coordinator).
     """
     app = ServerApp()
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         try:
-            FederatedPromptAveraging(plan, grid, context, show_progress, on_receive).run()
+            FederatedPromptAveraging(plan, grid, context, show_progress, on_receive, on_aggregate).run()
         except BaseException as exc:
             if on_error is None:
                 raise

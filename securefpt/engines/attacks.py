@@ -1,19 +1,32 @@
-"""The attacker's scores for each canary, from what a real adversary holds (a higher score: "it was in").
+"""The attacker's scores for each canary, from what each adversary holds (a higher score: "it was in").
 
-- `loss` (final model): minus the canary's loss under the released global encoder.
-- `calibrated` (final model): the loss drop from the initial encoder (public: every party
-  builds it from the experiment's seed) to the released one; a reference model that
-  cancels how hard each canary is anyway (Watson et al. 2022; the idea LiRA and RMIA
-  build on, here with the one reference every party has).
-- `update` (aggregates): the coordinator's view. The released change theta_T - theta_0 is
-  the sum of the aggregates it unmasked (after its optimizer). The attacker knows every
-  canary (not the coins) and asks which of their clipped gradients at theta_0 add up to
-  it: a least-squares fit, each canary's coefficient its score (not for full fine-tuning,
-  whose per-example gradients Opacus cannot take).
-A local head is not released: the attacker scores with the initial head in its place.
+Anyone holding the released global encoder (the public initial encoder every party builds
+from the experiment's seed beside it):
+- `loss`: minus the canary's loss under the released encoder;
+- `calibrated`: the loss drop from the initial encoder to the released one, a reference
+  model that cancels how hard each canary is anyway (Watson et al. 2022);
+- `update`: which canaries' clipped gradients at theta_0 add up to the released change
+  theta_T - theta_0: a least-squares fit, each canary's coefficient its score.
+With reference models (shadow runs the auditor trains the same way on its own data, without
+canaries), the offline reference attacks, calibrated per canary and against population
+records known to be out:
+- `lira`: Carlini et al. 2022 offline: the target's logit-scaled confidence minus the
+  references' mean, over the spread of that difference on the population;
+- `rmia`: Zarifzadeh et al. 2024 offline (a = 1, gamma = 1): the share of population records
+  z whose likelihood ratio p(z|target) / p(z|references) the canary's exceeds.
+The coordinator (it unmasks each round's aggregate, before its optimizer's step):
+- `aggregates`: the least-squares fit to each round's aggregate, summed over rounds;
+- `round-1`: the same on the first round's aggregate alone (one round's unmasked sum).
+A node's personalized model (it never leaves the node; scored as if it were taken):
+- `personalized`: the loss drop from the initial encoder to the node's own model, each
+  canary scored by its own node's model.
+Full fine-tuning has no least-squares attacks (Opacus cannot take a whole BERT's per-example
+gradients). A local head is not released: the attacker scores with the initial head.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -22,6 +35,18 @@ from torch import nn
 from securefpt.experiment.config import ExperimentConfig
 from securefpt.learning.data import Example
 from securefpt.learning.modeling import AssembledModel, build_model, get_trainable, set_trainable
+
+FINAL, COORDINATOR, NODE = "final model", "aggregates", "personalized model"
+
+
+@dataclass
+class Views:
+    """What the adversaries hold after a run."""
+
+    released: dict  # the global encoder
+    aggregates: dict[int, dict] = field(default_factory=dict)  # round -> unmasked aggregate
+    references: list[dict] = field(default_factory=list)  # the auditor's shadow runs' released encoders
+    personalized: dict[str, dict] = field(default_factory=dict)  # node -> its personalized model
 
 
 def _examples(cfg: ExperimentConfig, canaries: list[dict]) -> list[Example]:
@@ -42,36 +67,80 @@ def _losses(assembled: AssembledModel, examples: list[Example], batch: int = 64)
     return torch.cat(out).numpy().astype(np.float64)
 
 
-def _least_squares(assembled: AssembledModel, examples: list[Example], change: dict, clip: float,
-                   chunk: int = 64) -> np.ndarray:
-    """Which canaries' gradients add up to the change: b = argmin |change + G^T b|^2 + lam |b|^2, G the
-    canaries' clipped gradients at theta_0 (rows), lam 1% of their mean squared norm. A sum of clipped
-    gradients (one DP-FedSGD round, without noise) is recovered nearly exactly; DP noise hides it."""
-    from securefpt.learning.distributed_dp import per_example_gradients
-
-    names = [n for n in assembled.trainable_names() if n in change]
-    target = np.concatenate([np.asarray(change[n], dtype=np.float64).ravel() for n in names])
-    rows = []
-    for start in range(0, len(examples), chunk):
-        grads = per_example_gradients(assembled, examples[start:start + chunk], names)
-        grads *= np.minimum(1.0, clip / np.maximum(np.linalg.norm(grads, axis=1), 1e-12))[:, None]
-        rows.append(grads.astype(np.float32))
-    gradients = np.concatenate(rows).astype(np.float64)
-    gram = gradients @ gradients.T
-    lam = 0.01 * np.trace(gram) / len(gram)
-    return -np.linalg.solve(gram + lam * np.eye(len(gram)), gradients @ target)
+def _losses_under(assembled: AssembledModel, initial: dict, arrays: dict, examples: list[Example]) -> np.ndarray:
+    set_trainable(assembled.model, {**initial, **{k: v for k, v in arrays.items() if k in initial}})
+    return _losses(assembled, examples)
 
 
-def score_canaries(cfg: ExperimentConfig, released: dict, canaries: list[dict]) -> dict[str, tuple[str, np.ndarray]]:
-    """Every attack's scores: {name: (view, scores)}."""
+class GradientFit:
+    """Which canaries' clipped gradients at theta_0 add up to a change: b = argmin |change + G^T b|^2 +
+    lam |b|^2, G the canaries' clipped gradients (rows), lam 1% of their mean squared norm. A sum of
+    clipped gradients (one DP-FedSGD round without noise) is recovered nearly exactly; DP noise hides it."""
+
+    def __init__(self, assembled: AssembledModel, examples: list[Example], names: list[str], clip: float,
+                 chunk: int = 64) -> None:
+        from securefpt.learning.distributed_dp import per_example_gradients
+
+        self.names = names  # the shared parameters: what a change holds
+        rows = []
+        for start in range(0, len(examples), chunk):
+            grads = per_example_gradients(assembled, examples[start:start + chunk], names)
+            grads *= np.minimum(1.0, clip / np.maximum(np.linalg.norm(grads, axis=1), 1e-12))[:, None]
+            rows.append(grads.astype(np.float32))
+        self.gradients = np.concatenate(rows).astype(np.float64)
+        gram = self.gradients @ self.gradients.T
+        self.system = gram + 0.01 * np.trace(gram) / len(gram) * np.eye(len(gram))
+
+    def scores(self, change: dict) -> np.ndarray:
+        target = np.concatenate([np.asarray(change[n], dtype=np.float64).ravel() for n in self.names])
+        return -np.linalg.solve(self.system, self.gradients @ target)
+
+
+def _reference_scores(target_lp: np.ndarray, reference_lp: np.ndarray, population: slice) -> dict:
+    """`lira` and `rmia` from log-probabilities of the true label: the target's [n] and the references'
+    [k, n]; `population` marks the records known to be out (scored, not returned)."""
+    def logit(lp):
+        return lp - np.log(-np.expm1(np.minimum(lp, -1e-12)))
+
+    gap = logit(target_lp) - logit(reference_lp).mean(axis=0)
+    lira = gap / max(float(np.std(gap[population])), 1e-12)
+    ratio = target_lp - np.log(np.mean(np.exp(reference_lp), axis=0))  # log p(x|target) / p(x|references)
+    rmia = (ratio[:, None] > ratio[population][None, :]).mean(axis=1)
+    keep = np.ones(len(target_lp), dtype=bool)
+    keep[population] = False
+    return {"lira": (FINAL, lira[keep]), "rmia": (FINAL, rmia[keep])}
+
+
+def score_canaries(cfg: ExperimentConfig, views: Views, canaries: list[dict], node_of: np.ndarray,
+                   population: list[dict] = ()) -> dict[str, tuple[str, np.ndarray]]:
+    """Every attack's scores over `canaries` (node_of: each canary's node): {name: (view, scores)}."""
     assembled = build_model(cfg.model, cfg.peft, len(cfg.data.labels), cfg.seed)
     initial = get_trainable(assembled.model)
     examples = _examples(cfg, canaries)
     before = _losses(assembled, examples)
-    change = {n: np.asarray(released[n]) - initial[n] for n in released}
-    scores = {}
-    if cfg.peft.method != "full":  # Opacus has no per-example gradients of a whole BERT's embeddings
-        scores["update"] = ("aggregates", _least_squares(assembled, examples, change, cfg.dp.max_grad_norm))
-    set_trainable(assembled.model, {**initial, **released})
-    after = _losses(assembled, examples)
-    return {"loss": ("final model", -after), "calibrated": ("final model", before - after), **scores}
+    scores: dict[str, tuple[str, np.ndarray]] = {}
+    if cfg.peft.method != "full":
+        shared = [n for n in assembled.trainable_names() if n in views.released]
+        fit = GradientFit(assembled, examples, shared, cfg.dp.max_grad_norm)
+        scores["update"] = (FINAL, fit.scores({n: np.asarray(views.released[n]) - initial[n] for n in views.released}))
+        if views.aggregates:
+            rounds = sorted(views.aggregates)
+            scores["aggregates"] = (COORDINATOR, sum(fit.scores(views.aggregates[r]) for r in rounds))
+            if len(rounds) > 1:
+                scores["round-1"] = (COORDINATOR, fit.scores(views.aggregates[rounds[0]]))
+    everyone = examples + _examples(cfg, list(population))
+    after = _losses_under(assembled, initial, views.released, everyone)
+    scores = {"loss": (FINAL, -after[:len(examples)]), "calibrated": (FINAL, before - after[:len(examples)]),
+              **scores}
+    if views.references and len(population):
+        references = np.stack([-_losses_under(assembled, initial, ref, everyone) for ref in views.references])
+        scores.update(_reference_scores(-after, references, slice(len(examples), None)))
+    if views.personalized:
+        own = np.full(len(examples), np.nan)
+        for node, arrays in views.personalized.items():
+            mine = np.flatnonzero(node_of == node)
+            if len(mine):
+                own[mine] = before[mine] - _losses_under(assembled, initial, arrays, [examples[i] for i in mine])
+        if not np.isnan(own).any():  # every node kept a personalized model
+            scores["personalized"] = (NODE, own)
+    return scores

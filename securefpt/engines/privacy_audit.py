@@ -5,10 +5,13 @@ experiment runs on the simulation engine with trial nodes. Each node trains, bes
 own rows, on the canaries whose fair coin came up "in" (random token strings with random
 labels: records no other record explains); the coins stay in the audit folder, never in
 a message. The attacker then scores every canary from what a real adversary holds
-(`attacks.py`): the released global encoder, and the sum of the aggregates the
-coordinator unmasked. The scores give the one-run lower bound on epsilon and the
-membership-inference figures (privacy/auditing.py), set beside the epsilon the nodes
-claim. A setting whose run finished is read back, not trained again.
+(`attacks.py`): the released global encoder, each round's aggregate the coordinator
+unmasked, and (as the auditor's reference models) shadow runs trained the same way without
+canaries. The scores give the one-run lower bound on epsilon and the membership-inference
+figures (privacy/auditing.py), set beside the epsilon the nodes claim. Each node's
+personalized model, which never leaves the node, is attacked apart: its figures are
+reported, not held against the claim (the claim covers what a node sends). A run that
+finished (a setting's, a reference's) is read back, not trained again.
 """
 
 from __future__ import annotations
@@ -30,7 +33,9 @@ from securefpt.experiment.config import ExperimentConfig
 from securefpt.privacy.auditing import CONFIDENCE, membership, one_run_lower_bound
 
 CANARY_TOKENS = 12
+POPULATION = 200  # fresh random records known to be out: the reference attacks' population
 SETTINGS = ("no-dp", "local-dp", "distributed-dp")
+AGGREGATES = "aggregates.npz"
 
 
 @dataclass(frozen=True)
@@ -71,9 +76,9 @@ def plan_settings(cfg: ExperimentConfig, epsilon: float, names=SETTINGS) -> tupl
     return out, skipped
 
 
-def make_canaries(cfg: ExperimentConfig, count: int, rng: np.random.Generator) -> dict[str, list[dict]]:
-    """`count` canaries a language: strings of random vocabulary pieces, each with a random label and a
-    fair coin (the vocabulary is read once for every node)."""
+def random_records(cfg: ExperimentConfig, counts: dict[str, int], rng: np.random.Generator) -> dict[str, list[dict]]:
+    """`counts[language]` records a language: strings of random vocabulary pieces, each with a random label and
+    a fair coin (the vocabulary is read once for every node)."""
     from securefpt.learning.modeling import load_tokenizer
 
     tokenizer = load_tokenizer(cfg.model)
@@ -82,7 +87,12 @@ def make_canaries(cfg: ExperimentConfig, count: int, rng: np.random.Generator) -
     labels = cfg.data.labels
     return {lang: [{"text": tokenizer.decode(rng.choice(ids, CANARY_TOKENS).tolist()).strip(),
                     "label": labels[int(rng.integers(len(labels)))], "in": bool(rng.integers(2))}
-                   for _ in range(count)] for lang in cfg.data.languages}
+                   for _ in range(count)] for lang, count in counts.items()}
+
+
+def make_canaries(cfg: ExperimentConfig, count: int, rng: np.random.Generator) -> dict[str, list[dict]]:
+    """`count` canaries a language, each in by its coin."""
+    return random_records(cfg, {lang: count for lang in cfg.data.languages}, rng)
 
 
 def _plant(nodes: list[Path], canaries: dict[str, list[dict]], task: str) -> None:
@@ -100,7 +110,7 @@ def _plant(nodes: list[Path], canaries: dict[str, list[dict]], task: str) -> Non
 def _finished(folder: Path, cfg: ExperimentConfig) -> Optional[tuple[dict, dict]]:
     """A finished run of this very setting in `folder` (its summary and canaries), or None."""
     summary, coins = folder / "run" / "summary.json", folder / "canaries.json"
-    if not (summary.is_file() and coins.is_file()):
+    if not (summary.is_file() and coins.is_file() and (folder / AGGREGATES).is_file()):
         return None
     record = json.loads(coins.read_text(encoding="utf-8"))
     if record.get("config") != cfg.sha256():
@@ -123,9 +133,16 @@ def train_setting(setting: Setting, folder: Path, canaries_per_node: int, show_p
     rng = np.random.default_rng(int.from_bytes(os.urandom(16), "little"))  # coins nobody else can predict
     canaries = make_canaries(cfg, canaries_per_node, rng)
     nodes = write_trial_nodes(cfg, folder / "run" / "nodes")
-    _plant(nodes, canaries, cfg.data.task)
+    if canaries_per_node:
+        _plant(nodes, canaries, cfg.data.task)
+    aggregates: dict[str, np.ndarray] = {}
+
+    def keep(server_round: int, change: dict) -> None:  # what the coordinator unmasks, round by round
+        aggregates.update((f"{server_round}|{name}", np.asarray(a, dtype=np.float32)) for name, a in change.items())
+
     summary = run_federated_simulation(cfg, folder / "run", show_progress=show_progress, nodes=nodes,
-                                       client_app=client_app)
+                                       client_app=client_app, on_aggregate=keep)
+    np.savez(folder / AGGREGATES, **aggregates)
     # the auditor's record of every canary and its coin; written last, it marks a finished setting
     (folder / "canaries.json").write_text(json.dumps({"config": cfg.sha256(), "canaries": canaries}),
                                           encoding="utf-8")
@@ -138,29 +155,73 @@ def claimed_epsilon(summary: dict) -> Optional[float]:
     return max(spent) if spent else None
 
 
-def audit_setting(setting: Setting, folder: Path, canaries_per_node: int, show_progress: bool = True,
-                  client_app=None) -> dict:
-    """One setting's figures: the claim, the attacks' lower bounds and membership figures."""
-    from securefpt.engines.attacks import score_canaries
+def _views(setting: Setting, folder: Path, references: list[dict]):
+    """What the adversaries hold after the setting's run (attacks.Views)."""
+    from securefpt.engines.attacks import Views
     from securefpt.learning.artifacts import load_arrays
+    from securefpt.learning.classifier import read_request
+    from securefpt.node.personal import Personal
+
+    run = folder / "run"
+    aggregates: dict[int, dict] = {}
+    with np.load(folder / AGGREGATES) as stored:
+        for key in stored.files:
+            server_round, name = key.split("|", 1)
+            aggregates.setdefault(int(server_round), {})[name] = stored[key]
+    request = read_request(run / "request.json")
+    personalized = {lang: arrays for lang in setting.cfg.data.languages
+                    if (arrays := Personal(run / "nodes" / lang, request).model()) is not None}
+    return Views(load_arrays(run / "prompt_encoder.safetensors"), aggregates, references, personalized)
+
+
+def _figures(values: np.ndarray, coins: np.ndarray, node_of: np.ndarray, languages: list[str], view: str,
+             confidence: float) -> dict:
+    bound, mia = one_run_lower_bound(values, coins, confidence), membership(values, coins)
+    return {"view": view, "epsilon_lower_bound": bound.epsilon, "guesses": bound.guesses, "correct": bound.correct,
+            "mia_auc": mia.auc, "tpr_at_fpr_0.01": mia.tpr_at_fpr[0.01], "tpr_at_fpr_0.001": mia.tpr_at_fpr[0.001],
+            "per_node_auc": {lang: membership(values[node_of == lang], coins[node_of == lang]).auc
+                             for lang in languages},
+            "roc": [np.round(a, 5).tolist() for a in mia.roc]}
+
+
+def train_references(setting: Setting, folder: Path, count: int, show_progress: bool, client_app=None,
+                     log=print) -> list[dict]:
+    """`count` shadow runs of the setting without canaries (other seeds): the auditor's reference models,
+    trained on its own copy of the data exactly as the audited run was. Their released encoders."""
+    from securefpt.learning.artifacts import load_arrays
+
+    out = []
+    for k in range(1, count + 1):
+        shadow = Setting(f"{setting.name}-reference-{k}", setting.cfg.model_copy(update={"seed": setting.cfg.seed + k}))
+        log(f"  reference run {k}/{count} ({setting.name}, seed {shadow.cfg.seed}, no canaries)")
+        train_setting(shadow, folder / f"reference-{k}", 0, show_progress, client_app)
+        out.append(load_arrays(folder / f"reference-{k}" / "run" / "prompt_encoder.safetensors"))
+    return out
+
+
+def audit_setting(setting: Setting, folder: Path, canaries_per_node: int, show_progress: bool = True,
+                  client_app=None, references: int = 0, log=print) -> dict:
+    """One setting's figures: the claim, the attacks' lower bounds and membership figures (the headline
+    from what leaves the nodes; each node's personalized model apart)."""
+    from securefpt.engines.attacks import NODE, score_canaries
 
     start = time.perf_counter()
     summary, canaries, cached = train_setting(setting, folder, canaries_per_node, show_progress, client_app)
-    pooled = [c for lang in setting.cfg.data.languages for c in canaries[lang]]
-    node_of = np.array([lang for lang in setting.cfg.data.languages for _ in canaries[lang]])
+    shadows = train_references(setting, folder, references, show_progress, client_app, log)
+    languages = setting.cfg.data.languages
+    pooled = [c for lang in languages for c in canaries[lang]]
+    node_of = np.array([lang for lang in languages for _ in canaries[lang]])
     coins = np.array([c["in"] for c in pooled])
-    scores = score_canaries(setting.cfg, load_arrays(folder / "run" / "prompt_encoder.safetensors"), pooled)
-    # the bounds of all attacks are read together: each at its share of the 5% error
-    confidence = 1 - (1 - CONFIDENCE) / len(scores)
-    attacks = {}
-    for name, (view, values) in scores.items():
-        bound, mia = one_run_lower_bound(values, coins, confidence), membership(values, coins)
-        attacks[name] = {"view": view, "epsilon_lower_bound": bound.epsilon, "guesses": bound.guesses,
-                         "correct": bound.correct, "mia_auc": mia.auc, "tpr_at_fpr_0.01": mia.tpr_at_fpr[0.01],
-                         "tpr_at_fpr_0.001": mia.tpr_at_fpr[0.001],
-                         "per_node_auc": {lang: membership(values[node_of == lang], coins[node_of == lang]).auc
-                                          for lang in setting.cfg.data.languages},
-                         "roc": [np.round(a, 5).tolist() for a in mia.roc]}
+    population = [r for rows in random_records(setting.cfg, {"population": POPULATION},
+                                               np.random.default_rng(setting.cfg.seed)).values() for r in rows]
+    scores = score_canaries(setting.cfg, _views(setting, folder, shadows), pooled, node_of, population)
+    released = {name: s for name, s in scores.items() if s[0] != NODE}
+    # the bounds of the released views' attacks are read together: each at its share of the 5% error
+    confidence = 1 - (1 - CONFIDENCE) / len(released)
+    attacks = {name: _figures(values, coins, node_of, languages, view, confidence)
+               for name, (view, values) in released.items()}
+    personalized = {name: _figures(values, coins, node_of, languages, view, CONFIDENCE)
+                    for name, (view, values) in scores.items() if view == NODE}
     strongest = max(attacks.values(), key=lambda a: a["mia_auc"])
     dp = setting.cfg.dp
     return {"setting": setting.name, "dp_mode": dp.mode if dp.enabled else "none",
@@ -169,12 +230,14 @@ def audit_setting(setting: Setting, folder: Path, canaries_per_node: int, show_p
             "mia_auc": strongest["mia_auc"], "tpr_at_fpr_0.01": max(a["tpr_at_fpr_0.01"] for a in attacks.values()),
             "tpr_at_fpr_0.001": max(a["tpr_at_fpr_0.001"] for a in attacks.values()),
             "confidence": CONFIDENCE, "canaries": len(pooled), "canaries_in": int(coins.sum()),
-            "accuracy": (summary.get("final") or {}).get("accuracy", {}).get("avg"),
-            "seconds": round(time.perf_counter() - start, 1), "cached": cached, "attacks": attacks}
+            "references": references, "accuracy": (summary.get("final") or {}).get("accuracy", {}).get("avg"),
+            "seconds": round(time.perf_counter() - start, 1), "cached": cached, "attacks": attacks,
+            "personalized": personalized}
 
 
 def run_privacy_audit(cfg: ExperimentConfig, out: Path, epsilon: float, canaries_per_node: int,
-                      names=SETTINGS, show_progress: bool = True, client_app=None, log=print) -> dict:
+                      names=SETTINGS, show_progress: bool = True, client_app=None, log=print,
+                      references: int = 0) -> dict:
     """Audit every setting; write privacy-audit.json and the report into `out`; return the figures."""
     from securefpt.engines.privacy_report import write_report
 
@@ -182,13 +245,14 @@ def run_privacy_audit(cfg: ExperimentConfig, out: Path, epsilon: float, canaries
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     figures = {"model": cfg.model.name, "languages": cfg.data.languages, "rounds": cfg.fl.rounds,
-               "epsilon_target": epsilon, "canaries_per_node": canaries_per_node, "settings": [],
+               "epsilon_target": epsilon, "canaries_per_node": canaries_per_node, "references": references,
+               "settings": [],
                "skipped": skipped}
     for i, setting in enumerate(settings, 1):
         log(f"audit {i}/{len(settings)}: {setting.name} ({canaries_per_node} canaries a node, "
             f"{len(setting.cfg.data.languages)} nodes, {setting.cfg.fl.rounds} rounds)")
         figures["settings"].append(audit_setting(setting, out / setting.name, canaries_per_node, show_progress,
-                                                 client_app))
+                                                 client_app, references, log))
         # after every setting: an audit stopped later keeps what it measured
         (out / "privacy-audit.json").write_text(json.dumps(figures, indent=2), encoding="utf-8")
         write_report(figures, out)

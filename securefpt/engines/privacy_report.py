@@ -19,8 +19,9 @@ def verdict(setting: dict) -> str:
 def markdown(figures: dict) -> str:
     lines = [f"# Privacy audit: {figures['model']}, {', '.join(figures['languages'])}", "",
              f"{figures['canaries_per_node']} canaries a node (each in by a fair coin the auditor keeps), "
-             f"{figures['rounds']} rounds, target epsilon {figures['epsilon_target']:g}. The attacker sees only the "
-             "released global encoder and the sum of the aggregates the coordinator unmasked. Lower bounds: Steinke, "
+             f"{figures['rounds']} rounds, target epsilon {figures['epsilon_target']:g}, "
+             f"{figures.get('references', 0)} reference (shadow) runs a setting. The attacker sees only the "
+             "released global encoder and each round's aggregate the coordinator unmasked. Lower bounds: Steinke, "
              "Nasr & Jagielski's one-run audit at 95% confidence (pure-DP form); membership figures on the canaries.",
              "", "| setting | epsilon claimed | epsilon lower bound | verdict | MIA AUC | TPR at 1% FPR "
              "| TPR at 0.1% FPR | accuracy |", "|---|---|---|---|---|---|---|---|"]
@@ -36,6 +37,18 @@ def markdown(figures: dict) -> str:
             lines.append(f"| {s['setting']} | {name} | {a['view']} | {_num(a['epsilon_lower_bound'])} "
                          f"({a['correct']}/{a['guesses']}) | {_num(a['mia_auc'], 3)} | "
                          f"{_num(a['tpr_at_fpr_0.01'], 3)} | {per_node} |")
+    personal = [s for s in figures["settings"] if s.get("personalized")]
+    if personal:
+        lines += ["", "## Each node's personalized model", "",
+                  "It never leaves the node, so the claim does not cover it: this is what someone who took a node's "
+                  "personalized model would learn of that node's canaries.", "",
+                  "| setting | epsilon lower bound (correct/guesses) | AUC | TPR at 1% FPR | AUC per node |",
+                  "|---|---|---|---|---|"]
+        for s in personal:
+            a = s["personalized"]["personalized"]
+            per_node = ", ".join(f"{lang} {auc:.2f}" for lang, auc in a["per_node_auc"].items())
+            lines.append(f"| {s['setting']} | {_num(a['epsilon_lower_bound'])} ({a['correct']}/{a['guesses']}) | "
+                         f"{_num(a['mia_auc'], 3)} | {_num(a['tpr_at_fpr_0.01'], 3)} | {per_node} |")
     for name, why in figures["skipped"].items():
         lines.append(f"\n{name}: not audited ({why}).")
     lines += ["", "![ROC curves](privacy-audit-roc.png)", "",

@@ -82,10 +82,11 @@ def operator_interrupts():
 
 def run_federated_simulation(cfg: ExperimentConfig, out_dir: Path, show_progress: bool = True,
                              verbose: bool = False, on_receive=None, server_app=None, client_app=None,
-                             nodes: Optional[list[Path]] = None) -> dict:
+                             nodes: Optional[list[Path]] = None, on_aggregate=None) -> dict:
     """Run a federated experiment with one virtual node per institution (or trial node).
 
-    `on_receive`, if given, is called with every message the coordinator receives. For
+    `on_receive`, if given, is called with every message the coordinator receives, `on_aggregate`
+    with each round's unmasked aggregate (the privacy audit's view of the coordinator). For
     attack drills: `server_app` replaces securefpt's ServerApp (a hostile coordinator),
     `client_app` its ClientApp (a misbehaving node), `nodes` the virtual nodes' files.
     """
@@ -106,7 +107,8 @@ def run_federated_simulation(cfg: ExperimentConfig, out_dir: Path, show_progress
         raise
     custom_server = server_app is not None
     if server_app is None:
-        server_app = build_server_app(plan, show_progress, on_error=failure.append, on_receive=on_receive)
+        server_app = build_server_app(plan, show_progress, on_error=failure.append, on_receive=on_receive,
+                                      on_aggregate=on_aggregate)
 
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
