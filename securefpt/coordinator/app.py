@@ -48,16 +48,12 @@ class FederatedPromptAveraging:
         cfg = self.cfg = plan.cfg
         self.grid = MeteredGrid(grid, on_receive=on_receive)
         self.on_aggregate = on_aggregate
-        self.participants = plan.participants  # the residency policy's decisions, before any training
-        self.policy = plan.policy  # as at the start of the run
-        self.labels = plan.labels
-        self.request = plan.request
-        self.resumed = plan.resumed  # a restarted coordinator goes on from here
+        self.plan = plan  # the policy's decisions, labels, request, and where a restarted coordinator goes on
         self.recorder = RunRecorder(plan.out_dir, cfg, plan.request, policy=plan.policy,
-                                    resumed=self.resumed.rounds if self.resumed else None)
+                                    resumed=self.plan.resumed.rounds if self.plan.resumed else None)
         self.progress = RunProgress(enabled=show_progress)
         self.rng = np.random.default_rng(cfg.seed)
-        self.admission = Admission(cfg, self.grid, context.run_id, self.policy, self.participants, self.request,
+        self.admission = Admission(cfg, self.grid, context.run_id, plan.policy, plan.participants, plan.request,
                                    self.recorder.audit)
         self.languages = self.admission.languages  # node id -> language, fixed at setup (authenticated identity)
         self.phases = RoundPhases(cfg, self.grid, context, self.progress, self.recorder.audit, self.languages)
@@ -67,7 +63,7 @@ class FederatedPromptAveraging:
     def _artifact_region(self) -> Optional[str]:
         """Where the final artifact is stored: the coordinator's region (the policy allows it:
         `participants` refuses a run whose policy does not, before any round)."""
-        return self.policy.server.region if self.policy is not None else None
+        return self.plan.policy.server.region if self.plan.policy is not None else None
 
     def _in_order(self, nodes) -> list[str]:
         chosen = {self.languages.get(n, n) for n in nodes}
@@ -79,7 +75,7 @@ class FederatedPromptAveraging:
             return self._run()
         except RunInterrupted:
             state = self.state
-            done = state.completed if state else (self.resumed.completed if self.resumed else 0)
+            done = state.completed if state else (self.plan.resumed.completed if self.plan.resumed else 0)
             self.recorder.audit.append("run_interrupted", after_round=done)
             pending = (f" (round {state.pending.round} is aggregated; its evaluation is redone)"
                        if state is not None and state.pending is not None else "")
@@ -107,7 +103,7 @@ class FederatedPromptAveraging:
         """The shared encoder to start from (a fresh model's, or the resumed checkpoint's) and the
         model's (trainable, total) parameter counts."""
         cfg = self.cfg
-        assembled = build_model(cfg.model, cfg.peft, len(self.labels), cfg.seed)
+        assembled = build_model(cfg.model, cfg.peft, len(self.plan.labels), cfg.seed)
         shared = cfg.personalization.travels  # a local head stays on each node
         initial = OrderedDict((k, v) for k, v in get_trainable(assembled.model).items() if shared(k))
         params = count_params(assembled.model)
@@ -118,9 +114,9 @@ class FederatedPromptAveraging:
     def _initial_state(self, global_arrays: OrderedDict) -> RunState:
         """A fresh start, or the checkpoint of a run whose coordinator restarted; its
         rounds are the recorder's (one list, which every completed round extends)."""
-        if self.resumed is None:
+        if self.plan.resumed is None:
             return RunState(global_arrays=global_arrays, rounds=self.recorder.rounds)
-        state = self.resumed
+        state = self.plan.resumed
         state.rounds = self.recorder.rounds
         order = list(global_arrays)  # the model's parameter order, which the nodes share
         state.global_arrays = OrderedDict((k, state.global_arrays[k]) for k in order)

@@ -187,7 +187,8 @@ def _figures(values: np.ndarray, coins: np.ndarray, node_of: np.ndarray, languag
 def train_references(setting: Setting, folder: Path, count: int, show_progress: bool, client_app=None,
                      log=print) -> list[dict]:
     """`count` shadow runs of the setting without canaries (other seeds): the auditor's reference models,
-    trained on its own copy of the data exactly as the audited run was. Their released encoders."""
+    trained on its own copy of the data exactly as the audited run was. Their released encoders. The
+    attacker they make knows every record but the canaries' coins: the adversary DP is a promise against."""
     from securefpt.learning.artifacts import load_arrays
 
     out = []
