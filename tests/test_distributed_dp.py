@@ -45,27 +45,43 @@ def distributed(tmp_path, *extra):
 
 
 def test_the_skellam_accountant_is_the_gaussian_mechanism_at_large_noise_and_never_below_it():
-    """Independent computation: Opacus's RDP accountant for the Gaussian mechanism, at the same
-    orders. Without subsampling, Skellam noise of variance (sigma l2)^2 on a fine grid costs what the
-    Gaussian does; with Poisson sampling the general bound (Zhu & Wang) is never below Opacus's
-    Gaussian-specific one, and stays within 50% of it (the price of a bound that needs no Gaussian
-    structure: largest at high sampling rates)."""
+    """Independent computation: Opacus's RDP accountant for the (subsampled) Gaussian mechanism, at the
+    same orders. Skellam noise of variance (sigma l2)^2 on a fine grid costs what the Gaussian does, with
+    Poisson sampling too, and never less."""
     l2, l1 = rounded_sensitivity(2**15, 5000)
-    for sigma, q, steps in [(1.0, 1.0, 10), (2.0, 1.0, 50), (1.0, 0.05, 200), (0.8, 0.01, 1000), (1.5, 0.3, 20)]:
+    for sigma, q, steps in [(1.0, 1.0, 10), (2.0, 1.0, 50), (1.0, 0.05, 200), (0.8, 0.01, 1000), (1.5, 0.3, 20),
+                            (6.0, 0.15, 20)]:
         gaussian = RDPAccountant()
         gaussian.history = [(sigma, q, steps)]
         expected = gaussian.get_epsilon(delta=DELTA, alphas=list(skellam.ORDERS))
         ours = skellam.epsilon(((sigma, q, steps, l2, l1),), DELTA)
-        if q == 1.0:
-            assert ours == pytest.approx(expected, rel=0.01)
-        else:
-            assert expected <= ours <= 1.5 * expected
+        assert expected <= ours == pytest.approx(expected, rel=0.01)
     # the correction term matters on a coarse grid: the accountant charges for it
     coarse = rounded_sensitivity(4.0, 5000)
     assert skellam.epsilon(((1.0, 0.05, 200, *coarse),), DELTA) > skellam.epsilon(((1.0, 0.05, 200, l2, l1),), DELTA)
     # and it composes with DP-SGD steps in one ledger: more spends, more epsilon
     both = skellam.epsilon(((1.0, 0.05, 200, l2, l1), (1.2, 0.1, 30)), DELTA)
     assert both > skellam.epsilon(((1.0, 0.05, 200, l2, l1),), DELTA)
+
+
+def test_sampling_adds_no_more_than_it_removes_for_a_symmetric_pair():
+    """What lets the accountant charge the "remove a record" direction only (privacy/skellam.py): for every
+    randomized-response pair {t, 1/t}, into which a symmetric pair's privacy loss decomposes, the Poisson
+    mixture's alpha-moment is at least its (1 - alpha)-moment, at every order the accountant uses, over a
+    dense grid of t and of sampling rates. A random pair that is not symmetric breaks it: the check can fail."""
+    rng = np.random.default_rng(0)
+    log_t = np.linspace(-50.0, 50.0, 20001)
+    rates = np.concatenate([np.geomspace(1e-6, 0.999, 60), rng.uniform(0.0, 1.0, 20)])
+    for q in rates:
+        near, far = np.logaddexp(np.log1p(-q), np.log(q) + log_t), np.logaddexp(np.log1p(-q), np.log(q) - log_t)
+        for alpha in skellam.ORDERS:  # log of (1-q+qt)^a + t (1-q+q/t)^a, and of the same at 1 - a
+            remove = np.logaddexp(alpha * near, log_t + alpha * far)
+            add = np.logaddexp((1 - alpha) * near, log_t + (1 - alpha) * far)
+            assert np.all(remove - add >= -1e-9), (q, alpha)
+    # without the symmetry (P = (0.5, 0.5), Q = (0.001, 0.999)) the "add" direction can be the larger one
+    p, qq, rate, alpha = np.array([0.5, 0.5]), np.array([0.001, 0.999]), 0.9, 8
+    mix = (1 - rate) * p + rate * qq
+    assert np.sum(p**alpha * mix ** (1 - alpha)) > np.sum(mix**alpha * p ** (1 - alpha))
 
 
 def test_planning_a_noise_multiplier_for_a_target_epsilon_finds_the_smallest_that_stays_within_it():

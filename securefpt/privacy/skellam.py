@@ -8,9 +8,17 @@ the noise the nodes calibrated, in integers, with no floating-point noise to att
   Private Federated Learning", Thm. 3.5), for an integer query with L2 / L1 sensitivities
   l2, l1 and noise variance mu per coordinate: alpha l2^2 / (2 mu) plus a correction that
   vanishes as mu grows (taken here with 2 alpha in place of 2 alpha - 1: never smaller);
-- `subsampled_rdp`: the general upper bound of Zhu and Wang 2019 ("Poisson Subsampled Renyi
-  Differential Privacy", Thm. 6) for any mechanism under Poisson sampling with rate q, at
-  integer orders. It needs no Gaussian structure, so it holds for Skellam as it is;
+- `subsampled_rdp`: the mechanism under Poisson sampling with rate q, at integer orders: the
+  binomial expansion of E_P[(1 - q + q Q/P)^alpha] with each moment E_P[(Q/P)^k] bounded by
+  the mechanism's RDP at order k (Mironov, Talwar, Zhang 2019 derive the same sum for the
+  Gaussian). That is the "remove a record" direction exactly. The "add" direction is never
+  larger for a symmetric pair, one whose reflection z -> v - z swaps P and Q, as Skellam noise
+  around an integer shift v is: the privacy-loss distribution of such a pair is a mixture of
+  randomized-response pairs {t, 1/t}, and for each (1 - q + q t)^a + t (1 - q + q/t)^a >=
+  (1 - q + q t)^(1-a) + t (1 - q + q/t)^(1-a) (checked on a dense grid of t, q and every order
+  used here: tests/test_distributed_dp.py; for the Gaussian it is Mironov et al.'s Thm. 5).
+  Zhu and Wang's bound for any mechanism (2019, Thm. 6) pays up to 3x on the higher terms for
+  not knowing that symmetry: 1.2x-1.7x the noise for the same epsilon at q = 0.01-0.33;
 - `epsilon`: the (epsilon, delta) of a history that may mix Opacus's Gaussian steps (local
   DP-SGD) with Skellam steps (distributed DP), composed in RDP and converted by Opacus.
 """
@@ -37,16 +45,16 @@ def _log_add(values: np.ndarray) -> float:
 
 
 def subsampled_rdp(alpha: int, q: float, rdp) -> float:
-    """RDP at integer order `alpha` of a mechanism with RDP curve `rdp` run on a Poisson sample of rate q."""
+    """RDP at integer order `alpha` of a symmetric mechanism with RDP curve `rdp` run on a Poisson sample
+    of rate q: log(sum_k C(alpha, k) (1 - q)^(alpha - k) q^k exp((k - 1) rdp(k))) / (alpha - 1)."""
     if q >= 1.0:
         return rdp(alpha)
     if q <= 0.0:
         return 0.0
     lq, l1q = math.log(q), math.log1p(-q)
-    terms = [(alpha - 1) * l1q + math.log(alpha * q - q + 1),
-             math.log(math.comb(alpha, 2)) + 2 * lq + (alpha - 2) * l1q + rdp(2)]
-    terms += [math.log(3) + math.log(math.comb(alpha, j)) + (alpha - j) * l1q + j * lq + (j - 1) * rdp(j)
-              for j in range(3, alpha + 1)]
+    terms = [(alpha - 1) * l1q + math.log(alpha * q - q + 1)]  # k = 0 and 1: E_P[(Q/P)^0] = E_P[Q/P] = 1
+    terms += [math.log(math.comb(alpha, k)) + (alpha - k) * l1q + k * lq + (k - 1) * rdp(k)
+              for k in range(2, alpha + 1)]
     return max(_log_add(np.array(terms)) / (alpha - 1), 0.0)
 
 
