@@ -10,7 +10,7 @@ from securefpt.engines.runner import run_experiment
 from securefpt.experiment.loading import load_config
 from securefpt.learning.adapter import HEAD_FILE
 from securefpt.learning.artifacts import load_arrays
-from securefpt.learning.modeling import load_backbone, load_tokenizer
+from securefpt.learning.backbone import load_backbone, load_tokenizer
 from securefpt.predict import predict
 from tests.conftest import TINY, make_masakhanews_like, tsv_cfg_overrides
 

@@ -10,9 +10,9 @@ import torch
 
 from securefpt.errors import ModelUnavailableError
 from securefpt.home import securefpt_home
+from securefpt.learning.backbone import load_backbone, load_tokenizer
 from securefpt.learning.builtin_models import BUILTIN_E5, SOURCE_RECORD, e5_folder, e5_source_file
 from securefpt.learning.e5_file import read_e5_file
-from securefpt.learning.modeling import load_backbone, load_tokenizer
 from securefpt.protocol.request import ModelConfig
 
 E5 = ModelConfig(name=BUILTIN_E5, max_length=128)

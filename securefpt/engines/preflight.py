@@ -75,7 +75,7 @@ def task_labels(cfg: ExperimentConfig) -> list[str]:
 
 def check_nodes(paths: list[Path], cfg: ExperimentConfig) -> None:
     """Each node's configuration, data, labels and model, as its node would read them."""
-    from securefpt.learning.modeling import load_tokenizer, torch_device
+    from securefpt.learning.backbone import load_tokenizer, torch_device
 
     torch_device(cfg.model.device)
     labels = list(cfg.data.labels or task_labels(cfg))

@@ -79,7 +79,7 @@ def plan_settings(cfg: ExperimentConfig, epsilon: float, names=SETTINGS) -> tupl
 def random_records(cfg: ExperimentConfig, counts: dict[str, int], rng: np.random.Generator) -> dict[str, list[dict]]:
     """`counts[language]` records a language: strings of random vocabulary pieces, each with a random label and
     a fair coin (the vocabulary is read once for every node)."""
-    from securefpt.learning.modeling import load_tokenizer
+    from securefpt.learning.backbone import load_tokenizer
 
     tokenizer = load_tokenizer(cfg.model)
     special = set(tokenizer.all_special_ids)

@@ -22,7 +22,8 @@ import numpy as np
 import torch
 
 from securefpt.learning.artifacts import save_arrays
-from securefpt.learning.modeling import load_backbone, load_tokenizer, lora_targets
+from securefpt.learning.backbone import load_backbone, load_tokenizer
+from securefpt.learning.modeling import lora_targets
 from securefpt.protocol.request import Lora, ModelConfig, PeftConfig, PromptTuning, PTuning, virtual_tokens
 
 HEAD_FILE, CLASSIFIER_FILE = "classifier_head.safetensors", "classifier.json"

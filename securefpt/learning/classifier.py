@@ -70,7 +70,7 @@ class PromptClassifierModel(PreTrainedModel):
     @torch.no_grad()
     def predict(self, texts: list[str], pairs: Optional[list[str]] = None) -> list[tuple[str, float]]:
         """(label, probability) of each text, or of each (text, pair) for a sentence-pair task."""
-        from securefpt.learning.modeling import tokenize
+        from securefpt.learning.backbone import tokenize
 
         prefix = getattr(self.config, "input_prefix", "")
         enc = tokenize(self.tokenizer, [prefix + t for t in texts], pairs, self.config.max_text_tokens)
@@ -136,7 +136,8 @@ def read_request(path: Path) -> ExperimentRequest:
 
 def from_folder(folder: Path, cfg: ExperimentRequest) -> PromptClassifierModel:
     """The classifier saved in `folder` by learning/adapter.py, on the backbone the request names."""
-    from securefpt.learning.modeling import build_model, load_backbone, load_tokenizer, set_trainable
+    from securefpt.learning.backbone import load_backbone, load_tokenizer
+    from securefpt.learning.modeling import build_model, set_trainable
 
     description = json.loads((folder / CLASSIFIER_FILE).read_text(encoding="utf-8"))
     labels = description["labels"]
