@@ -38,6 +38,8 @@ def zhu_wang(alpha: int, q: float, rdp) -> float:
 def planned(spent, target: float) -> float:
     """The smallest sigma (to 0.1%) whose `spent(sigma)` stays within `target`."""
     low, high = 0.05, 64.0
+    if spent(high) > target:
+        raise ValueError(f"no noise multiplier up to {high} reaches epsilon {target}")
     while high / low > 1.001:
         mid = math.sqrt(low * high)
         low, high = (low, mid) if spent(mid) <= target else (mid, high)

@@ -143,11 +143,11 @@ def test_without_dp_the_membership_attack_finds_the_canaries(tmp_path):
     held = (tmp_path / "audit" / "no-dp" / "run" / "nodes" / "aa" / "canaries.jsonl").read_text().splitlines()
     assert len(held) == sum(c["in"] for c in coins["aa"]) and all("in" not in json.loads(r) for r in held)
     # a finished setting and its reference run are read back, not trained again
-    reference = tmp_path / "audit" / "no-dp" / "reference-1" / "run" / "summary.json"
+    reference = tmp_path / "audit" / "no-dp-reference-1" / "run" / "summary.json"
     written_at = reference.stat().st_mtime_ns
     again = run_privacy_audit(cfg, tmp_path / "audit", EPSILON, 250, ["no-dp"], show_progress=False, log=quiet,
                               references=1)
-    assert reference.stat().st_mtime_ns == written_at
+    assert reference.stat().st_mtime_ns == written_at and again["settings"][0]["references_cached"]
     assert again["settings"][0]["cached"] and again["settings"][0]["mia_auc"] == none["mia_auc"]
 
 

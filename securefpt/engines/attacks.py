@@ -8,15 +8,17 @@ from the experiment's seed beside it):
 - `update`: which canaries' clipped gradients at theta_0 add up to the released change
   theta_T - theta_0: a least-squares fit, each canary's coefficient its score.
 With reference models (shadow runs the auditor trains the same way on its own data, without
-canaries), the offline reference attacks, calibrated per canary and against population
-records known to be out:
-- `lira`: Carlini et al. 2022 offline: the target's logit-scaled confidence minus the
-  references' mean, over the spread of that difference on the population;
+canaries, each scored from its own initial model), the offline reference attacks, calibrated
+per canary and against population records known to be out:
+- `lira`: Carlini et al. 2022, offline with a fixed variance (their variant for few shadow
+  models): the target's logit-scaled confidence minus the references' mean, over the spread
+  of that difference on the population (a z-score: the ranking is the difference's);
 - `rmia`: Zarifzadeh et al. 2024 offline (a = 1, gamma = 1): the share of population records
   z whose likelihood ratio p(z|target) / p(z|references) the canary's exceeds.
 The coordinator (it unmasks each round's aggregate, before its optimizer's step):
-- `aggregates`: the least-squares fit to each round's aggregate, summed over rounds;
-- `round-1`: the same on the first round's aggregate alone (one round's unmasked sum).
+- `aggregates`: the least-squares fit to each round's aggregate, summed over rounds (with
+  plain FedAvg at lr 1 the same ranking as `update`; the audit counts such twins once);
+- `first-round`: the same on the first aggregate it unmasked alone (one round's sum).
 A node's personalized model (it never leaves the node; scored as if it were taken):
 - `personalized`: the loss drop from the initial encoder to the node's own model, each
   canary scored by its own node's model.
@@ -30,7 +32,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from torch import nn
 
 from securefpt.experiment.config import ExperimentConfig
 from securefpt.learning.data import Example
@@ -45,7 +46,7 @@ class Views:
 
     released: dict  # the global encoder
     aggregates: dict[int, dict] = field(default_factory=dict)  # round -> unmasked aggregate
-    references: list[dict] = field(default_factory=list)  # the auditor's shadow runs' released encoders
+    references: list[tuple[int, dict]] = field(default_factory=list)  # the shadow runs' (seed, released encoder)
     personalized: dict[str, dict] = field(default_factory=dict)  # node -> its personalized model
 
 
@@ -55,21 +56,30 @@ def _examples(cfg: ExperimentConfig, canaries: list[dict]) -> list[Example]:
 
 
 @torch.no_grad()
-def _losses(assembled: AssembledModel, examples: list[Example], batch: int = 64) -> np.ndarray:
+def _confidence(assembled: AssembledModel, examples: list[Example], batch: int = 64) -> np.ndarray:
+    """[n, 2]: log p(true label) and log (1 - p(true label)), from the logits (no saturation at p = 1)."""
     model = assembled.model
     model.eval()
     out = []
     for start in range(0, len(examples), batch):
         chunk = examples[start:start + batch]
         enc = assembled.encode(chunk)
-        logits = model(enc["input_ids"], enc["attention_mask"]).float().cpu()
-        out.append(nn.functional.cross_entropy(logits, torch.tensor([e.label for e in chunk]), reduction="none"))
-    return torch.cat(out).numpy().astype(np.float64)
+        logits = model(enc["input_ids"], enc["attention_mask"]).double().cpu()
+        labels = torch.tensor([e.label for e in chunk])
+        total = torch.logsumexp(logits, dim=1)
+        others = logits.scatter(1, labels[:, None], float("-inf"))
+        out.append(torch.stack([logits.gather(1, labels[:, None])[:, 0] - total,
+                                torch.logsumexp(others, dim=1) - total], dim=1))
+    return torch.cat(out).numpy()
 
 
-def _losses_under(assembled: AssembledModel, initial: dict, arrays: dict, examples: list[Example]) -> np.ndarray:
+def _losses(assembled: AssembledModel, examples: list[Example]) -> np.ndarray:
+    return -_confidence(assembled, examples)[:, 0]
+
+
+def _under(assembled: AssembledModel, initial: dict, arrays: dict) -> AssembledModel:
     set_trainable(assembled.model, {**initial, **{k: v for k, v in arrays.items() if k in initial}})
-    return _losses(assembled, examples)
+    return assembled
 
 
 class GradientFit:
@@ -96,17 +106,15 @@ class GradientFit:
         return -np.linalg.solve(self.system, self.gradients @ target)
 
 
-def _reference_scores(target_lp: np.ndarray, reference_lp: np.ndarray, population: slice) -> dict:
-    """`lira` and `rmia` from log-probabilities of the true label: the target's [n] and the references'
-    [k, n]; `population` marks the records known to be out (scored, not returned)."""
-    def logit(lp):
-        return lp - np.log(-np.expm1(np.minimum(lp, -1e-12)))
-
-    gap = logit(target_lp) - logit(reference_lp).mean(axis=0)
+def _reference_scores(target: np.ndarray, references: np.ndarray, population: slice) -> dict:
+    """`lira` and `rmia` from the target's [n, 2] and the references' [k, n, 2] confidences (`_confidence`);
+    `population` marks the records known to be out (scored, not returned)."""
+    gap = (target[:, 0] - target[:, 1]) - (references[..., 0] - references[..., 1]).mean(axis=0)
     lira = gap / max(float(np.std(gap[population])), 1e-12)
-    ratio = target_lp - np.log(np.mean(np.exp(reference_lp), axis=0))  # log p(x|target) / p(x|references)
+    # log p(x|target) / p(x|references), the references' probability their mean
+    ratio = target[:, 0] - (np.logaddexp.reduce(references[..., 0], axis=0) - np.log(len(references)))
     rmia = (ratio[:, None] > ratio[population][None, :]).mean(axis=1)
-    keep = np.ones(len(target_lp), dtype=bool)
+    keep = np.ones(len(target), dtype=bool)
     keep[population] = False
     return {"lira": (FINAL, lira[keep]), "rmia": (FINAL, rmia[keep])}
 
@@ -127,20 +135,23 @@ def score_canaries(cfg: ExperimentConfig, views: Views, canaries: list[dict], no
             rounds = sorted(views.aggregates)
             scores["aggregates"] = (COORDINATOR, sum(fit.scores(views.aggregates[r]) for r in rounds))
             if len(rounds) > 1:
-                scores["round-1"] = (COORDINATOR, fit.scores(views.aggregates[rounds[0]]))
+                scores["first-round"] = (COORDINATOR, fit.scores(views.aggregates[rounds[0]]))
     everyone = examples + _examples(cfg, list(population))
-    after = _losses_under(assembled, initial, views.released, everyone)
-    scores = {"loss": (FINAL, -after[:len(examples)]), "calibrated": (FINAL, before - after[:len(examples)]),
-              **scores}
+    target = _confidence(_under(assembled, initial, views.released), everyone)
+    after = -target[:len(examples), 0]
+    scores = {"loss": (FINAL, -after), "calibrated": (FINAL, before - after), **scores}
     if views.references and len(population):
-        references = np.stack([-_losses_under(assembled, initial, ref, everyone) for ref in views.references])
-        scores.update(_reference_scores(-after, references, slice(len(examples), None)))
+        references = []
+        for seed, arrays in views.references:  # each from its own initial model (its head, a tiny backbone)
+            own = build_model(cfg.model, cfg.peft, len(cfg.data.labels), seed)
+            references.append(_confidence(_under(own, get_trainable(own.model), arrays), everyone))
+        scores.update(_reference_scores(target, np.stack(references), slice(len(examples), None)))
     if views.personalized:
-        own = np.full(len(examples), np.nan)
+        own_loss = np.full(len(examples), np.nan)
         for node, arrays in views.personalized.items():
             mine = np.flatnonzero(node_of == node)
             if len(mine):
-                own[mine] = before[mine] - _losses_under(assembled, initial, arrays, [examples[i] for i in mine])
-        if not np.isnan(own).any():  # every node kept a personalized model
-            scores["personalized"] = (NODE, own)
+                own_loss[mine] = _losses(_under(assembled, initial, arrays), [examples[i] for i in mine])
+        if not np.isnan(own_loss).any():  # every node kept a personalized model
+            scores["personalized"] = (NODE, before - own_loss)
     return scores

@@ -185,19 +185,29 @@ def _figures(values: np.ndarray, coins: np.ndarray, node_of: np.ndarray, languag
 
 
 def train_references(setting: Setting, folder: Path, count: int, show_progress: bool, client_app=None,
-                     log=print) -> list[dict]:
-    """`count` shadow runs of the setting without canaries (other seeds): the auditor's reference models,
-    trained on its own copy of the data exactly as the audited run was. Their released encoders. The
-    attacker they make knows every record but the canaries' coins: the adversary DP is a promise against."""
+                     log=print) -> tuple[list[tuple[int, dict]], bool]:
+    """`count` shadow runs of the setting without canaries, each with its own seed (its own initial model,
+    sample and training randomness): the auditor's reference models, trained on its own copy of the data
+    as the audited run was, in `folder`'s sibling folders. Their (seed, released encoder), and whether all
+    were read back. The attacker they make knows every record but the canaries' coins: the adversary DP
+    is a promise against."""
     from securefpt.learning.artifacts import load_arrays
 
-    out = []
+    out, cached = [], True
     for k in range(1, count + 1):
-        shadow = Setting(f"{setting.name}-reference-{k}", setting.cfg.model_copy(update={"seed": setting.cfg.seed + k}))
-        log(f"  reference run {k}/{count} ({setting.name}, seed {shadow.cfg.seed}, no canaries)")
-        train_setting(shadow, folder / f"reference-{k}", 0, show_progress, client_app)
-        out.append(load_arrays(folder / f"reference-{k}" / "run" / "prompt_encoder.safetensors"))
-    return out
+        seed = setting.cfg.seed + k
+        shadow = Setting(f"{setting.name}-reference-{k}", setting.cfg.model_copy(update={"seed": seed}))
+        where = folder.parent / shadow.name
+        log(f"  reference run {k}/{count} ({setting.name}, seed {seed}, no canaries)")
+        cached &= train_setting(shadow, where, 0, show_progress, client_app)[2]
+        out.append((seed, load_arrays(where / "run" / "prompt_encoder.safetensors")))
+    return out, cached
+
+
+def _distinct(scores: dict[str, tuple[str, np.ndarray]]) -> int:
+    """How many attacks rank the canaries differently (twins, e.g. `aggregates` and `update` under plain
+    FedAvg, share one share of the error)."""
+    return len({tuple(np.argsort(values, kind="stable")) for _, values in scores.values()})
 
 
 def audit_setting(setting: Setting, folder: Path, canaries_per_node: int, show_progress: bool = True,
@@ -208,7 +218,7 @@ def audit_setting(setting: Setting, folder: Path, canaries_per_node: int, show_p
 
     start = time.perf_counter()
     summary, canaries, cached = train_setting(setting, folder, canaries_per_node, show_progress, client_app)
-    shadows = train_references(setting, folder, references, show_progress, client_app, log)
+    shadows, references_cached = train_references(setting, folder, references, show_progress, client_app, log)
     languages = setting.cfg.data.languages
     pooled = [c for lang in languages for c in canaries[lang]]
     node_of = np.array([lang for lang in languages for _ in canaries[lang]])
@@ -217,12 +227,14 @@ def audit_setting(setting: Setting, folder: Path, canaries_per_node: int, show_p
                                                np.random.default_rng(setting.cfg.seed)).values() for r in rows]
     scores = score_canaries(setting.cfg, _views(setting, folder, shadows), pooled, node_of, population)
     released = {name: s for name, s in scores.items() if s[0] != NODE}
-    # the bounds of the released views' attacks are read together: each at its share of the 5% error
-    confidence = 1 - (1 - CONFIDENCE) / len(released)
+    # the bounds of the released views' attacks are read together: each ranking at its share of the 5% error
+    confidence = 1 - (1 - CONFIDENCE) / _distinct(released)
     attacks = {name: _figures(values, coins, node_of, languages, view, confidence)
                for name, (view, values) in released.items()}
     personalized = {name: _figures(values, coins, node_of, languages, view, CONFIDENCE)
                     for name, (view, values) in scores.items() if view == NODE}
+    if setting.cfg.personalization.adapt_epochs and not personalized:
+        log(f"  {setting.name}: not every node kept a personalized model; none is attacked")
     strongest = max(attacks.values(), key=lambda a: a["mia_auc"])
     dp = setting.cfg.dp
     return {"setting": setting.name, "dp_mode": dp.mode if dp.enabled else "none",
@@ -231,7 +243,8 @@ def audit_setting(setting: Setting, folder: Path, canaries_per_node: int, show_p
             "mia_auc": strongest["mia_auc"], "tpr_at_fpr_0.01": max(a["tpr_at_fpr_0.01"] for a in attacks.values()),
             "tpr_at_fpr_0.001": max(a["tpr_at_fpr_0.001"] for a in attacks.values()),
             "confidence": CONFIDENCE, "canaries": len(pooled), "canaries_in": int(coins.sum()),
-            "references": references, "accuracy": (summary.get("final") or {}).get("accuracy", {}).get("avg"),
+            "references": references, "references_cached": references_cached,
+            "accuracy": (summary.get("final") or {}).get("accuracy", {}).get("avg"),
             "seconds": round(time.perf_counter() - start, 1), "cached": cached, "attacks": attacks,
             "personalized": personalized}
 

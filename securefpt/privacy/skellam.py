@@ -11,14 +11,19 @@ the noise the nodes calibrated, in integers, with no floating-point noise to att
 - `subsampled_rdp`: the mechanism under Poisson sampling with rate q, at integer orders: the
   binomial expansion of E_P[(1 - q + q Q/P)^alpha] with each moment E_P[(Q/P)^k] bounded by
   the mechanism's RDP at order k (Mironov, Talwar, Zhang 2019 derive the same sum for the
-  Gaussian). That is the "remove a record" direction exactly. The "add" direction is never
-  larger for a symmetric pair, one whose reflection z -> v - z swaps P and Q, as Skellam noise
-  around an integer shift v is: the privacy-loss distribution of such a pair is a mixture of
-  randomized-response pairs {t, 1/t}, and for each (1 - q + q t)^a + t (1 - q + q/t)^a >=
+  Gaussian). First, joint convexity (exp((alpha - 1) D_alpha) is jointly convex for alpha >= 1)
+  bounds the real pair, a mixture over the other records' sample and over the added record's
+  randomized rounding, by its worst component: Skellam noise P around a fixed sum and the same
+  shifted by one integer vector v (|v|_2 <= l2, |v|_1 <= l1). For that pair the expansion is
+  the "remove a record" direction exactly. The "add" direction is never larger for a
+  symmetric pair, one whose reflection z -> v - z swaps P and Q, as a Skellam shift is: the
+  privacy-loss distribution of such a pair is a mixture of randomized-response pairs
+  {t, 1/t}, and for each (1 - q + q t)^a + t (1 - q + q/t)^a >=
   (1 - q + q t)^(1-a) + t (1 - q + q/t)^(1-a) (checked on a dense grid of t, q and every order
-  used here: tests/test_distributed_dp.py; for the Gaussian it is Mironov et al.'s Thm. 5).
-  Zhu and Wang's bound for any mechanism (2019, Thm. 6) pays up to 3x on the higher terms for
-  not knowing that symmetry: 1.2x-1.7x the noise for the same epsilon at q = 0.01-0.33;
+  used here: tests/test_distributed_dp.py, not proven here; Mironov et al. prove the Gaussian
+  case). Zhu and Wang's bound for any mechanism (2019, Thm. 6) pays up to 3x on the higher
+  terms for not knowing that symmetry: 1.1x-3.9x the noise for the same epsilon at q =
+  0.01-0.33 (bench/accountants.py);
 - `epsilon`: the (epsilon, delta) of a history that may mix Opacus's Gaussian steps (local
   DP-SGD) with Skellam steps (distributed DP), composed in RDP and converted by Opacus.
 """
