@@ -166,6 +166,21 @@ def test_the_one_run_bound_follows_the_binomial_tail():
     assert membership(rng.normal(size=1000), coins).auc == pytest.approx(0.5, abs=0.06)
 
 
+@pytest.mark.slow
+def test_a_setting_the_nodes_refuse_is_reported_and_the_audit_goes_on(tmp_path):
+    """Local DP-SGD at epsilon 0.01 on the public cap of ten rows a node: every node refuses the plan (its
+    noise would swamp the update). The audit says so for that setting and audits the next one."""
+    root = make_masakhanews_like(tmp_path / "data", ["aa", "bb"])
+    cfg = load_config(None, tsv_cfg_overrides(root, ["aa", "bb"]) + [
+        "model.name=builtin:tiny", "model.max_length=32", "fl.rounds=1", "secagg.enabled=false",
+        "data.max_train_per_client=10", "data.max_eval_per_client=6"])
+    figures = run_privacy_audit(cfg, tmp_path / "audit", 0.01, 20, ["local-dp", "no-dp"], show_progress=False,
+                                log=quiet)
+    assert [s["setting"] for s in figures["settings"]] == ["no-dp"]
+    assert "noise-swamps-signal" in figures["skipped"]["local-dp"]
+    assert "local-dp: not audited" in (tmp_path / "audit" / "privacy-audit.md").read_text()
+
+
 def test_the_audit_runs_only_what_it_can_audit(tmp_path):
     cfg = distributed_config(tmp_path)
     settings, skipped = plan_settings(cfg.model_copy(update={"secagg": cfg.secagg.model_copy(

@@ -28,7 +28,7 @@ import numpy as np
 import yaml
 
 from securefpt.engines.preflight import task_labels
-from securefpt.errors import ConfigError
+from securefpt.errors import ConfigError, FederationError
 from securefpt.experiment.config import ExperimentConfig
 from securefpt.privacy.auditing import CONFIDENCE, membership, one_run_lower_bound
 
@@ -265,8 +265,12 @@ def run_privacy_audit(cfg: ExperimentConfig, out: Path, epsilon: float, canaries
     for i, setting in enumerate(settings, 1):
         log(f"audit {i}/{len(settings)}: {setting.name} ({canaries_per_node} canaries a node, "
             f"{len(setting.cfg.data.languages)} nodes, {setting.cfg.fl.rounds} rounds)")
-        figures["settings"].append(audit_setting(setting, out / setting.name, canaries_per_node, show_progress,
-                                                 client_app, references, log))
+        try:
+            figures["settings"].append(audit_setting(setting, out / setting.name, canaries_per_node,
+                                                     show_progress, client_app, references, log))
+        except FederationError as exc:  # the nodes' own rules refused it (e.g. noise that swamps the update)
+            figures["skipped"][setting.name] = f"the nodes refused it: {exc}"
+            log(f"  {setting.name}: not audited (the nodes refused it: {exc})")
         # after every setting: an audit stopped later keeps what it measured
         (out / "privacy-audit.json").write_text(json.dumps(figures, indent=2), encoding="utf-8")
         write_report(figures, out)
