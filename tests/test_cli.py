@@ -14,7 +14,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def securefpt(*args, cwd=None, home=None):
-    env = {**os.environ, "COLUMNS": "250", **({"SECUREFPT_HOME": str(home)} if home else {})}
+    # wide enough that no line wraps, whatever the length of the temporary paths in it
+    env = {**os.environ, "COLUMNS": "1000", **({"SECUREFPT_HOME": str(home)} if home else {})}
     return subprocess.run([sys.executable, "-m", "securefpt.cli", *args], capture_output=True, text=True, cwd=cwd,
                           timeout=600, env=env)
 
