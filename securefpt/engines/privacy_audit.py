@@ -155,7 +155,7 @@ def claimed_epsilon(summary: dict) -> Optional[float]:
     return max(spent) if spent else None
 
 
-def _views(setting: Setting, folder: Path, references: list[dict]):
+def _views(setting: Setting, folder: Path, references: list[tuple[int, dict]]):
     """What the adversaries hold after the setting's run (attacks.Views)."""
     from securefpt.engines.attacks import Views
     from securefpt.learning.artifacts import load_arrays
